@@ -1,0 +1,226 @@
+"""`hd edge`: wires the state directory, store, relay and control API into one process.
+
+State directory layout (ARCHITECTURE.md): secret.key, edge-cert.pem/edge-key.pem, state.db,
+admin-token, and edge.json — written last, atomically, once every listener is up, so anyone
+(tests, scripts) can poll for it to know the edge is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+
+from control.api import make_app
+from control.secretbox import KEY_FILE, SecretBox
+from control.store import Store
+from tunnel.tls import cert_pin, ensure_edge_certificate, server_ssl_context, write_private_file
+
+log = logging.getLogger("hd.edge")
+
+DEFAULT_API_LISTEN = "127.0.0.1:8787"
+DEFAULT_TUNNEL_LISTEN = "127.0.0.1:7844"
+EDGE_JSON = "edge.json"
+ADMIN_TOKEN_FILE = "admin-token"
+DB_FILE = "state.db"
+
+RelayFactory = Callable[[Store, ssl.SSLContext], Any]
+
+
+class EdgeError(Exception):
+    """A startup problem the user can fix (bad address, port in use, unreadable state)."""
+
+
+def parse_hostport(text: str, *, what: str, default_port: int | None = None) -> tuple[str, int]:
+    """"H:P", "[v6]:P", ":P" (loopback) or, with a default port, just "H"."""
+    s = (text or "").strip()
+    if not s:
+        raise EdgeError(f"{what}: empty address (expected host:port)")
+    if s.startswith("["):
+        host, sep, rest = s[1:].partition("]")
+        if not sep:
+            raise EdgeError(f"{what}: bad address {text!r} (expected [v6addr]:port)")
+        port_s = rest[1:] if rest.startswith(":") else None
+        if rest and not rest.startswith(":"):
+            raise EdgeError(f"{what}: bad address {text!r} (expected [v6addr]:port)")
+    elif s.count(":") == 1:
+        host, _, port_s = s.partition(":")
+    elif ":" not in s:
+        host, port_s = s, None
+    else:
+        raise EdgeError(f"{what}: bad address {text!r} (write IPv6 addresses as [addr]:port)")
+    host = host or "127.0.0.1"
+    if port_s is None or port_s == "":
+        if default_port is None:
+            raise EdgeError(f"{what}: address {text!r} needs a port (host:port)")
+        return host, default_port
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise EdgeError(f"{what}: bad port in {text!r}")
+    return host, int(port_s)
+
+
+def join_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reachable_host(host: str) -> str:
+    """The address a local client should dial for a listener bound to `host`."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def load_or_create_admin_token(state_dir: Path) -> str:
+    path = state_dir / ADMIN_TOKEN_FILE
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    write_private_file(path, (token + "\n").encode())
+    return token
+
+
+def _cert_names(*hosts: str) -> list[str]:
+    names = []
+    for h in hosts:
+        if not h or h in ("0.0.0.0", "::"):
+            continue
+        try:
+            if ipaddress.ip_address(h).is_unspecified:
+                continue
+        except ValueError:
+            pass
+        names.append(h)
+    return names
+
+
+async def run_edge(
+    state_dir: Path,
+    api_listen: str = DEFAULT_API_LISTEN,
+    tunnel_listen: str = DEFAULT_TUNNEL_LISTEN,
+    ready_callback: Callable[[dict], Any] | None = None,
+    *,
+    advertise: str | None = None,
+    pg_listen: str | None = None,
+    mysql_listen: str | None = None,
+    relay_factory: RelayFactory | None = None,
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Run the edge until SIGINT/SIGTERM (or `stop_event`, for embedding and tests).
+
+    `ready_callback(info)` is called with the edge.json contents once everything listens.
+    `relay_factory(store, ssl_context)` defaults to `relay.server.Relay`.
+    """
+    api_host, api_port = parse_hostport(api_listen, what="--api-listen")
+    tun_host, tun_port = parse_hostport(tunnel_listen, what="--tunnel-listen")
+    adv_host, adv_port = (
+        parse_hostport(advertise, what="--advertise", default_port=0) if advertise else (None, None)
+    )
+
+    state_dir = Path(state_dir).expanduser()
+    try:
+        if not state_dir.exists():
+            state_dir.mkdir(parents=True, mode=0o700)
+            os.chmod(state_dir, 0o700)  # mkdir's mode is filtered by the umask
+        # A stale edge.json from an earlier run must not announce readiness before we listen.
+        (state_dir / EDGE_JSON).unlink(missing_ok=True)
+        box = SecretBox.load_or_create(state_dir / KEY_FILE)
+        cert, key = ensure_edge_certificate(state_dir, _cert_names(adv_host or "", tun_host))
+        pin = cert_pin(cert)
+        admin_token = load_or_create_admin_token(state_dir)
+        store = Store(state_dir / DB_FILE, box)
+    except OSError as e:
+        raise EdgeError(f"cannot use state directory {state_dir}: {e.strerror or e}") from None
+
+    if relay_factory is None:
+        from relay.server import Relay  # the data plane; imported late so the control plane stands alone
+
+        relay_factory = Relay
+    relay = relay_factory(store, server_ssl_context(cert, key))
+    runner: web.AppRunner | None = None
+    relay_started = False
+    loop = asyncio.get_running_loop()
+    stop = stop_event or asyncio.Event()
+    installed: list[int] = []
+    try:
+        try:
+            await relay.start(tun_host, tun_port)
+            relay_started = True
+        except OSError as e:
+            raise EdgeError(
+                f"cannot listen for tunnels on {join_hostport(tun_host, tun_port)}: {e.strerror or e}"
+            ) from None
+        bound_tun_port = relay.port
+        tunnel_address = join_hostport(adv_host or _reachable_host(tun_host), adv_port or bound_tun_port)
+        edge_info: dict[str, Any] = {
+            "api_url": None,  # filled in below, once the API has bound its port
+            "tunnel_url": f"wss://{tunnel_address}",
+            "tunnel_address": tunnel_address,
+            "cert_pin": pin,
+        }
+
+        app = make_app(store, relay, admin_token=admin_token, edge_info=edge_info)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, api_host, api_port).start()
+        except OSError as e:
+            raise EdgeError(
+                f"cannot listen for the control API on {join_hostport(api_host, api_port)}: {e.strerror or e}"
+            ) from None
+        bound_api_port = runner.addresses[0][1]
+        edge_info["api_url"] = f"http://{join_hostport(_reachable_host(api_host), bound_api_port)}"
+
+        info = {**edge_info, "pid": os.getpid()}
+        if pg_listen:
+            info["pg_listen"] = pg_listen
+        if mysql_listen:
+            info["mysql_listen"] = mysql_listen
+        write_private_file(state_dir / EDGE_JSON, (json.dumps(info, indent=2) + "\n").encode())
+
+        _say(f"hd edge: control API listening on http://{join_hostport(api_host, bound_api_port)}")
+        _say(
+            f"hd edge: tunnel relay listening on wss://{join_hostport(tun_host, bound_tun_port)}"
+            f" (tokens use {tunnel_address}, pin {pin})"
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (embedded in tests): rely on stop_event
+        if ready_callback is not None:
+            result = ready_callback(info)
+            if inspect.isawaitable(result):
+                await result
+        await stop.wait()
+        _say("hd edge: shutting down")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        if runner is not None:
+            await runner.cleanup()
+        if relay_started:
+            try:
+                await relay.close()
+            except Exception:
+                log.exception("error while closing the relay")
+        store.close()
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

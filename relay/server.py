@@ -1,0 +1,370 @@
+"""The relay: accepts connector links and client links, routes client streams by hostname.
+
+Data path: a client (e.g. `hd access tcp`) opens a stream on its `/client` link and sends a
+ConnectRequest → the relay resolves the route, asks `access` for a decision, picks a live
+connector connection of the route's tunnel, opens a stream there with its own ConnectRequest
+and waits (bounded) for the connector's ConnectResponse → relays the response to the client →
+bridges the two streams byte for byte with credit back-pressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+import websockets
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.http11 import Request, Response
+
+from access.policy import decide
+from relay.registry import ConnectorConnection, Registry
+from tunnel.link import MuxLink, StreamInbox, refuse
+from tunnel.messages import (
+    RST_PROTOCOL,
+    RST_SHUTDOWN,
+    ConnectRequest,
+    ConnectResponse,
+    MessageError,
+)
+from tunnel.splice import StreamBridge
+
+if TYPE_CHECKING:
+    from control.store import Route, Store
+
+log = logging.getLogger("relay")
+
+REGISTER_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 10.0  # client must send its ConnectRequest within this
+RESPONSE_MARGIN = 5.0  # connector answers within the route's connect timeout + this
+WS_MAX_MESSAGE = 2 * 1024 * 1024
+
+
+def ws_options() -> dict[str, Any]:
+    """WebSocket settings shared by both ends: no compression (18-40x slower on binary data,
+    see reference/python_stack.md 1b), our own flow control instead of websockets' queue."""
+    return {
+        "compression": None,
+        "max_size": WS_MAX_MESSAGE,
+        "max_queue": None,
+        "write_limit": 1024 * 1024,
+        "ping_interval": 10,
+        "ping_timeout": 20,
+        "close_timeout": 5,
+    }
+
+
+class Relay:
+    def __init__(self, store: Store, ssl_context: ssl.SSLContext | None) -> None:
+        self.store = store
+        self.ssl_context = ssl_context
+        self.registry = Registry()
+        self._server: Server | None = None
+        self._client_links: set[MuxLink] = set()
+        self._pending_links: set[MuxLink] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._route_cache: dict[str, Route | None] = {}
+        self._started = time.time()
+        self.streams_total = 0
+        self.streams_failed = 0
+        self.bridges_active = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, host: str, port: int) -> None:
+        self._server = await websockets.serve(
+            self._handle,
+            host,
+            port,
+            ssl=self.ssl_context,
+            process_request=self._process_request,
+            server_header=None,
+            **ws_options(),
+        )
+        log.info("relay listening on %s:%d", host, self.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        for sock in self._server.sockets:
+            return int(sock.getsockname()[1])
+        raise RuntimeError("relay is not listening")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 10)
+            except asyncio.TimeoutError:
+                pass
+        for t in list(self._tasks):
+            t.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ control-plane hooks
+    def config_changed(self, tunnel_id: str) -> None:
+        self._route_cache.clear()
+        for conn in self.registry.connections(tunnel_id):
+            self._push_config(conn)
+
+    def tunnel_deleted(self, tunnel_id: str) -> None:
+        self._route_cache.clear()
+        for conn in self.registry.connections(tunnel_id):
+            self.registry.remove(conn)
+            try:
+                conn.control.send_message(
+                    {"type": "error", "code": "tunnel_not_found", "permanent": True,
+                     "message": "the tunnel was deleted on the edge"}
+                )
+            except MessageError:
+                pass
+            self._spawn(conn.link.close(1000, "tunnel deleted"))
+
+    def connections_info(self, tunnel_id: str) -> list[dict[str, Any]]:
+        return [c.info() for c in self.registry.connections(tunnel_id)]
+
+    def stats(self) -> dict[str, Any]:
+        conns = self.registry.all()
+        return {
+            "connector_connections": len(conns),
+            "client_links": len(self._client_links),
+            "connector_streams": sum(c.link.stream_count for c in conns),
+            "client_streams": sum(link.stream_count for link in self._client_links),
+            "bridges_active": self.bridges_active,
+            "streams_total": self.streams_total,
+            "streams_failed": self.streams_failed,
+            "uptime": time.time() - self._started,
+        }
+
+    # ------------------------------------------------------------------ WebSocket entry
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path not in ("/tunnel", "/client"):
+            return connection.respond(404, "not found: connect to /tunnel or /client\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        path = ws.request.path if ws.request is not None else ""
+        if path == "/tunnel":
+            await self._serve_connector(ws)
+        else:
+            await self._serve_client(ws)
+
+    # ------------------------------------------------------------------ connectors
+    async def _serve_connector(self, ws: ServerConnection) -> None:
+        link = MuxLink(ws, client=False)
+        remote = _remote(ws)
+        registered: asyncio.Future[StreamInbox] = asyncio.get_running_loop().create_future()
+
+        def on_stream(stream: Any) -> None:
+            # The first stream a connector opens is its control stream; it opens no others.
+            if registered.done():
+                stream.reset(RST_PROTOCOL, "connectors may open only the control stream")
+                return
+            registered.set_result(StreamInbox(stream))
+
+        link.on_stream = on_stream
+        runner = asyncio.create_task(link.run())
+        conn: ConnectorConnection | None = None
+        try:
+            try:
+                control = await asyncio.wait_for(asyncio.shield(registered), REGISTER_TIMEOUT)
+                msg = await control.read_message(REGISTER_TIMEOUT)
+            except (asyncio.TimeoutError, TimeoutError, EOFError, ConnectionResetError, MessageError) as exc:
+                log.warning("connector %s did not register: %s", remote, exc or type(exc).__name__)
+                await link.close(1002, "registration expected")
+                return
+            conn = self._register(link, control, msg, remote)
+            if conn is None:
+                await link.close(1008, "registration refused")
+                return
+            self._spawn(self._control_loop(conn, control))
+            await runner
+        finally:
+            if conn is not None:
+                self.registry.remove(conn)
+                log.info(
+                    "connector %s conn %d of tunnel %s disconnected: %s",
+                    conn.connector_id, conn.conn_index, conn.tunnel_id, link.close_reason or "closed",
+                )
+            if not runner.done():
+                runner.cancel()
+            try:
+                await runner
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _register(
+        self, link: MuxLink, control: StreamInbox, msg: dict[str, Any], remote: str
+    ) -> ConnectorConnection | None:
+        def fail(code: str, message: str, permanent: bool = True) -> None:
+            log.warning("refused connector registration from %s: %s", remote, message)
+            control.send_message({"type": "error", "code": code, "message": message, "permanent": permanent})
+
+        if msg.get("type") != "register":
+            fail("bad_request", "the first control message must be a registration")
+            return None
+        tunnel_id = msg.get("tunnel_id")
+        secret_b64 = msg.get("secret")
+        if not isinstance(tunnel_id, str) or not isinstance(secret_b64, str):
+            fail("bad_request", "registration needs tunnel_id and secret")
+            return None
+        try:
+            secret = base64.b64decode(secret_b64, validate=True)
+        except ValueError:
+            fail("unauthorized", "the tunnel secret is not valid base64")
+            return None
+        tunnel = self.store.get_tunnel(tunnel_id)
+        if tunnel is None or tunnel.id != tunnel_id:
+            fail("tunnel_not_found", f"tunnel {tunnel_id} does not exist (was it deleted?)")
+            return None
+        if not hmac.compare_digest(tunnel.secret, secret):
+            fail("unauthorized", "the tunnel secret is wrong (is the token current?)")
+            return None
+        conn = ConnectorConnection(
+            tunnel_id=tunnel.id,
+            connector_id=str(msg.get("connector_id", ""))[:64],
+            conn_index=int(msg.get("conn_index", 0)) if str(msg.get("conn_index", "0")).isdigit() else 0,
+            version=str(msg.get("version", ""))[:32],
+            protocol=str(msg.get("protocol", "websocket"))[:16],
+            link=link,
+            control=control,
+            remote=remote,
+        )
+        control.send_message({"type": "registered", "connection_id": conn.connection_id})
+        self.registry.add(conn)
+        self._push_config(conn)
+        log.info(
+            "connector %s conn %d registered for tunnel %s (%s) from %s",
+            conn.connector_id, conn.conn_index, tunnel.name, tunnel.id, remote,
+        )
+        return conn
+
+    def _push_config(self, conn: ConnectorConnection) -> None:
+        version, rules = self.store.ingress_config(conn.tunnel_id)
+        if version <= conn.config_version:
+            return
+        conn.config_version = version
+        try:
+            conn.control.send_message(
+                {"type": "config", "version": version, "config": {"ingress": rules}}
+            )
+        except MessageError as exc:
+            log.error("cannot push config version %d to tunnel %s: %s", version, conn.tunnel_id, exc)
+
+    async def _control_loop(self, conn: ConnectorConnection, control: StreamInbox) -> None:
+        while not conn.link.is_closed:
+            try:
+                msg = await control.read_message(3600)
+            except (TimeoutError, asyncio.TimeoutError):
+                continue
+            except (EOFError, ConnectionResetError, MessageError):
+                return
+            kind = msg.get("type")
+            if kind == "config_ack":
+                v = msg.get("version")
+                if isinstance(v, int):
+                    conn.acked_version = max(conn.acked_version, v)
+            elif kind == "unregister":
+                conn.draining = True
+                log.info("connector %s conn %d unregistered (draining)", conn.connector_id, conn.conn_index)
+
+    # ------------------------------------------------------------------ clients
+    async def _serve_client(self, ws: ServerConnection) -> None:
+        link = MuxLink(ws, client=False)
+        link.on_stream = lambda stream: self._spawn(self._client_stream(StreamInbox(stream), _remote(ws)))
+        self._client_links.add(link)
+        try:
+            await link.run()
+        finally:
+            self._client_links.discard(link)
+
+    def _route(self, hostname: str) -> Route | None:
+        try:
+            return self._route_cache[hostname]
+        except KeyError:
+            route = self.store.get_route(hostname)
+            if len(self._route_cache) > 10000:
+                self._route_cache.clear()
+            self._route_cache[hostname] = route
+            return route
+
+    async def _client_stream(self, inbox: StreamInbox, remote: str) -> None:
+        self.streams_total += 1
+        try:
+            req = ConnectRequest.from_dict(await inbox.read_message(REQUEST_TIMEOUT))
+        except (TimeoutError, asyncio.TimeoutError, EOFError, ConnectionResetError, MessageError) as exc:
+            self.streams_failed += 1
+            if not inbox.stream.closed:
+                inbox.stream.reset(RST_PROTOCOL, f"expected a ConnectRequest: {exc}")
+            return
+
+        def fail(status: int, code: str, error: str) -> None:
+            self.streams_failed += 1
+            log.info("stream to %s from %s refused: %d %s: %s", req.hostname, remote, status, code, error)
+            refuse(inbox, ConnectResponse.fail(status, code, error).to_dict())
+
+        route = self._route(req.hostname)
+        if route is None:
+            return fail(404, "no_route", f"no tunnel route for hostname {req.hostname}")
+        decision = decide(route, req.headers)
+        if not decision.allowed:
+            return fail(decision.status, decision.code, decision.reason)
+        if route.service.startswith("http_status:"):
+            code = int(route.service.split(":", 1)[1])
+            return fail(code, "http_status", f"{req.hostname} answers with status {code}")
+        conn = self.registry.pick(route.tunnel_id)
+        if conn is None:
+            return fail(503, "no_connector", f"no connector is connected for the tunnel serving {req.hostname}")
+
+        try:
+            upstream = conn.link.open_stream()
+        except Exception as exc:  # link died between pick and open
+            return fail(503, "no_connector", f"connector connection unavailable: {exc}")
+        conn.streams_total += 1
+        up = StreamInbox(upstream)
+        up.send_message(
+            ConnectRequest(
+                hostname=req.hostname, type=req.type, metadata={"src": remote}, assertion=None
+            ).to_dict()
+        )
+        try:
+            resp = ConnectResponse.from_dict(await up.read_message(route.connect_timeout + RESPONSE_MARGIN))
+        except (TimeoutError, asyncio.TimeoutError):
+            upstream.reset(RST_SHUTDOWN, "no ConnectResponse in time")
+            return fail(504, "origin_timeout", f"the connector did not answer for {req.hostname} in time")
+        except (EOFError, ConnectionResetError, MessageError) as exc:
+            if not upstream.closed:
+                upstream.reset(RST_PROTOCOL, "bad ConnectResponse")
+            return fail(502, "connector_error", f"the connector dropped the stream: {exc}")
+        if inbox.stream.closed:  # client went away meanwhile
+            upstream.reset(RST_SHUTDOWN, "client went away")
+            return
+        if not resp.ok:
+            if not upstream.closed:
+                upstream.reset(RST_SHUTDOWN, "refused")
+            return fail(resp.status, resp.code, resp.error)
+
+        inbox.send_message(resp.to_dict())
+        self.bridges_active += 1
+
+        def done() -> None:
+            self.bridges_active -= 1
+
+        bridge = StreamBridge(inbox.stream, upstream, on_done=done)
+        inbox.hand_over(bridge.end_a)
+        up.hand_over(bridge.end_b)
+
+
+def _remote(ws: ServerConnection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+        return f"{host}:{port}"
+    except Exception:
+        return "?"
