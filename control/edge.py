@@ -16,15 +16,17 @@ import os
 import secrets
 import signal
 import ssl
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from aiohttp import web
 
+from control.addr import join_hostport, parse_hostport
 from control.api import make_app
-from control.secretbox import KEY_FILE, SecretBox
-from control.store import Store
+from control.secretbox import KEY_FILE, SecretBox, SecretBoxError
+from control.store import Store, StoreError
 from tunnel.tls import cert_pin, ensure_edge_certificate, server_ssl_context, write_private_file
 
 log = logging.getLogger("hd.edge")
@@ -40,38 +42,6 @@ RelayFactory = Callable[[Store, ssl.SSLContext], Any]
 
 class EdgeError(Exception):
     """A startup problem the user can fix (bad address, port in use, unreadable state)."""
-
-
-def parse_hostport(text: str, *, what: str, default_port: int | None = None) -> tuple[str, int]:
-    """"H:P", "[v6]:P", ":P" (loopback) or, with a default port, just "H"."""
-    s = (text or "").strip()
-    if not s:
-        raise EdgeError(f"{what}: empty address (expected host:port)")
-    if s.startswith("["):
-        host, sep, rest = s[1:].partition("]")
-        if not sep:
-            raise EdgeError(f"{what}: bad address {text!r} (expected [v6addr]:port)")
-        port_s = rest[1:] if rest.startswith(":") else None
-        if rest and not rest.startswith(":"):
-            raise EdgeError(f"{what}: bad address {text!r} (expected [v6addr]:port)")
-    elif s.count(":") == 1:
-        host, _, port_s = s.partition(":")
-    elif ":" not in s:
-        host, port_s = s, None
-    else:
-        raise EdgeError(f"{what}: bad address {text!r} (write IPv6 addresses as [addr]:port)")
-    host = host or "127.0.0.1"
-    if port_s is None or port_s == "":
-        if default_port is None:
-            raise EdgeError(f"{what}: address {text!r} needs a port (host:port)")
-        return host, default_port
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise EdgeError(f"{what}: bad port in {text!r}")
-    return host, int(port_s)
-
-
-def join_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _reachable_host(host: str) -> str:
@@ -125,11 +95,19 @@ async def run_edge(
     `ready_callback(info)` is called with the edge.json contents once everything listens.
     `relay_factory(store, ssl_context)` defaults to `relay.server.Relay`.
     """
-    api_host, api_port = parse_hostport(api_listen, what="--api-listen")
-    tun_host, tun_port = parse_hostport(tunnel_listen, what="--tunnel-listen")
-    adv_host, adv_port = (
-        parse_hostport(advertise, what="--advertise", default_port=0) if advertise else (None, None)
-    )
+    try:
+        api_host, api_port = parse_hostport(api_listen, what="--api-listen")
+        tun_host, tun_port = parse_hostport(tunnel_listen, what="--tunnel-listen")
+        adv_host, adv_port = (
+            parse_hostport(advertise, what="--advertise", default_port=0) if advertise else (None, None)
+        )
+    except ValueError as e:
+        raise EdgeError(str(e)) from None
+
+    if relay_factory is None:
+        from relay.server import Relay  # the data plane; imported late so the control plane stands alone
+
+        relay_factory = Relay
 
     state_dir = Path(state_dir).expanduser()
     try:
@@ -145,18 +123,23 @@ async def run_edge(
         store = Store(state_dir / DB_FILE, box)
     except OSError as e:
         raise EdgeError(f"cannot use state directory {state_dir}: {e.strerror or e}") from None
+    except (sqlite3.Error, StoreError, SecretBoxError) as e:
+        raise EdgeError(f"cannot open the state in {state_dir}: {e}") from None
 
-    if relay_factory is None:
-        from relay.server import Relay  # the data plane; imported late so the control plane stands alone
-
-        relay_factory = Relay
-    relay = relay_factory(store, server_ssl_context(cert, key))
+    relay: Any = None
     runner: web.AppRunner | None = None
     relay_started = False
     loop = asyncio.get_running_loop()
     stop = stop_event or asyncio.Event()
     installed: list[int] = []
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (embedded in tests): rely on stop_event
+        relay = relay_factory(store, server_ssl_context(cert, key))
         try:
             await relay.start(tun_host, tun_port)
             relay_started = True
@@ -197,12 +180,6 @@ async def run_edge(
             f"hd edge: tunnel relay listening on wss://{join_hostport(tun_host, bound_tun_port)}"
             f" (tokens use {tunnel_address}, pin {pin})"
         )
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread (embedded in tests): rely on stop_event
         if ready_callback is not None:
             result = ready_callback(info)
             if inspect.isawaitable(result):
@@ -214,11 +191,12 @@ async def run_edge(
             loop.remove_signal_handler(sig)
         if runner is not None:
             await runner.cleanup()
-        if relay_started:
+        if relay is not None:
             try:
-                await relay.close()
+                await relay.close()  # also after a failed start: it may hold half-opened sockets
             except Exception:
-                log.exception("error while closing the relay")
+                if relay_started:
+                    log.exception("error while closing the relay")
         store.close()
 
 

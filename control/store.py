@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import secrets
 import sqlite3
@@ -210,6 +211,9 @@ class Store:
         # check_same_thread=False + a lock: the edge uses it from one loop thread, but tests and
         # tools may open it elsewhere; the lock keeps any such use safe.
         self._lock = threading.RLock()
+        if str(path) != ":memory:" and not Path(path).exists():
+            # created private; SQLite gives its -wal/-shm files the database file's mode
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA foreign_keys = ON")
@@ -361,7 +365,11 @@ class Store:
 
     def get_route(self, hostname: str) -> Route | None:
         """The route for a requested hostname: exact match first, then the longest wildcard."""
-        h = (hostname or "").strip().lower().rstrip(".")
+        h = (hostname or "").strip().lower()
+        name, sep, port = h.rpartition(":")
+        if sep and port.isdigit() and ":" not in name:
+            h = name  # a Host-style "name:port": the port plays no part in routing
+        h = h.rstrip(".")
         if not h:
             return None
         labels = h.split(".")

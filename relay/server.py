@@ -94,6 +94,7 @@ class Relay:
         raise RuntimeError("relay is not listening")
 
     async def close(self) -> None:
+        # Safe to call even when start() failed.
         if self._server is not None:
             self._server.close()
             try:

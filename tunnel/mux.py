@@ -53,6 +53,7 @@ MAX_STREAM_ID = 2**32 - 1
 RST_REFUSED = 2  # RST code for a peer-opened stream beyond max_streams
 PROTOCOL_ERROR_CLOSE_CODE = 1002  # WebSocket close code for protocol errors
 _MAX_REASON = 1024  # reasons are truncated (in UTF-8 bytes) so a frame always fits the peer's max_frame
+_MIN_FRAME = 16  # room for RST/GOAWAY code + a short reason
 
 _HLEN = HEADER.size  # 9
 _U32 = struct.Struct("!I")
@@ -169,11 +170,12 @@ class _Stream:
         self.ready = False
 
 
-def _encode_reason(code: int, reason: str) -> bytes:
+def _encode_reason(code: int, reason: str, max_frame: int) -> bytes:
     raw = reason.encode("utf-8")
-    if len(raw) > _MAX_REASON:
+    limit = min(_MAX_REASON, max_frame - 4)
+    if len(raw) > limit:
         # Cut on a character boundary so the peer still sees valid UTF-8.
-        raw = raw[:_MAX_REASON].decode("utf-8", "ignore").encode("utf-8")
+        raw = raw[:limit].decode("utf-8", "ignore").encode("utf-8")
     return _U32.pack(code) + raw
 
 
@@ -199,8 +201,8 @@ class Mux:
     ) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be in 1..{MAX_WINDOW}")
-        if max_frame < 1 or max_message < 1 or high_water < 0 or max_streams < 0:
-            raise ValueError("max_frame and max_message must be positive, high_water and max_streams >= 0")
+        if max_frame < _MIN_FRAME or max_message < 1 or high_water < 0 or max_streams < 0:
+            raise ValueError(f"need max_frame >= {_MIN_FRAME}, max_message >= 1, high_water and max_streams >= 0")
         self.client = client
         self._window = window
         self._credit_batch = max(1, window // 4)
@@ -302,7 +304,7 @@ class Mux:
         if s is None:
             return
         self._forget(s)
-        self._ctrl.append(_frame(stream_id, _RST, _encode_reason(code, reason)))
+        self._ctrl.append(_frame(stream_id, _RST, _encode_reason(code, reason, self._max_frame)))
 
     def consumed(self, stream_id: int, n: int) -> None:
         """Return `n` delivered bytes of credit to the peer (batched into WINDOW frames)."""
@@ -325,7 +327,7 @@ class Mux:
 
     def go_away(self, code: int, reason: str = "") -> None:
         self._goaway_sent = True
-        self._ctrl.append(_frame(0, _GOAWAY, _encode_reason(code, reason)))
+        self._ctrl.append(_frame(0, _GOAWAY, _encode_reason(code, reason, self._max_frame)))
 
     def events(self) -> list[Event]:
         events = self._events
@@ -408,7 +410,7 @@ class Mux:
             self._last_peer_id = sid
             if len(self._streams) >= self._max_streams:
                 # Refuse rather than fail the whole link; the id is burnt, so late frames are ignored.
-                self._ctrl.append(_frame(sid, _RST, _encode_reason(RST_REFUSED, "too many streams")))
+                self._ctrl.append(_frame(sid, _RST, _encode_reason(RST_REFUSED, "too many streams", self._max_frame)))
                 return
             self._streams[sid] = _Stream(sid, self._window)
             self._events.append(StreamOpened(sid))

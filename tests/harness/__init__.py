@@ -1,0 +1,10 @@
+"""Test harness: real servers and real processes, loopback only, every wait bounded.
+
+- ``pg``       PgCluster: throwaway PostgreSQL clusters (auth trust/scram/md5/password/cert, TLS)
+- ``procs``    Proc (subprocess with logs, bounded waits), free_port, wait_port, is_listening,
+               open_fds/open_sockets, hd_argv/connector_argv
+- ``edge``     EdgeProc (`hd edge`), ConnectorProc (`hd-connector`), AccessTcpProc (`hd access tcp`)
+- ``origins``  EchoServer, SinkServer, SourceServer, SlowReader, RefusingPort, BlackHole, in_thread
+- ``sshd``     SshServer (asyncssh)
+Fixtures built on them are in tests/conftest.py.
+"""

@@ -7,8 +7,8 @@
     cluster.stop()           # also runs at exit / when garbage collected
 
 How it works:
-- ``initdb`` runs once per test process into a template directory (``-A trust``, ``-N``); every
-  cluster is a copy of it (≈0.1 s instead of ≈0.6 s). The copy lives in its own temp dir, which
+- ``initdb`` runs once into a template directory cached in /tmp across runs (``-A trust``, ``-N``);
+  every cluster is a copy of it (≈0.1 s instead of ≈0.6 s). The copy lives in its own temp dir, which
   also holds the unix socket directory, the server log and the TLS files.
 - Runs as root too: initdb/postgres refuse root, so the processes run as the ``postgres`` OS user
   (``subprocess`` ``user=``/``group=``), the temp dir is chowned to it. The superuser role is always
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import hashlib
 import ipaddress
 import os
 import pwd
@@ -33,7 +34,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 import weakref
 from pathlib import Path
 from urllib.parse import quote
@@ -95,29 +95,54 @@ def _popen_user_kwargs(ids: tuple[int, int] | None) -> dict:
 # initdb template (once per process)
 
 _template_lock = threading.Lock()
-_template_dir: str | None = None
+_template_data: str | None = None
+_TEMPLATE_FORMAT = 1  # bump when the initdb options below change
 
 
 def _template() -> str:
-    global _template_dir
+    """The data dir of an initdb'd template cluster, shared by every PgCluster.
+
+    Cached across test runs in ``$HD_PG_TEMPLATE_DIR`` or ``/tmp/hd-pg-template-<uid>-<key>``,
+    where the key covers the initdb version and options. Built in a scratch dir and renamed into
+    place, so concurrent test processes never see a half-made template; never modified after.
+    """
+    global _template_data
     with _template_lock:
-        if _template_dir and os.path.exists(os.path.join(_template_dir, "data", "PG_VERSION")):
-            return os.path.join(_template_dir, "data")
+        if _template_data and os.path.exists(os.path.join(_template_data, "PG_VERSION")):
+            return _template_data
         ids = _run_as()
-        base = tempfile.mkdtemp(prefix="hd-pg-template-")
-        if ids:
-            os.chown(base, *ids)
-        data = os.path.join(base, "data")
-        cmd = [_find_bin("initdb"), "-D", data, "-U", SUPERUSER, "-A", "trust", "--auth-local=trust",
-               "-E", "UTF8", "--locale=C", "-N", "--no-instructions"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                              env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
-                              cwd=base, **_popen_user_kwargs(ids))
-        if proc.returncode != 0:
-            shutil.rmtree(base, ignore_errors=True)
-            raise PgError(f"initdb failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        _template_dir = base
-        atexit.register(shutil.rmtree, base, True)
+        initdb = _find_bin("initdb")
+        version = subprocess.run([initdb, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        key = hashlib.sha256(f"{_TEMPLATE_FORMAT}|{version}|{initdb}".encode()).hexdigest()[:12]
+        root = os.environ.get("HD_PG_TEMPLATE_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                   f"hd-pg-template-{os.geteuid()}-{key}")
+        data = os.path.join(root, "data")
+        if os.path.exists(os.path.join(root, "complete")):
+            _template_data = data
+            return data
+        scratch = tempfile.mkdtemp(prefix="hd-pg-initdb-")
+        try:
+            if ids:
+                os.chown(scratch, *ids)
+            sdata = os.path.join(scratch, "data")
+            cmd = [initdb, "-D", sdata, "-U", SUPERUSER, "-A", "trust", "--auth-local=trust",
+                   "-E", "UTF8", "--locale=C", "-N", "--no-instructions"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                                  env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+                                  cwd=scratch, **_popen_user_kwargs(ids))
+            if proc.returncode != 0:
+                raise PgError(f"initdb failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            Path(scratch, "complete").write_text(version + "\n")
+            try:
+                os.rename(scratch, root)  # atomic; fails if another process got there first
+            except OSError:
+                if not os.path.exists(os.path.join(root, "complete")):
+                    # a stale, incomplete template from a crashed run: replace it
+                    shutil.rmtree(root, ignore_errors=True)
+                    os.rename(scratch, root)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        _template_data = data
         return data
 
 
@@ -458,10 +483,16 @@ class PgCluster:
                                autocommit=True, connect_timeout=10, **kw)
 
     def execute(self, sql: str, params=None, *, dbname: str = "postgres", user: str = SUPERUSER) -> list[tuple]:
-        """Run SQL as the superuser over the unix socket; returns the rows of the last result (or [])."""
+        """Run SQL as the superuser over the unix socket; returns the rows of the last result that
+        has rows (or []). Several statements separated by ';' are allowed when there are no params."""
         with self.connect(dbname=dbname, user=user) as conn:
             cur = conn.execute(sql, params)
-            return cur.fetchall() if cur.description else []
+            rows: list[tuple] = []
+            while True:
+                if cur.description:
+                    rows = cur.fetchall()
+                if not cur.nextset():
+                    return rows
 
     def psql(self, *args: str, dbname: str = "postgres", user: str = SUPERUSER,
              input: str | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess:

@@ -274,7 +274,7 @@ class Proc:
     def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  cwd: str | os.PathLike | None = None, name: str | None = None,
                  log_dir: str | os.PathLike | None = None, stdin: int | None = subprocess.DEVNULL,
-                 inherit_env: bool = True, die_with_parent: bool = True):
+                 inherit_env: bool = True, die_with_parent: bool = True, drop_env: Iterable[str] = ()):
         self.argv = [str(a) for a in argv]
         self.name = name or Path(self.argv[0]).name
         if log_dir is None:
@@ -287,7 +287,7 @@ class Proc:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
         self.stdout_path = self.log_dir / f"{safe}.stdout.log"
         self.stderr_path = self.log_dir / f"{safe}.stderr.log"
-        full_env = base_env(env) if inherit_env else dict(env or {})
+        full_env = base_env(env, drop=drop_env) if inherit_env else dict(env or {})
         prefix = pdeathsig_prefix("KILL") if die_with_parent else []
         self._out = open(self.stdout_path, "wb")
         self._err = open(self.stderr_path, "wb")

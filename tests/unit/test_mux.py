@@ -176,10 +176,17 @@ def test_fin_goes_after_queued_data() -> None:
     sid = p.client.open_stream()
     p.client.send(sid, b"a" * 250)
     p.client.send_fin(sid)
-    frames = [f for m in p.client.messages_to_send() for f in parse(m)]
+    first = p.client.messages_to_send()
+    frames = [f for m in first for f in parse(m)]
     # only the window's worth goes out and FIN must wait behind the rest of the data
     assert [t for _, t, _ in frames] == [FrameType.OPEN] + [FrameType.DATA] * 3
     assert sum(len(pl) for _, t, pl in frames if t == FrameType.DATA) == 100
+    p.c2s.extend(first)
+    for m in first:
+        p.server.receive_message(m)
+    for e in p.server.events():
+        if isinstance(e, DataReceived):
+            p.server.consumed(e.stream_id, len(e.data))
     p.pump()
     wire = [f for m in p.c2s for f in parse(m)]
     assert wire[-1][1] == FrameType.FIN
@@ -202,6 +209,26 @@ def test_send_errors_and_noops() -> None:
     m.reset(sid, 0)
     with pytest.raises(MuxError):
         m.send(sid, b"x")
+
+
+def test_invalid_configuration_and_id_exhaustion() -> None:
+    for kwargs in ({"window": 0}, {"window": 2**31}, {"max_frame": 8}, {"max_message": 0}, {"high_water": -1}):
+        with pytest.raises(ValueError):
+            Mux(client=True, **kwargs)
+    m = Mux(client=True)
+    m._next_id = 2**32 - 1  # white-box: the last odd id
+    assert m.open_stream() == 2**32 - 1
+    with pytest.raises(MuxError, match="exhausted"):
+        m.open_stream()
+
+
+def test_receive_accepts_any_bytes_like() -> None:
+    m = Mux(client=False)
+    m.receive_message(bytearray(frame(1, 1)))
+    m.receive_message(memoryview(frame(1, 2, b"abc")))
+    events = m.events()
+    assert events == [StreamOpened(1), DataReceived(1, b"abc")]
+    assert type(events[1].data) is bytes
 
 
 def test_send_copies_mutable_buffers() -> None:
@@ -265,7 +292,6 @@ def test_late_frames_after_forget_are_ignored() -> None:
     p.pump()
     # both sides act at once: the client's data crosses the server's RST on the wire
     p.client.send(sid, b"in flight")
-    p.client.consumed(sid, 0)
     in_flight = p.client.messages_to_send()
     p.server.reset(sid, 9, "bye")
     for m in in_flight:
@@ -287,7 +313,6 @@ def test_late_frames_after_clean_close_are_ignored() -> None:
     p = Pair()
     sid = p.client.open_stream()
     p.client.send_fin(sid)
-    p.server.send_fin(sid) if False else None
     p.pump()
     p.server.send_fin(sid)
     p.pump()
@@ -365,7 +390,7 @@ def test_stream_writable_after_backpressure() -> None:
 
 
 def test_writable_emitted_at_low_water_not_only_at_empty() -> None:
-    m = Mux(client=True, window=10_000, max_frame=10, max_message=25, high_water=100)
+    m = Mux(client=True, window=10_000, max_frame=16, max_message=40, high_water=100)
     sid = m.open_stream()
     assert m.send(sid, b"z" * 150) is False
     m.messages_to_send()
@@ -430,12 +455,16 @@ def test_control_frames_respect_message_cap() -> None:
     assert len(msgs) == 3 and all(len(x) <= 100 for x in msgs)  # 11 OPENs (99 bytes) per message
 
 
-def test_single_frame_may_exceed_tiny_message_size() -> None:
-    p = Pair(max_message=5, max_frame=50)
+@pytest.mark.parametrize("max_message", [5, 30])
+def test_small_message_size(max_message: int) -> None:
+    p = Pair(max_message=max_message, max_frame=50)
     sid = p.client.open_stream()
     p.client.send(sid, b"q" * 120)
     _, sev = p.pump()
     assert data_of(sev, sid) == b"q" * 120
+    # DATA frames shrink to fit the message when there is room; otherwise one frame per message
+    limit = max_message if max_message > HEADER.size else HEADER.size + 50
+    assert all(len(m) <= limit for m in p.c2s[1:])
 
 
 # ------------------------------------------------------------------------------ fairness
@@ -467,7 +496,7 @@ def test_round_robin_between_bulk_streams() -> None:
 
 def test_round_robin_survives_across_messages() -> None:
     # a stream that just filled a message must not be served first again next time
-    m = Mux(client=True, window=2**20, max_frame=100, max_message=109)
+    m = Mux(client=True, window=2**20, max_frame=100, max_message=109)  # one DATA frame per message
     a, b = m.open_stream(), m.open_stream()
     m.messages_to_send()
     m.send(a, b"a" * 1000)
@@ -520,10 +549,12 @@ def test_go_away() -> None:
     sid = p.client.open_stream()
     p.pump()
     p.client.go_away(0, "shutting down")
+    assert p.client.goaway_sent and not p.client.goaway_received
     with pytest.raises(MuxError):
         p.client.open_stream()
     cev, sev = p.pump()
     assert sev == [GoAway(0, "shutting down")]
+    assert p.server.goaway_received
     with pytest.raises(MuxError):
         p.server.open_stream()
     # existing streams keep working in both directions
@@ -681,7 +712,7 @@ class Side:
 def test_random_interleavings_deliver_exactly_in_order(data: st.DataObject) -> None:
     cfg = dict(
         window=data.draw(st.integers(1, 3000), label="window"),
-        max_frame=data.draw(st.integers(1, 800), label="max_frame"),
+        max_frame=data.draw(st.integers(16, 800), label="max_frame"),
         max_message=data.draw(st.integers(1, 4000), label="max_message"),
         high_water=data.draw(st.integers(0, 3000), label="high_water"),
     )
@@ -723,18 +754,20 @@ def test_random_interleavings_deliver_exactly_in_order(data: st.DataObject) -> N
             side.mux.reset(sid, 1, "test")
 
     # Finish: FIN everything still open, then run the link with full consumption until quiet.
-    for side in (c, s):
-        for sid in sorted(side.writable):
-            side.mux.send_fin(sid)
-        side.writable.clear()
     for _ in range(100_000):
         for side in (c, s):
+            for sid in sorted(side.writable):  # includes streams only now learned from the peer
+                side.mux.send_fin(sid)
+            side.writable.clear()
             for sid in list(side.unconsumed):
                 side.consume(sid, side.unconsumed[sid])
             side.flush(peer[id(side)], cfg["max_message"], cfg["max_frame"])
         for side in (c, s):
             side.deliver(len(side.inbox))
-        if not (c.inbox or s.inbox or c.mux.wants_write or s.mux.wants_write):
+        busy = (
+            side.inbox or side.mux.wants_write or side.writable or any(side.unconsumed.values()) for side in (c, s)
+        )
+        if not any(busy):
             break
     else:
         raise AssertionError("link did not settle")

@@ -1,0 +1,790 @@
+"""Tunnel benchmark: the direct path vs the tunnel path, in one run, as ratios.
+
+    .venv/bin/python -m bench.tunnel_bench                 # full run (~2 min), table + bench/results/tunnel.json
+    .venv/bin/python -m bench.tunnel_bench --quick         # smoke run (~20 s), bench/results/tunnel-quick.json
+
+Everything runs on 127.0.0.1, each part in its own OS process, started and stopped here:
+
+    loadgen ──TCP──> origin                                                (direct path)
+    loadgen ──TCP──> hd access tcp ══WSS══> hd edge (relay) ══WSS══> hd-connector ──TCP──> origin
+                                                                           (tunnel path)
+
+* origin   `python -m bench.origin`: uvloop asyncio Protocol echo server and byte-counting sink.
+* edge     `python -m cli.main edge --state-dir TMP --api-listen 127.0.0.1:0 --tunnel-listen 127.0.0.1:0`
+* tunnel   `hd tunnel create bench`, `hd tunnel route bench echo.bench|sink.bench|pg.bench --public`,
+           `python -m connector.main --token-file F --ha-connections 1`
+* access   `python -m cli.main access tcp --hostname echo.bench --url 127.0.0.1:PORT` (and sink, pg)
+* loadgen  `python -m bench.loadgen`: uvloop, Protocol callbacks only; driven phase by phase over a pipe.
+
+Measured for both paths (alternating direct/tunnel per figure):
+  1. round trip of 64-byte messages on one connection: p50/p99 over --rtt-count after --rtt-warmup;
+  2. requests/s, 64-byte ping-pong, one outstanding request per connection, 1/10/100 connections,
+     --duration seconds each (after a short warm-up);
+  3. bulk: --bulk-mib MiB one way into the sink, timed until the sink confirms the byte count;
+  4. (extra) connection set-up: new TCP connection + one echo + close, p50/p99.
+Then, when `pgbench` is installed: `pgbench -S -c 10 -j 2 -T D` against a throwaway PostgreSQL
+(tests/harness/pg.py), directly, through `hd access tcp`, and through PgBouncer (transaction pooling)
+when `pgbouncer` is installed.
+
+Around every phase the CPU time (utime+stime from /proc/PID/stat) of every process is read, so the
+table shows which process is CPU-bound on which path; box-wide busy/steal comes from /proc/stat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.harness.procs import (  # noqa: E402
+    Proc,
+    WaitTimeout,
+    base_env,
+    connector_argv,
+    free_port,
+    hd_argv,
+    pdeathsig_prefix,
+    poll_until,
+    run,
+    wait_listening,
+)
+
+HOST = "127.0.0.1"
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+TARGETS = {
+    "bulk_gbit_s": 1.0,  # tunnel bulk >= 1 Gbit/s
+    "added_rtt_p50_us": 1000.0,  # tunnel p50 - direct p50 <= 1 ms
+    "rps_100": 10_000.0,  # tunnel, 100 connections >= 10k req/s
+}
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ /proc accounting
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except OSError:
+        return None
+    # fields after "pid (comm) ": state=0 ppid=1 ... utime=11 stime=12 cutime=13 cstime=14
+    return s[s.rindex(")") + 2:].split()
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        f = _stat_fields(int(name))
+        if f is not None:
+            kids.setdefault(int(f[1]), []).append(int(name))
+    return kids
+
+
+def proc_cpu(pid: int, tree: bool = False, kids: dict[int, list[int]] | None = None) -> float | None:
+    """CPU seconds (user+system, all threads) of `pid`; with `tree`, plus its reaped children
+    (cutime+cstime) and its live descendants (e.g. PostgreSQL backends)."""
+    f = _stat_fields(pid)
+    if f is None:
+        return None
+    ticks = int(f[11]) + int(f[12])
+    if tree:
+        ticks += int(f[13]) + int(f[14])
+        stack = list((kids or {}).get(pid, ()))
+        while stack:
+            c = stack.pop()
+            cf = _stat_fields(c)
+            if cf is not None:
+                ticks += int(cf[11]) + int(cf[12])
+            stack.extend((kids or {}).get(c, ()))
+    return ticks / CLK_TCK
+
+
+def box_cpu() -> tuple[float, float, float]:
+    """(busy, steal, total) jiffies summed over all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (parts + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq
+    return busy, steal, busy + steal + idle + iowait
+
+
+def uses_uvloop(pid: int) -> bool | None:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "uvloop" in f.read()
+    except OSError:
+        return None
+
+
+class Tracked:
+    """The processes whose CPU is read around every phase (name -> pid, tree?)."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, tuple[int, bool]] = {}
+
+    def add(self, name: str, pid: int, tree: bool = False) -> None:
+        self.procs[name] = (pid, tree)
+
+    def snapshot(self) -> dict[str, Any]:
+        kids = _children_map() if any(t for _, t in self.procs.values()) else None
+        cpu = {name: proc_cpu(pid, tree, kids) for name, (pid, tree) in self.procs.items()}
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {"t": time.monotonic(), "cpu": cpu, "box": box_cpu(), "children": ru.ru_utime + ru.ru_stime}
+
+
+def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    wall = b["t"] - a["t"]
+    per = {}
+    for name, v1 in b["cpu"].items():
+        v0 = a["cpu"].get(name)
+        if v0 is not None and v1 is not None:
+            per[name] = round(v1 - v0, 3)
+    busy0, steal0, tot0 = a["box"]
+    busy1, steal1, tot1 = b["box"]
+    dt = max(1, tot1 - tot0)
+    return {"wall_s": round(wall, 3), "cpu_s": per,
+            "box_busy_pct": round(100.0 * (busy1 - busy0) / dt, 1),
+            "box_steal_pct": round(100.0 * (steal1 - steal0) / dt, 1),
+            "reaped_children_cpu_s": round(b["children"] - a["children"], 3)}
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+class LoadGen:
+    """`python -m bench.loadgen` with a JSON-lines pipe; every read has a deadline."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.stderr = open(log_dir / "loadgen.stderr.log", "wb")
+        self.popen = subprocess.Popen(
+            pdeathsig_prefix("KILL") + [sys.executable, "-m", "bench.loadgen"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=base_env(),
+            cwd=str(REPO_ROOT), start_new_session=True)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.popen.stdout, selectors.EVENT_READ)
+        self.buf = b""
+        hello = self._read_line(30.0)
+        self.uvloop = bool(hello.get("uvloop"))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _read_line(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        fd = self.popen.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"loadgen did not answer within {timeout:.0f}s")
+            if self.sel.select(min(left, 1.0)):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise BenchError(f"loadgen exited (rc={self.popen.poll()}); see its stderr log")
+                self.buf += chunk
+            elif self.popen.poll() is not None:
+                raise BenchError(f"loadgen exited with {self.popen.returncode}; see its stderr log")
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def call(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        timeout = float(cmd.setdefault("timeout", 120.0))
+        self.popen.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.popen.stdin.flush()
+        return self._read_line(timeout + 15.0)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                self.popen.stdin.write(b'{"op": "quit"}\n')
+                self.popen.stdin.flush()
+                self.popen.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.stderr.close()
+
+
+class Stack:
+    """Everything the bench starts; `close()` stops it all (bounded), in reverse order."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log_dir = workdir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = workdir / "state"
+        self.procs: list[Proc] = []
+        self.loadgen: LoadGen | None = None
+        self.pg: Any = None
+        self.bouncer: Proc | None = None
+        self.tracked = Tracked()
+        self.env = {"HD_STATE_DIR": str(self.state_dir), "HD_LOG_LEVEL": "WARNING"}
+
+    def start_proc(self, name: str, argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> Proc:
+        p = Proc(argv, env=env, name=name, log_dir=self.log_dir, cwd=str(REPO_ROOT), **kw)
+        self.procs.append(p)
+        return p
+
+    def hd(self, *args: str, timeout: float = 30.0) -> Any:
+        r = run(hd_argv(*args), env=self.env, timeout=timeout, cwd=str(REPO_ROOT))
+        if r.returncode != 0:
+            raise BenchError(f"`hd {' '.join(args)}` failed ({r.returncode}):\n{r.stderr.strip()}\n{r.stdout.strip()}")
+        return json.loads(r.stdout) if "--json" in args else r.stdout
+
+    # -- origin / loadgen ----------------------------------------------------------------------
+    def start_origin(self) -> dict[str, Any]:
+        p = self.start_proc("origin", [sys.executable, "-m", "bench.origin"])
+        line = p.wait_for(lambda: p.stdout_text().partition("\n")[0] if "\n" in p.stdout_text() else None,
+                          20.0, what="origin ports")
+        info = json.loads(line)
+        self.tracked.add("origin", p.pid)
+        return info
+
+    def start_loadgen(self) -> LoadGen:
+        self.loadgen = LoadGen(self.log_dir)
+        self.tracked.add("loadgen", self.loadgen.pid)
+        return self.loadgen
+
+    # -- tunnel ----------------------------------------------------------------------------------
+    def start_edge(self) -> dict[str, Any]:
+        p = self.start_proc("edge", hd_argv("edge", "--state-dir", str(self.state_dir),
+                                            "--api-listen", f"{HOST}:0", "--tunnel-listen", f"{HOST}:0"),
+                            env=self.env)
+        edge_json = self.state_dir / "edge.json"
+
+        def ready() -> dict[str, Any] | None:
+            try:
+                info = json.loads(edge_json.read_text())
+            except (OSError, ValueError):
+                return None
+            return info if info.get("api_url") else None
+
+        info = p.wait_for(ready, 30.0, what="edge.json")
+        self.tracked.add("edge", p.pid)
+        return info
+
+    def start_connector(self, token: str) -> Proc:
+        tf = self.workdir / "tunnel.token"
+        tf.write_text(token)
+        os.chmod(tf, 0o600)
+        p = self.start_proc("connector", connector_argv("--token-file", str(tf), "--ha-connections", "1",
+                                                         "--loglevel", "warning"))
+        self.tracked.add("connector", p.pid)
+
+        def connected() -> bool:
+            p.check_alive()
+            info = self.hd("tunnel", "info", "bench", "--json")
+            return bool(info.get("connections"))
+
+        poll_until(connected, 30.0, interval=0.05, what="the connector to register",
+                   on_timeout=p.diagnostics)
+        return p
+
+    def start_access(self, name: str, hostname: str) -> int:
+        port = free_port(HOST)
+        p = self.start_proc(name, hd_argv("access", "tcp", "--hostname", hostname, "--url", f"{HOST}:{port}"),
+                            env=self.env)
+        wait_listening(HOST, port, 20.0, proc=p)
+        self.tracked.add(name, p.pid)
+        return port
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.loadgen is not None:
+            self.loadgen.stop()
+        for p in reversed(self.procs):
+            try:
+                p.stop(timeout=5.0)
+            except Exception as exc:  # keep stopping the others
+                log(f"stopping {p.name}: {exc}")
+        if self.bouncer is not None:
+            try:
+                self.bouncer.stop(timeout=5.0)
+            except Exception as exc:
+                log(f"stopping pgbouncer: {exc}")
+        if self.pg is not None:
+            try:
+                self.pg.stop()
+            except Exception as exc:
+                log(f"stopping postgres: {exc}")
+
+
+def wait_echo(port: int, timeout: float) -> None:
+    """One 64-byte echo through `port`, retried until it works (config push, stream open)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((HOST, port), timeout=5.0) as s:
+                s.sendall(b"x" * 64)
+                got = b""
+                while len(got) < 64:
+                    chunk = s.recv(64 - len(got))
+                    if not chunk:
+                        raise ConnectionError("closed before the echo")
+                    got += chunk
+                return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.1)
+    raise BenchError(f"no echo through 127.0.0.1:{port} within {timeout:.0f}s: {last}")
+
+
+# ------------------------------------------------------------------------------ phases
+
+
+def run_phase(stack: Stack, name: str, cmd: dict[str, Any]) -> dict[str, Any]:
+    assert stack.loadgen is not None
+    before = stack.tracked.snapshot()
+    res = stack.loadgen.call(cmd)
+    after = stack.tracked.snapshot()
+    if "error" in res:
+        raise BenchError(f"phase {name}: {res['error']}\n{res.get('traceback', '')}")
+    res["cpu"] = cpu_delta(before, after)
+    log(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()
+                                 if isinstance(v, (int, float)) and k in ("p50_us", "p99_us", "rps", "gbit_s")))
+    return res
+
+
+def measure(stack: Stack, args: argparse.Namespace, paths: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Alternate direct/tunnel per figure so slow drift of the box hits both alike."""
+    out: dict[str, dict[str, Any]] = {p: {} for p in paths}
+    t = float(args.duration)
+    for path, ports in paths.items():  # untimed warm-up of both paths (imports, first streams)
+        stack.loadgen.call({"op": "latency", "host": HOST, "port": ports["echo"], "warmup": 50, "count": 50})
+    steps: list[tuple[str, str, dict[str, Any]]] = [
+        ("latency", "echo", {"op": "latency", "warmup": args.rtt_warmup, "count": args.rtt_count, "size": 64,
+                             "timeout": 120.0}),
+    ]
+    for c in (1, 10, 100):
+        steps.append((f"rps_{c}", "echo", {"op": "rps", "conns": c, "duration": t, "size": 64,
+                                            "warmup_s": min(1.0, 0.2 * t), "timeout": t + 90.0}))
+    steps.append(("bulk", "sink", {"op": "bulk", "mib": args.bulk_mib, "timeout": 300.0}))
+    steps.append(("connect", "echo", {"op": "connect", "count": args.connect_count, "size": 64, "timeout": 120.0}))
+    for figure, server, cmd in steps:
+        for path, ports in paths.items():
+            out[path][figure] = run_phase(stack, f"{path}/{figure}", {**cmd, "host": HOST, "port": ports[server]})
+    return out
+
+
+# ------------------------------------------------------------------------------ pgbench
+
+
+_TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+_LAT = re.compile(r"latency average = ([0-9.]+) ms")
+_CONN = re.compile(r"initial connection time = ([0-9.]+) ms")
+_FAILED = re.compile(r"number of failed transactions: (\d+)")
+_XACTS = re.compile(r"number of transactions actually processed: (\d+)")
+
+
+def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: dict[str, tuple[int, bool]]) -> dict[str, Any]:
+    exe = shutil.which("pgbench")
+    argv = [exe, "-S", "-n", "-c", "10", "-j", "2", "-T", str(int(max(1, duration))),
+            "-h", HOST, "-p", str(port), "-U", "postgres", "postgres"]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PGSSLMODE": "disable", "LC_ALL": "C"}
+    saved = dict(stack.tracked.procs)
+    for k, v in extra_track.items():
+        stack.tracked.add(k, *v)
+    try:
+        before = stack.tracked.snapshot()
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, env=env,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"pgbench ({label}) did not finish within {duration + 60:.0f}s") from None
+        after = stack.tracked.snapshot()
+    finally:
+        stack.tracked.procs = saved
+    text = r.stdout + r.stderr
+    m = _TPS.search(text)
+    if r.returncode != 0 or not m:
+        raise BenchError(f"pgbench ({label}) failed ({r.returncode}):\n{text[-2000:]}")
+    cpu = cpu_delta(before, after)
+    cpu["cpu_s"]["pgbench"] = cpu.pop("reaped_children_cpu_s")
+    res: dict[str, Any] = {"argv": argv, "tps": float(m.group(1)), "cpu": cpu}
+    for key, rx, conv in (("latency_avg_ms", _LAT, float), ("connect_ms", _CONN, float),
+                          ("failed", _FAILED, int), ("transactions", _XACTS, int)):
+        mm = rx.search(text)
+        if mm:
+            res[key] = conv(mm.group(1))
+    log(f"pgbench/{label}: tps={res['tps']:.0f} latency={res.get('latency_avg_ms')} ms")
+    return res
+
+
+def start_pgbouncer(stack: Stack, pg_port: int) -> int | None:
+    exe = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    if exe is None:
+        return None
+    d = Path(tempfile.mkdtemp(prefix="hd-bench-pgbouncer-"))
+    port = free_port(HOST)
+    (d / "userlist.txt").write_text('"postgres" ""\n')
+    (d / "pgbouncer.ini").write_text(f"""[databases]
+postgres = host={HOST} port={pg_port} dbname=postgres user=postgres
+
+[pgbouncer]
+listen_addr = {HOST}
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {d}/userlist.txt
+pool_mode = transaction
+max_client_conn = 200
+default_pool_size = 20
+ignore_startup_parameters = extra_float_digits
+logfile = {d}/pgbouncer.log
+pidfile =
+log_connections = 0
+log_disconnections = 0
+""")
+    kw: dict[str, Any] = {}
+    argv = [exe, str(d / "pgbouncer.ini")]
+    if os.geteuid() == 0:  # pgbouncer refuses to run as root: let it drop to the postgres OS user
+        import pwd
+
+        pw = pwd.getpwnam("postgres")
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        for f in d.iterdir():
+            os.chown(f, pw.pw_uid, pw.pw_gid)
+        argv = [exe, "-u", "postgres", str(d / "pgbouncer.ini")]
+    p = Proc(argv, name="pgbouncer", log_dir=stack.log_dir, **kw)
+    stack.bouncer = p
+    stack.workdir_pgbouncer = d  # type: ignore[attr-defined]
+    wait_listening(HOST, port, 20.0, proc=p)
+    return port
+
+
+def measure_pg(stack: Stack, args: argparse.Namespace, access_port: int | None) -> dict[str, Any]:
+    cluster = stack.pg
+    out: dict[str, Any] = {}
+    init = subprocess.run([shutil.which("pgbench"), "-i", "-q", "-s", "1", "-h", HOST, "-p", str(cluster.port),
+                           "-U", "postgres", "postgres"], capture_output=True, text=True, timeout=120,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PGSSLMODE": "disable"},
+                          stdin=subprocess.DEVNULL)
+    if init.returncode != 0:
+        raise BenchError(f"pgbench -i failed:\n{init.stderr[-2000:]}")
+    pg_track = {"postgres": (cluster.pid, True)}
+    d = float(args.pg_duration)
+    out["direct"] = pgbench(stack, "direct", cluster.port, d, pg_track)
+    if access_port is not None:
+        out["tunnel"] = pgbench(stack, "tunnel", access_port, d, pg_track)
+    if args.no_pgbouncer:
+        out["pgbouncer_note"] = "skipped (--no-pgbouncer)"
+    else:
+        bport = start_pgbouncer(stack, cluster.port)
+        if bport is None:
+            out["pgbouncer_note"] = "pgbouncer not installed (scripts/bootstrap.sh installs it)"
+            log("pgbouncer not installed: skipping the PgBouncer anchor")
+        else:
+            out["pgbouncer"] = pgbench(stack, "pgbouncer", bport, d,
+                                       {**pg_track, "pgbouncer": (stack.bouncer.pid, False)})
+    return out
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _fmt(v: Any, unit: str = "", nd: int = 0) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and v != v:
+        return "nan"
+    if nd == 0:
+        return f"{v:,.0f}{unit}"
+    return f"{v:,.{nd}f}{unit}"
+
+
+def _ratio(t: Any, d: Any) -> str:
+    if t is None or d is None or not d:
+        return "—"
+    return f"{t / d:.2f}×"
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    d, t = res["paths"].get("direct", {}), res["paths"].get("tunnel", {})
+    s: dict[str, Any] = {}
+    if t:
+        s["added_rtt_p50_us"] = t["latency"]["p50_us"] - d["latency"]["p50_us"]
+        s["added_rtt_p99_us"] = t["latency"]["p99_us"] - d["latency"]["p99_us"]
+        s["targets"] = {
+            "bulk_gbit_s": {"value": t["bulk"]["gbit_s"], "target": f">= {TARGETS['bulk_gbit_s']}",
+                            "pass": t["bulk"]["gbit_s"] >= TARGETS["bulk_gbit_s"]},
+            "added_rtt_p50_us": {"value": s["added_rtt_p50_us"], "target": f"<= {TARGETS['added_rtt_p50_us']:.0f}",
+                                 "pass": s["added_rtt_p50_us"] <= TARGETS["added_rtt_p50_us"]},
+            "rps_100": {"value": t["rps_100"]["rps"], "target": f">= {TARGETS['rps_100']:.0f}",
+                        "pass": t["rps_100"]["rps"] >= TARGETS["rps_100"]},
+        }
+    return s
+
+
+def print_report(res: dict[str, Any]) -> None:
+    P = lambda *a: print(*a, flush=True)  # noqa: E731
+    d, t = res["paths"].get("direct", {}), res["paths"].get("tunnel", {})
+    tg = res["summary"].get("targets", {})
+
+    def verdict(key: str) -> str:
+        if key not in tg:
+            return ""
+        x = tg[key]
+        return f"{x['target']:>9}  {'PASS' if x['pass'] else 'MISS'}"
+
+    P()
+    P(f"Tunnel benchmark — {res['timestamp']} — {res['machine']['nproc']} CPUs, Python "
+      f"{res['machine']['python']}, uvloop {'yes' if res['machine']['uvloop'] else 'no'}"
+      + ("  [QUICK]" if res["config"]["quick"] else ""))
+    P()
+    rows: list[tuple[str, Any, Any, str, str]] = []
+
+    def g(path: dict, fig: str, key: str) -> Any:
+        return path.get(fig, {}).get(key)
+
+    rows.append(("RTT 64 B p50 (µs)", g(d, "latency", "p50_us"), g(t, "latency", "p50_us"), "lat", ""))
+    rows.append(("RTT 64 B p99 (µs)", g(d, "latency", "p99_us"), g(t, "latency", "p99_us"), "lat", ""))
+    for c in (1, 10, 100):
+        rows.append((f"req/s, {c} conn{'s' if c > 1 else ''}", g(d, f"rps_{c}", "rps"), g(t, f"rps_{c}", "rps"), "rps",
+                     "rps_100" if c == 100 else ""))
+        rows.append((f"  p50 / p99 under load (µs)", (g(d, f"rps_{c}", "p50_us"), g(d, f"rps_{c}", "p99_us")),
+                     (g(t, f"rps_{c}", "p50_us"), g(t, f"rps_{c}", "p99_us")), "pair", ""))
+    rows.append((f"bulk {res['config']['bulk_mib']:g} MiB (Gbit/s)", g(d, "bulk", "gbit_s"), g(t, "bulk", "gbit_s"),
+                 "gbit", "bulk_gbit_s"))
+    rows.append(("new conn + echo p50 (µs)", g(d, "connect", "p50_us"), g(t, "connect", "p50_us"), "lat", ""))
+    rows.append(("new conn + echo p99 (µs)", g(d, "connect", "p99_us"), g(t, "connect", "p99_us"), "lat", ""))
+
+    w = 30
+    P(f"{'figure':<{w}} {'direct':>14} {'tunnel':>14} {'tunnel/direct':>14}   {'target':>9}")
+    P("-" * (w + 64))
+    for label, dv, tv, kind, key in rows:
+        if kind == "pair":
+            ds = f"{_fmt(dv[0])}/{_fmt(dv[1])}" if dv[0] is not None else "—"
+            ts = f"{_fmt(tv[0])}/{_fmt(tv[1])}" if tv[0] is not None else "—"
+            P(f"{label:<{w}} {ds:>14} {ts:>14}")
+            continue
+        nd = 2 if kind == "gbit" else 0
+        P(f"{label:<{w}} {_fmt(dv, nd=nd):>14} {_fmt(tv, nd=nd):>14} {_ratio(tv, dv):>14}   {verdict(key)}")
+    if t:
+        s = res["summary"]
+        P(f"{'added RTT p50 / p99 (µs)':<{w}} {'':>14} {_fmt(s['added_rtt_p50_us']) + ' / ' + _fmt(s['added_rtt_p99_us']):>14}"
+          f" {'':>14}   {verdict('added_rtt_p50_us')}")
+    else:
+        P(f"(tunnel path not measured: {res.get('tunnel_note', '')})")
+
+    pg = res.get("pgbench")
+    if pg:
+        P()
+        P(f"pgbench -S -c 10 -j 2 -T {res['config']['pg_duration']:g} (select-only, scale 1)")
+        P(f"{'path':<{w}} {'tps':>14} {'lat avg (ms)':>14} {'tps/direct':>14}")
+        P("-" * (w + 45))
+        dt = pg.get("direct", {}).get("tps")
+        for label in ("direct", "tunnel", "pgbouncer"):
+            if label in pg:
+                x = pg[label]
+                P(f"{label:<{w}} {_fmt(x['tps']):>14} {_fmt(x.get('latency_avg_ms'), nd=3):>14} {_ratio(x['tps'], dt):>14}")
+        if "pgbouncer_note" in pg:
+            P(f"(pgbouncer: {pg['pgbouncer_note']})")
+    elif res.get("pgbench_note"):
+        P()
+        P(f"(pgbench: {res['pgbench_note']})")
+
+    # CPU per phase and process
+    phases: list[tuple[str, dict[str, Any]]] = []
+    for path, figs in res["paths"].items():
+        for fig, r in figs.items():
+            phases.append((f"{path}/{fig}", r["cpu"]))
+    for label, r in (pg or {}).items():
+        if isinstance(r, dict) and "cpu" in r:
+            phases.append((f"pgbench/{label}", r["cpu"]))
+    if phases:
+        names: list[str] = []
+        for _, c in phases:
+            for n in c["cpu_s"]:
+                if n not in names:
+                    names.append(n)
+        P()
+        P("CPU seconds per process per phase (share of one core in parentheses); box = all CPUs busy %, steal %")
+        cw = 13
+        P(f"{'phase':<18} {'wall s':>7} " + " ".join(f"{n[:cw]:>{cw}}" for n in names) + f" {'box/steal %':>12}")
+        P("-" * (18 + 9 + (cw + 1) * len(names) + 13))
+        for label, c in phases:
+            wall = c["wall_s"] or 1e-9
+            cells = []
+            for n in names:
+                v = c["cpu_s"].get(n)
+                cells.append(f"{'—' if v is None else f'{v:.2f} ({100 * v / wall:.0f}%)':>{cw}}")
+            P(f"{label:<18} {c['wall_s']:>7.2f} " + " ".join(cells)
+              + f" {str(c['box_busy_pct']) + '/' + str(c['box_steal_pct']):>12}")
+    P()
+    P(f"JSON: {res['json_path']}")
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.tunnel_bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short smoke run: small counts, 1 s durations")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per requests/s phase (default 5; quick 1)")
+    ap.add_argument("--bulk-mib", type=float, default=None, help="MiB per bulk transfer (default 512; quick 16)")
+    ap.add_argument("--rtt-count", type=int, default=None, help="measured round trips (default 3000; quick 300)")
+    ap.add_argument("--rtt-warmup", type=int, default=None, help="warm-up round trips (default 300; quick 30)")
+    ap.add_argument("--connect-count", type=int, default=None, help="new-connection samples (default 200; quick 20)")
+    ap.add_argument("--pg-duration", type=float, default=None, help="pgbench -T seconds (default: --duration)")
+    ap.add_argument("--no-pg", action="store_true", help="skip the pgbench part")
+    ap.add_argument("--no-pgbouncer", action="store_true", help="skip the PgBouncer anchor")
+    ap.add_argument("--direct-only", action="store_true", help="measure only the direct path (no edge/connector)")
+    ap.add_argument("--json-out", type=Path, default=None,
+                    help="where to write JSON (default bench/results/tunnel.json; quick: tunnel-quick.json)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir with the process logs")
+    a = ap.parse_args(argv)
+    q = a.quick
+    defaults = {"duration": 1.0 if q else 5.0, "bulk_mib": 16.0 if q else 512.0, "rtt_count": 300 if q else 3000,
+                "rtt_warmup": 30 if q else 300, "connect_count": 20 if q else 200}
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.pg_duration is None:
+        a.pg_duration = a.duration
+    if a.json_out is None:
+        a.json_out = RESULTS_DIR / ("tunnel-quick.json" if q else "tunnel.json")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cmdline = [sys.executable, "-m", "bench.tunnel_bench", *(sys.argv[1:] if argv is None else argv)]
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    workdir = Path(tempfile.mkdtemp(prefix="hd-bench-"))
+    stack = Stack(workdir)
+    try:
+        import uvloop  # noqa: F401
+
+        have_uvloop = True
+    except ImportError:
+        have_uvloop = False
+    res: dict[str, Any] = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": cmdline,
+        "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "uvloop": have_uvloop,
+                    "platform": platform.platform(), "cpu_model": _cpu_model()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "targets": TARGETS,
+        "paths": {},
+    }
+    ok = False
+    try:
+        log(f"workdir {workdir}")
+        origin = stack.start_origin()
+        paths: dict[str, dict[str, int]] = {"direct": {"echo": origin["echo"], "sink": origin["sink"]}}
+        want_pg = not args.no_pg and shutil.which("pgbench") is not None
+        if not args.no_pg and not want_pg:
+            res["pgbench_note"] = "pgbench not installed: skipped"
+            log(res["pgbench_note"])
+        if want_pg:
+            from tests.harness.pg import PgCluster
+
+            stack.pg = PgCluster(auth="trust").start()
+            log(f"postgres on port {stack.pg.port}")
+        pg_access: int | None = None
+        if args.direct_only:
+            res["tunnel_note"] = "--direct-only"
+        else:
+            edge = stack.start_edge()
+            log(f"edge up: api {edge['api_url']}, tunnels {edge['tunnel_url']}")
+            tun = stack.hd("tunnel", "create", "bench", "--json")
+            for host, port in (("echo.bench", origin["echo"]), ("sink.bench", origin["sink"])) + (
+                    (("pg.bench", stack.pg.port),) if want_pg else ()):
+                stack.hd("tunnel", "route", "bench", host, "--service", f"tcp://{HOST}:{port}", "--public", "--json")
+            stack.start_connector(tun["token"])
+            log("connector registered")
+            paths["tunnel"] = {"echo": stack.start_access("access-echo", "echo.bench"),
+                               "sink": stack.start_access("access-sink", "sink.bench")}
+            if want_pg:
+                pg_access = stack.start_access("access-pg", "pg.bench")
+            wait_echo(paths["tunnel"]["echo"], 30.0)
+            log("tunnel path answers")
+        stack.start_loadgen()
+        res["machine"]["uvloop_in_process"] = {n: uses_uvloop(pid) for n, (pid, _) in stack.tracked.procs.items()}
+        res["pids"] = {n: pid for n, (pid, _) in stack.tracked.procs.items()}
+        res["paths"] = measure(stack, args, paths)
+        res["summary"] = summarize(res)
+        if want_pg:
+            res["pgbench"] = measure_pg(stack, args, pg_access)
+        ok = True
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        res["error"] = "interrupted"
+    except (BenchError, WaitTimeout, AssertionError, OSError) as exc:
+        log(f"FAILED: {exc}")
+        res["error"] = str(exc)
+    finally:
+        stack.close()
+        if args.keep or not ok:
+            log(f"logs kept in {stack.log_dir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        d = getattr(stack, "workdir_pgbouncer", None)
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+    res.setdefault("summary", {})
+    res["json_path"] = str(args.json_out)
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(res, indent=2) + "\n")
+    if ok:
+        print_report(res)
+    return 0 if ok else 1
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

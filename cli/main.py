@@ -1,0 +1,409 @@
+"""`hd`: the operator's command line. Thin: every command except `edge` and `access tcp/ssh` is
+one call to the control API.
+
+Contract (PRODUCT.md): every command accepts `--json` and then prints exactly one JSON document on
+stdout; without it, aligned tables and the one next step. User mistakes are one line on stderr
+and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Coroutine
+
+import click
+from click.core import ParameterSource
+
+from cli import output as out
+from cli.apiclient import ApiClient, CliError, default_state_dir, quote, resolve_api
+from control.addr import join_hostport, parse_hostport
+from control.durations import format_duration, parse_duration
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+# --- shared option handling -----------------------------------------------------------------
+@dataclass
+class Opts:
+    json: bool
+    api_url: str | None
+    api_token: str | None
+    state_dir: str | None
+
+    def client(self) -> ApiClient:
+        return resolve_api(self.api_url, self.api_token, self.state_dir)
+
+
+_COMMON = ("as_json", "api_url", "api_token", "state_dir")
+
+
+def _merge(ctx: click.Context, name: str, value: Any) -> Any:
+    """A leaf option typed on the command line wins; else the same option given before the
+    subcommand (`hd --json tunnel list`); else the leaf's env/default."""
+    if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+        return value
+    root = ctx.find_root().params.get(name)
+    return root if root not in (None, False) else value
+
+
+def common_options(fn: Callable) -> Callable:
+    """--json, --api-url, --api-token, --state-dir on a leaf command; passes `opts: Opts`."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+    @click.option("--state-dir", envvar="HD_STATE_DIR", metavar="DIR",
+                  help="Local edge state directory (default ~/.hd), used to find the API.")
+    @click.option("--api-token", envvar="HD_API_TOKEN", metavar="TOKEN", help="Admin token of the control API.")
+    @click.option("--api-url", envvar="HD_API_URL", metavar="URL", help="Control API URL, e.g. http://127.0.0.1:8787.")
+    @functools.wraps(fn)
+    def wrapper(**kw: Any) -> Any:
+        ctx = click.get_current_context()
+        vals = {k: _merge(ctx, k, kw.pop(k)) for k in _COMMON}
+        opts = Opts(json=bool(vals["as_json"]), api_url=vals["api_url"], api_token=vals["api_token"],
+                    state_dir=vals["state_dir"])
+        return fn(opts, **kw)
+
+    return wrapper
+
+
+class Duration(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def run_async(coro: Coroutine, *, fast_loop: bool = False) -> Any:
+    """Run `coro`; with `fast_loop`, on uvloop when installed (DESIGN.md: ~3x cheaper per hop).
+
+    The access commands stay on the stdlib loop: `tunnel.splice` asserts stdlib transports.
+    """
+    factory: Callable | None = None
+    if fast_loop:
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+# --- the group ------------------------------------------------------------------------------
+@click.group(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+@click.option("--state-dir", metavar="DIR", help="Local edge state directory (default ~/.hd).")
+@click.option("--api-url", metavar="URL", help="Control API URL.")
+@click.option("--api-token", metavar="TOKEN", help="Admin token of the control API.")
+@click.version_option(package_name="hyperdrive-oss", prog_name="hd")
+def hd(as_json: bool, state_dir: str | None, api_url: str | None, api_token: str | None) -> None:
+    """Self-hosted tunnels, access and database proxy."""
+
+
+# --- hd edge --------------------------------------------------------------------------------
+@hd.command("edge")
+@click.option("--state-dir", envvar="HD_STATE_DIR", metavar="DIR", help="State directory (default ~/.hd).")
+@click.option("--api-listen", default="127.0.0.1:8787", show_default=True, metavar="H:P",
+              help="Control API address (port 0: any free port).")
+@click.option("--tunnel-listen", default="127.0.0.1:7844", show_default=True, metavar="H:P",
+              help="Relay address for connectors and access clients.")
+@click.option("--pg-listen", metavar="H:P", help="Postgres proxy address (not yet available).")
+@click.option("--mysql-listen", metavar="H:P", help="MySQL proxy address (not yet available).")
+@click.option("--advertise", metavar="H:P", help="Tunnel address put in tokens (default: the bound address).")
+@click.option("--json", "as_json", is_flag=True, help="Print the edge's endpoints as one JSON object once ready.")
+def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_listen: str | None,
+             mysql_listen: str | None, advertise: str | None, as_json: bool) -> None:
+    """Run the edge in the foreground: control API and tunnel relay."""
+    from control.edge import EdgeError, run_edge
+
+    as_json = as_json or bool(click.get_current_context().find_root().params.get("as_json"))
+    sdir = default_state_dir(state_dir or click.get_current_context().find_root().params.get("state_dir"))
+    logging.basicConfig(
+        level=os.environ.get("HD_LOG_LEVEL", "INFO").upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for flag, value in (("--pg-listen", pg_listen), ("--mysql-listen", mysql_listen)):
+        if value:
+            out.warn(f"hd edge: {flag} {value}: the database proxy is not yet available; recorded in edge.json only")
+
+    def ready(info: dict) -> None:
+        if as_json:
+            out.emit_json(info)
+        else:
+            out.say(f"Edge ready: API {info['api_url']}, tunnels {info['tunnel_url']}, state in {sdir}")
+            out.say("Next: hd tunnel create NAME")
+        sys.stdout.flush()
+
+    try:
+        run_async(run_edge(sdir, api_listen, tunnel_listen, ready, advertise=advertise,
+                           pg_listen=pg_listen, mysql_listen=mysql_listen), fast_loop=True)
+    except EdgeError as e:
+        raise CliError(str(e)) from None
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("relay"):
+            raise CliError("the relay (relay.server) is not installed in this build") from None
+        raise
+
+
+# --- hd tunnel ------------------------------------------------------------------------------
+@hd.group("tunnel", context_settings=CONTEXT)
+def tunnel() -> None:
+    """Create tunnels, route hostnames through them, inspect their connectors."""
+
+
+@tunnel.command("create")
+@click.argument("name")
+@common_options
+def tunnel_create(opts: Opts, name: str) -> None:
+    """Create a tunnel; prints its id and the token for hd-connector."""
+    t = opts.client().post("/v1/tunnels", {"name": name})
+    doc = {"id": t["id"], "name": t["name"], "token": t["token"]}
+    if opts.json:
+        return out.emit_json(doc)
+    out.say(f"Created tunnel {t['name']} with id {t['id']}")
+    out.say("Token (secret: it lets a connector serve this tunnel):")
+    out.say(t["token"])
+    out.say()
+    out.say(f"Next: hd tunnel route {t['name']} HOSTNAME --service tcp://HOST:PORT, "
+            f"then run: hd-connector --token {t['token']}")
+
+
+@tunnel.command("token")
+@click.argument("name")
+@common_options
+def tunnel_token(opts: Opts, name: str) -> None:
+    """Print the tunnel's token (for hd-connector --token)."""
+    t = opts.client().get(f"/v1/tunnels/{quote(name)}/token")
+    if opts.json:
+        return out.emit_json({"id": t["id"], "name": t["name"], "token": t["token"]})
+    out.say(t["token"])  # alone on stdout, so TOKEN=$(hd tunnel token NAME) works
+
+
+@tunnel.command("list")
+@common_options
+def tunnel_list(opts: Opts) -> None:
+    """List tunnels."""
+    tunnels = opts.client().get("/v1/tunnels")
+    if opts.json:
+        return out.emit_json(tunnels)
+    if not tunnels:
+        out.say("No tunnels yet.")
+        out.say("Next: hd tunnel create NAME")
+        return
+    rows = [
+        [t["id"], t["name"], ", ".join(t.get("routes", [])) or "-", t.get("connections", 0),
+         out.fmt_time(t.get("created_at"))]
+        for t in tunnels
+    ]
+    out.say(out.table(["ID", "NAME", "ROUTES", "CONNECTIONS", "CREATED"], rows))
+
+
+@tunnel.command("info")
+@click.argument("name")
+@common_options
+def tunnel_info(opts: Opts, name: str) -> None:
+    """Show a tunnel's routes and each connector replica's connections."""
+    t = opts.client().get(f"/v1/tunnels/{quote(name)}")
+    if opts.json:
+        return out.emit_json(t)
+    out.say(f"Tunnel {t['name']}  id {t['id']}  config version {t['config_version']}"
+            f"  created {out.fmt_time(t.get('created_at'))}")
+    out.say()
+    routes = t.get("routes", [])
+    if routes:
+        out.say(out.table(
+            ["HOSTNAME", "SERVICE", "PUBLIC", "CONNECT TIMEOUT"],
+            [[r["hostname"], r["service"], "yes" if r["public"] else "no", format_duration(r["connect_timeout"])]
+             for r in routes],
+        ))
+    else:
+        out.say("No routes.")
+    out.say()
+    conns = sorted(t.get("connections", []), key=lambda c: (str(c.get("connector_id")), c.get("conn_index", 0)))
+    if conns:
+        replicas = len({c.get("connector_id") for c in conns})
+        out.say(f"{len(conns)} connection(s) from {replicas} connector replica(s):")
+        out.say(out.table(
+            ["CONNECTOR ID", "CONN", "PROTOCOL", "VERSION", "SINCE", "STREAMS"],
+            [[c.get("connector_id"), c.get("conn_index"), c.get("protocol"), c.get("version"),
+              out.fmt_time(c.get("since")), c.get("streams", "")] for c in conns],
+        ))
+    else:
+        out.say("No connector is connected.")
+    if not routes:
+        out.say(f"Next: hd tunnel route {t['name']} HOSTNAME --service tcp://HOST:PORT")
+    elif not conns:
+        out.say(f"Next: run the connector: hd-connector --token \"$(hd tunnel token {t['name']})\"")
+
+
+@tunnel.command("delete")
+@click.argument("name")
+@common_options
+def tunnel_delete(opts: Opts, name: str) -> None:
+    """Delete a tunnel and its routes; its connectors are disconnected."""
+    t = opts.client().delete(f"/v1/tunnels/{quote(name)}")
+    if opts.json:
+        return out.emit_json(t)
+    out.say(f"Deleted tunnel {t['name']} ({t['id']}) and its routes; its connectors were told to stop.")
+
+
+@tunnel.command("route")
+@click.argument("name")
+@click.argument("hostname")
+@click.option("--service", required=True, metavar="URL",
+              help="tcp://host:port, ssh://host[:port] or http_status:NNN (as seen from the connector).")
+@click.option("--public", is_flag=True, help="Reachable without an Access application (no credentials).")
+@click.option("--connect-timeout", type=Duration(), default="10s", show_default=True,
+              help="How long the connector waits for the origin to accept, e.g. 10s, 1m.")
+@common_options
+def tunnel_route(opts: Opts, name: str, hostname: str, service: str, public: bool, connect_timeout: float) -> None:
+    """Route HOSTNAME to a service through tunnel NAME (replaces an existing route)."""
+    r = opts.client().post(
+        f"/v1/tunnels/{quote(name)}/routes",
+        {"hostname": hostname, "service": service, "public": public, "connect_timeout": connect_timeout},
+    )
+    if opts.json:
+        return out.emit_json(r)
+    verb = "Re-routed" if r.get("replaced") else "Routed"
+    out.say(f"{verb} {r['hostname']} -> {r['service']} through tunnel {r.get('tunnel_name', name)}"
+            f" (config version {r.get('config_version')}, {'public' if r['public'] else 'not public'})")
+    if r["public"]:
+        example = r["hostname"].replace("*", "NAME", 1)
+        out.say(f"Next: hd access tcp --hostname {example} --url 127.0.0.1:PORT")
+    else:
+        out.say(f"Next: allow it with an Access application (hd access app create NAME --domain {r['hostname']}"
+                " --service-token TOKEN), or re-run with --public; until then it is refused")
+
+
+# --- hd access tcp / ssh --------------------------------------------------------------------
+@hd.group("access", context_settings=CONTEXT)
+def access() -> None:
+    """Reach tunnel hostnames from this machine."""
+
+
+def access_options(fn: Callable) -> Callable:
+    @click.option("--hostname", required=True, help="Tunnel hostname to reach.")
+    @click.option("--service-token-id", envvar="HD_SERVICE_TOKEN_ID", metavar="ID", help="Access client id.")
+    @click.option("--service-token-secret", envvar="HD_SERVICE_TOKEN_SECRET", metavar="SECRET",
+                  help="Access client secret (prefer HD_SERVICE_TOKEN_SECRET: argv is visible to others).")
+    @click.option("--edge-url", envvar="HD_EDGE_URL", metavar="wss://H:P", help="Edge tunnel endpoint.")
+    @click.option("--edge-pin", envvar="HD_EDGE_PIN", metavar="sha256:…", help="Pin of the edge certificate.")
+    @common_options
+    @functools.wraps(fn)
+    def wrapper(opts: Opts, hostname: str, service_token_id: str | None, service_token_secret: str | None,
+                edge_url: str | None, edge_pin: str | None, **kw: Any) -> Any:
+        from cli.edgeconf import resolve_edge
+
+        hostname = _client_hostname(hostname)
+        if bool(service_token_id) != bool(service_token_secret):
+            raise CliError("--service-token-id and --service-token-secret go together: give both or neither")
+        headers = {}
+        if service_token_id:
+            headers = {"CF-Access-Client-Id": service_token_id, "CF-Access-Client-Secret": service_token_secret}
+        edge = resolve_edge(edge_url, edge_pin, state_dir=opts.state_dir, api_url=opts.api_url,
+                            api_token=opts.api_token)
+        return fn(opts, hostname, edge, headers, **kw)
+
+    return wrapper
+
+
+def _client_hostname(hostname: str) -> str:
+    h = hostname.strip().lower().rstrip(".")
+    if not h or "://" in h or "/" in h or ":" in h or "*" in h or " " in h:
+        raise CliError(f"--hostname must be a plain hostname like db.example.com (got {hostname!r})")
+    return h
+
+
+@access.command("tcp")
+@click.option("--url", "listen", required=True, metavar="H:P",
+              help="Local address to listen on, e.g. 127.0.0.1:5432.")
+@access_options
+def access_tcp(opts: Opts, hostname: str, edge: Any, headers: dict, listen: str) -> None:
+    """Listen locally; carry every TCP connection to HOSTNAME through the edge."""
+    spec = listen.strip()
+    for prefix in ("tcp://", "localhost://"):
+        if spec.lower().startswith(prefix):
+            spec = spec[len(prefix):]
+    try:
+        host, port = parse_hostport(spec, what="--url")
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if host == "localhost":
+        host = "127.0.0.1"
+    from cli.access_client import serve_tcp
+
+    if opts.json:  # for people, serve_tcp itself says where it listens
+        out.emit_json({"hostname": hostname, "listen": join_hostport(host, port), "edge_url": edge.url})
+    try:
+        run_async(serve_tcp(edge, hostname, host, port, headers))
+    except KeyboardInterrupt:
+        return
+    except OSError as e:
+        raise CliError(f"cannot serve on {join_hostport(host, port)}: {e.strerror or e}") from None
+
+
+@access.command("ssh")
+@access_options
+def access_ssh(opts: Opts, hostname: str, edge: Any, headers: dict) -> None:
+    """Carry stdin/stdout to HOSTNAME through the edge (for ssh's ProxyCommand).
+
+    stdout is the data stream here, so --json prints nothing.
+    """
+    from cli.access_client import serve_stdio
+
+    try:
+        rc = run_async(serve_stdio(edge, hostname, headers))
+    except KeyboardInterrupt:
+        rc = 130
+    click.get_current_context().exit(int(rc or 0))
+
+
+# --- entry point ----------------------------------------------------------------------------
+def _err(message: str) -> None:
+    out.warn("hd: error: " + " ".join(str(message).split()))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run `hd` and return its exit status instead of exiting (tests call this)."""
+    try:
+        rv = hd.main(args=argv, prog_name="hd", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        out.say(e.ctx.get_help())
+        return 0
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _err(e.format_message() + hint)
+        return 2
+    except click.ClickException as e:
+        _err(e.format_message())
+        return e.exit_code or 1
+    except CliError as e:
+        _err(str(e))
+        return 1
+    except click.exceptions.Abort:
+        _err("interrupted")
+        return 130
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+    return rv if isinstance(rv, int) else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""The `hd` CLI against a real edge (control API + state dir), with a fake relay in a thread.
+
+`run_edge` is the real one; only the data plane is replaced, so these tests stand alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from cli.apiclient import CliError
+from cli.edgeconf import EdgeEndpoint, resolve_edge
+from cli.main import run
+from control.edge import EdgeError, run_edge
+from control.secretbox import SecretBox
+from control.store import Store
+from tunnel.token import TunnelToken
+
+HD = Path(sys.executable).with_name("hd")
+
+
+class FakeRelay:
+    """Stands in for relay.server.Relay: listens (TLS) so the port is real, nothing more."""
+
+    def __init__(self, store: Store, ssl_context) -> None:
+        self.store, self.ssl_context = store, ssl_context
+        self.events: list[tuple[str, str]] = []
+        self.conns: dict[str, list[dict]] = {}
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(lambda r, w: w.close(), host, port, ssl=self.ssl_context)
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def config_changed(self, tunnel_id: str) -> None:
+        self.events.append(("config_changed", tunnel_id))
+
+    def tunnel_deleted(self, tunnel_id: str) -> None:
+        self.events.append(("tunnel_deleted", tunnel_id))
+
+    def connections_info(self, tunnel_id: str) -> list[dict]:
+        return self.conns.get(tunnel_id, [])
+
+    def stats(self) -> dict:
+        return {}
+
+
+class EdgeThread:
+    """`run_edge` on its own loop in a thread, stopped through its stop_event."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.ready = threading.Event()
+        self.info: dict | None = None
+        self.error: BaseException | None = None
+        self.relay: FakeRelay | None = None
+        self.stop = asyncio.Event()
+
+    def _factory(self, store, ctx) -> FakeRelay:
+        self.relay = FakeRelay(store, ctx)
+        return self.relay
+
+    def _ready(self, info: dict) -> None:
+        self.info = info
+        self.ready.set()
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(
+                run_edge(self.state_dir, "127.0.0.1:0", "127.0.0.1:0", self._ready,
+                         relay_factory=self._factory, stop_event=self.stop)
+            )
+        except BaseException as e:  # surfaced by start()
+            self.error = e
+        finally:
+            self.ready.set()
+            self.loop.close()
+
+    def start(self) -> "EdgeThread":
+        self.thread = threading.Thread(target=self._run, name="edge", daemon=True)
+        self.thread.start()
+        assert self.ready.wait(15), "edge did not start"
+        if self.error:
+            raise self.error
+        return self
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    e = EdgeThread(tmp_path_factory.mktemp("hd") / "state").start()
+    yield e
+    e.close()
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for var in ("HD_API_URL", "HD_API_TOKEN", "HD_STATE_DIR", "HD_EDGE_URL", "HD_EDGE_PIN",
+                "HD_SERVICE_TOKEN_ID", "HD_SERVICE_TOKEN_SECRET"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # never touch the real ~/.hd
+
+
+def hd(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = run(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def hd_in(capsys, edge: EdgeThread, *args: str) -> tuple[int, str, str]:
+    return hd(capsys, *args, "--state-dir", str(edge.state_dir))
+
+
+def one_json(out: str):
+    doc = json.loads(out)  # the whole of stdout is one document
+    assert isinstance(doc, (dict, list))
+    return doc
+
+
+def one_line_error(rc: int, out: str, err: str, needle: str) -> None:
+    assert rc != 0
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("hd: error: ") and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_cli_durations() -> None:
+    from control.durations import format_duration, parse_duration
+
+    cases = {"10s": 10, "1m": 60, "24h": 86400, "8760h": 8760 * 3600, "1h30m": 5400, "500ms": 0.5, "2.5": 2.5,
+             "1d": 86400}
+    for text, seconds in cases.items():
+        assert parse_duration(text) == seconds, text
+    for bad in ("", "s", "10x", "1h30", "ten seconds", "-1s"):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
+    assert [format_duration(x) for x in (10, 0.5, 90, 3600, 86400 * 365)] == ["10s", "0.5s", "1m30s", "1h", "8760h"]
+
+
+# --- the edge's state directory ---------------------------------------------------------------
+
+def test_edge_writes_its_state_privately(edge) -> None:
+    d = edge.state_dir
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    for name in ("edge.json", "admin-token", "secret.key", "edge-key.pem"):
+        assert stat.S_IMODE(os.stat(d / name).st_mode) == 0o600, name
+    assert (d / "state.db").exists() and (d / "edge-cert.pem").exists()
+    info = json.loads((d / "edge.json").read_text())
+    assert info == edge.info
+    assert info["api_url"].startswith("http://127.0.0.1:") and not info["api_url"].endswith(":0")
+    assert info["tunnel_url"] == f"wss://127.0.0.1:{edge.relay.port}"
+    assert info["tunnel_address"] == f"127.0.0.1:{edge.relay.port}"
+    assert info["cert_pin"].startswith("sha256:") and info["pid"] == os.getpid()
+
+
+async def test_run_edge_advertise_and_restart_keeps_identity(tmp_path) -> None:
+    infos = []
+    for _ in range(2):
+        stop, ready = asyncio.Event(), asyncio.Event()
+
+        def on_ready(info, ready=ready):
+            infos.append(info)
+            ready.set()
+
+        task = asyncio.create_task(run_edge(
+            tmp_path, "127.0.0.1:0", "127.0.0.1:0", on_ready, advertise="edge.example:443",
+            relay_factory=FakeRelay, stop_event=stop))
+        await asyncio.wait_for(ready.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert infos[0]["tunnel_address"] == "edge.example:443" and infos[0]["tunnel_url"] == "wss://edge.example:443"
+    assert infos[0]["cert_pin"] == infos[1]["cert_pin"]  # the certificate is made once
+
+
+async def test_run_edge_port_in_use_is_a_clear_error(tmp_path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(EdgeError, match=f"cannot listen for the control API on 127.0.0.1:{port}"):
+            await asyncio.wait_for(run_edge(tmp_path, f"127.0.0.1:{port}", "127.0.0.1:0",
+                                            relay_factory=FakeRelay), 10)
+    assert not (tmp_path / "edge.json").exists()
+    with pytest.raises(EdgeError, match="--tunnel-listen"):
+        await run_edge(tmp_path, "127.0.0.1:0", "nope:port", relay_factory=FakeRelay)
+
+
+# --- tunnel commands --------------------------------------------------------------------------
+
+def test_tunnel_create_json_is_exactly_id_name_token(edge, capsys) -> None:
+    rc, out, err = hd_in(capsys, edge, "tunnel", "create", "vpc-01", "--json")
+    assert rc == 0 and err == ""
+    doc = one_json(out)
+    assert set(doc) == {"id", "name", "token"} and doc["name"] == "vpc-01"
+    token = TunnelToken.decode(doc["token"])
+    assert token.tunnel_id == doc["id"]
+    assert token.pin == edge.info["cert_pin"] and token.edge == [edge.info["tunnel_address"]]
+    store = Store(edge.state_dir / "state.db", SecretBox.load_or_create(edge.state_dir / "secret.key"))
+    try:
+        assert store.get_tunnel("vpc-01").secret == token.secret
+    finally:
+        store.close()
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "token", "vpc-01")
+    assert rc == 0 and out == doc["token"] + "\n"
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "token", doc["id"], "--json")
+    assert one_json(out) == doc
+
+
+def test_tunnel_create_for_people_says_what_next(edge, capsys) -> None:
+    rc, out, err = hd_in(capsys, edge, "tunnel", "create", "people")
+    assert rc == 0 and err == ""
+    assert "Created tunnel people" in out
+    assert "Next: hd tunnel route people HOSTNAME --service tcp://HOST:PORT, then run: hd-connector --token " in out
+
+
+def test_route_info_list_delete(edge, capsys) -> None:
+    _, out, _ = hd_in(capsys, edge, "tunnel", "create", "rt", "--json")
+    tid = one_json(out)["id"]
+    rc, out, err = hd_in(capsys, edge, "tunnel", "route", "rt", "db.rt.example", "--service",
+                         "tcp://127.0.0.1:5432", "--connect-timeout", "1m", "--json")
+    assert rc == 0 and err == ""
+    r = one_json(out)
+    assert (r["hostname"], r["service"], r["public"], r["connect_timeout"]) == (
+        "db.rt.example", "tcp://127.0.0.1:5432", False, 60.0)
+    assert ("config_changed", tid) in edge.relay.events
+
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "route", "rt", "ssh.rt.example", "--service", "ssh://127.0.0.1",
+                       "--public")
+    assert rc == 0 and "Routed ssh.rt.example -> ssh://127.0.0.1:22" in out and "public" in out
+    assert "Next: hd access tcp --hostname ssh.rt.example" in out
+
+    edge.relay.conns[tid] = [
+        {"connector_id": "conn-b", "conn_index": 1, "connection_id": "x1", "protocol": "websocket",
+         "version": "0.1.0", "since": time.time() - 90, "streams": 0},
+        {"connector_id": "conn-a", "conn_index": 0, "connection_id": "x0", "protocol": "quic",
+         "version": "0.1.0", "since": "2024-01-01T00:00:00Z", "streams": 3},
+    ]
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "info", "rt", "--json")
+    info = one_json(out)
+    assert [x["hostname"] for x in info["routes"]] == ["db.rt.example", "ssh.rt.example"]
+    assert len(info["connections"]) == 2
+
+    rc, out, err = hd_in(capsys, edge, "tunnel", "info", tid)
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("CONNECTOR ID"))
+    assert lines[header].split() == ["CONNECTOR", "ID", "CONN", "PROTOCOL", "VERSION", "SINCE", "STREAMS"]
+    assert lines[header + 1].startswith("conn-a") and "quic" in lines[header + 1]
+    assert lines[header + 2].startswith("conn-b") and "(1m ago)" in lines[header + 2]
+    assert "2 connection(s) from 2 connector replica(s)" in out
+    assert any(line.split()[:3] == ["db.rt.example", "tcp://127.0.0.1:5432", "no"] for line in lines)
+
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "list", "--json")
+    listed = {t["name"]: t for t in one_json(out)}
+    assert listed["rt"]["connections"] == 2
+    rc, out, _ = hd(capsys, "--json", "--state-dir", str(edge.state_dir), "tunnel", "list")
+    assert isinstance(one_json(out), list)  # --json before the subcommand works too
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "list")
+    head = out.splitlines()[0]
+    assert head.split() == ["ID", "NAME", "ROUTES", "CONNECTIONS", "CREATED"]
+    assert head.index("NAME") == out.splitlines()[1].index(next(iter(listed)))  # columns line up
+
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "delete", "rt", "--json")
+    assert one_json(out)["deleted"] is True and ("tunnel_deleted", tid) in edge.relay.events
+    rc, out, err = hd_in(capsys, edge, "tunnel", "info", "rt")
+    one_line_error(rc, out, err, "no tunnel named or with id 'rt'")
+
+
+@pytest.mark.parametrize(
+    "args, needle, code",
+    [
+        (["tunnel", "create", "dup"], "already exists", 1),
+        (["tunnel", "create", "bad name"], "invalid tunnel name", 1),
+        (["tunnel", "route", "ghost", "a.example", "--service", "tcp://h:1"], "no tunnel", 1),
+        (["tunnel", "route", "dup", "a.example", "--service", "tcp://h"], "needs a port", 1),
+        (["tunnel", "route", "dup", "a.example:1", "--service", "tcp://h:1"], "no port", 1),
+        (["tunnel", "route", "dup", "a.example", "--service", "tcp://h:1", "--connect-timeout", "soon"],
+         "invalid duration", 2),
+        (["tunnel", "route", "dup", "a.example"], "Missing option '--service'", 2),
+        (["tunnel", "create"], "Missing argument 'NAME'", 2),
+        (["tunnel", "frobnicate"], "No such command", 2),
+        (["tunnel", "delete", "ghost"], "no tunnel", 1),
+    ],
+)
+def test_mistakes_are_one_line_with_nonzero_exit(edge, capsys, args, needle, code) -> None:
+    hd_in(capsys, edge, "tunnel", "create", "dup")
+    for extra in ([], ["--json"]):
+        rc, out, err = hd_in(capsys, edge, *args, *extra)
+        one_line_error(rc, out, err, needle)
+        assert rc == code
+
+
+def test_api_discovery_errors(edge, capsys, tmp_path, monkeypatch) -> None:
+    rc, out, err = hd(capsys, "tunnel", "list", "--state-dir", str(tmp_path / "empty"))
+    one_line_error(rc, out, err, "no edge found")
+    rc, out, err = hd_in(capsys, edge, "tunnel", "list", "--api-token", "wrong")
+    one_line_error(rc, out, err, "rejected the admin token")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    rc, out, err = hd(capsys, "tunnel", "list", "--api-url", dead, "--api-token", "x", "--json")
+    one_line_error(rc, out, err, f"cannot reach the edge API at {dead}: connection refused — is `hd edge` running?")
+    rc, out, err = hd(capsys, "tunnel", "list", "--api-url", dead, "--state-dir", str(tmp_path / "empty"))
+    one_line_error(rc, out, err, "no admin token")
+
+
+def test_env_vars_find_the_api(edge, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HD_API_URL", edge.info["api_url"])
+    monkeypatch.setenv("HD_API_TOKEN", (edge.state_dir / "admin-token").read_text().strip())
+    monkeypatch.setenv("HD_STATE_DIR", str(tmp_path / "nothing-here"))
+    rc, out, err = hd(capsys, "tunnel", "list", "--json")
+    assert rc == 0 and isinstance(one_json(out), list) and err == ""
+    monkeypatch.delenv("HD_API_URL")
+    monkeypatch.delenv("HD_API_TOKEN")
+    monkeypatch.setenv("HD_STATE_DIR", str(edge.state_dir))
+    rc, out, err = hd(capsys, "tunnel", "list", "--json")
+    assert rc == 0 and isinstance(one_json(out), list)
+
+
+def test_console_script_prints_one_json_document(edge) -> None:
+    env = {**os.environ, "HD_STATE_DIR": str(edge.state_dir)}
+    for var in ("HD_API_URL", "HD_API_TOKEN"):
+        env.pop(var, None)
+    p = subprocess.run([str(HD), "--json", "tunnel", "list"], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert isinstance(json.loads(p.stdout), list)
+    p = subprocess.run([str(HD), "tunnel", "info", "nope", "--json"], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1
+
+
+# --- hd access tcp / ssh and edge resolution --------------------------------------------------
+
+@pytest.fixture
+def fake_access(monkeypatch):
+    calls: list[tuple] = []
+    mod = types.ModuleType("cli.access_client")
+
+    async def serve_tcp(edge, hostname, listen_host, listen_port, headers):
+        calls.append(("tcp", edge, hostname, listen_host, listen_port, headers))
+
+    async def serve_stdio(edge, hostname, headers):
+        calls.append(("stdio", edge, hostname, headers))
+        return 3
+
+    mod.serve_tcp, mod.serve_stdio = serve_tcp, serve_stdio
+    monkeypatch.setitem(sys.modules, "cli.access_client", mod)
+    return calls
+
+
+def test_access_tcp_uses_the_state_dir_edge_and_service_token(edge, capsys, fake_access) -> None:
+    rc, out, err = hd_in(capsys, edge, "access", "tcp", "--hostname", "DB.example", "--url", "localhost:15432",
+                         "--service-token-id", "abc.access", "--service-token-secret", "s3cret", "--json")
+    assert rc == 0, err
+    assert one_json(out) == {"hostname": "db.example", "listen": "127.0.0.1:15432", "edge_url": edge.info["tunnel_url"]}
+    kind, ep, hostname, host, port, headers = fake_access[0]
+    assert ep == EdgeEndpoint(edge.info["tunnel_url"], edge.info["cert_pin"])
+    assert (kind, hostname, host, port) == ("tcp", "db.example", "127.0.0.1", 15432)
+    assert headers == {"CF-Access-Client-Id": "abc.access", "CF-Access-Client-Secret": "s3cret"}
+    assert "s3cret" not in err
+
+
+def test_access_ssh_returns_the_session_status(edge, capsys, fake_access, monkeypatch) -> None:
+    monkeypatch.setenv("HD_EDGE_URL", "wss://127.0.0.1:9")
+    monkeypatch.setenv("HD_EDGE_PIN", "sha256:" + "0" * 64)
+    rc, out, err = hd(capsys, "access", "ssh", "--hostname", "ssh.example")
+    assert rc == 3 and out == ""
+    assert fake_access == [("stdio", EdgeEndpoint("wss://127.0.0.1:9", "sha256:" + "0" * 64), "ssh.example", {})]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--hostname", "h.example", "--url", "127.0.0.1:1", "--service-token-id", "x"], "go together"),
+        (["--hostname", "h.example", "--url", "127.0.0.1"], "needs a port"),
+        (["--hostname", "tcp://h.example:5", "--url", "127.0.0.1:1"], "plain hostname"),
+        (["--hostname", "h.example", "--url", "127.0.0.1:1", "--edge-url", "wss://127.0.0.1:1"], "go together"),
+        (["--hostname", "h.example", "--url", "127.0.0.1:1", "--edge-url", "https://x:1", "--edge-pin",
+          "sha256:" + "a" * 64], "wss://"),
+        (["--hostname", "h.example", "--url", "127.0.0.1:1", "--edge-url", "wss://x:1", "--edge-pin", "abc"],
+         "sha256:<64 hex"),
+    ],
+)
+def test_access_mistakes(edge, capsys, fake_access, args, needle) -> None:
+    rc, out, err = hd_in(capsys, edge, "access", "tcp", *args)
+    one_line_error(rc, out, err, needle)
+    assert fake_access == []
+
+
+def test_resolve_edge_order(edge, tmp_path, monkeypatch) -> None:
+    pin_a, pin_b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    sd = str(edge.state_dir)
+    from_state = EdgeEndpoint(edge.info["tunnel_url"], edge.info["cert_pin"])
+    assert resolve_edge(state_dir=sd) == from_state
+    assert resolve_edge("127.0.0.1:1", pin_a, state_dir=sd) == EdgeEndpoint("wss://127.0.0.1:1", pin_a)
+    monkeypatch.setenv("HD_EDGE_URL", "wss://127.0.0.1:2")
+    monkeypatch.setenv("HD_EDGE_PIN", pin_b)
+    assert resolve_edge(state_dir=sd) == EdgeEndpoint("wss://127.0.0.1:2", pin_b)
+    assert resolve_edge("wss://127.0.0.1:1", pin_a, state_dir=sd).pin == pin_a  # flags beat env
+    monkeypatch.delenv("HD_EDGE_URL")
+    monkeypatch.delenv("HD_EDGE_PIN")
+    # an explicitly named API is asked (GET /v1/edge), with the token from flags or the state dir
+    token = (edge.state_dir / "admin-token").read_text().strip()
+    assert resolve_edge(state_dir=str(tmp_path), api_url=edge.info["api_url"], api_token=token) == from_state
+    with pytest.raises(CliError, match="cannot find the edge"):
+        resolve_edge(state_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("relay.server") is None, reason="relay.server not written yet")
+def test_hd_edge_process_end_to_end(tmp_path) -> None:
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HD_")}
+    proc = subprocess.Popen(
+        [str(HD), "edge", "--state-dir", str(state), "--api-listen", "127.0.0.1:0", "--tunnel-listen",
+         "127.0.0.1:0", "--pg-listen", "127.0.0.1:0", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (state / "edge.json").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "edge.json never appeared"
+            time.sleep(0.05)
+        p = subprocess.run([str(HD), "tunnel", "create", "e2e", "--json", "--state-dir", str(state)],
+                           env=env, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        assert TunnelToken.decode(json.loads(p.stdout)["token"]).pin == json.loads((state / "edge.json").read_text())["cert_pin"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["api_url"].startswith("http://127.0.0.1:")  # one JSON document on stdout
+    assert "control API listening" in err and "tunnel relay listening" in err
+    assert "--pg-listen 127.0.0.1:0: the database proxy is not yet available" in err
