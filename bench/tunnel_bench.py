@@ -672,6 +672,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json-out", type=Path, default=None,
                     help="where to write JSON (default bench/results/tunnel.json; quick: tunnel-quick.json)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir with the process logs")
+    ap.add_argument("--hold", action="store_true",
+                    help="start everything, print the ports and pids, wait for Ctrl-C (for profiling by hand)")
     a = ap.parse_args(argv)
     q = a.quick
     defaults = {"duration": 1.0 if q else 5.0, "bulk_mib": 16.0 if q else 512.0, "rtt_count": 300 if q else 3000,
@@ -694,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     workdir = Path(tempfile.mkdtemp(prefix="hd-bench-"))
     stack = Stack(workdir)
     try:
@@ -743,6 +746,13 @@ def main(argv: list[str] | None = None) -> int:
                 pg_access = stack.start_access("access-pg", "pg.bench")
             wait_echo(paths["tunnel"]["echo"], 30.0)
             log("tunnel path answers")
+        if args.hold:
+            print(json.dumps({"paths": paths, "pg": getattr(stack.pg, "port", None), "pg_access": pg_access,
+                              "pids": {n: pid for n, (pid, _) in stack.tracked.procs.items()},
+                              "logs": str(stack.log_dir), "env": stack.env}, indent=2), flush=True)
+            log("holding; Ctrl-C to stop")
+            while True:
+                time.sleep(3600)
         stack.start_loadgen()
         res["machine"]["uvloop_in_process"] = {n: uses_uvloop(pid) for n, (pid, _) in stack.tracked.procs.items()}
         res["pids"] = {n: pid for n, (pid, _) in stack.tracked.procs.items()}

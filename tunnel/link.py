@@ -238,6 +238,8 @@ class MuxLink(Link):
                 self.bytes_in += len(message)
                 mux.receive_message(message)
                 self._dispatch(mux.events())
+                if mux.wants_write:  # e.g. a WINDOW frame gave credit to queued data
+                    self._wake.set()
         except MuxProtocolError as exc:
             self.close_reason = f"protocol error: {exc.reason}"
             log.warning("closing link: %s", self.close_reason)
