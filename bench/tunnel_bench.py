@@ -129,13 +129,13 @@ def proc_cpu(pid: int, tree: bool = False, kids: dict[int, list[int]] | None = N
     return ticks / CLK_TCK
 
 
-def box_cpu() -> tuple[float, float, float]:
-    """(busy, steal, total) jiffies summed over all CPUs, from /proc/stat."""
+def box_cpu() -> tuple[int, int, int, int]:
+    """(busy, steal, softirq, total) jiffies summed over all CPUs, from /proc/stat."""
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, idle, iowait, irq, softirq, steal = (parts + [0] * 8)[:8]
     busy = user + nice + system + irq + softirq
-    return busy, steal, busy + steal + idle + iowait
+    return busy, steal, softirq, busy + steal + idle + iowait
 
 
 def uses_uvloop(pid: int) -> bool | None:
@@ -169,13 +169,19 @@ def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         v0 = a["cpu"].get(name)
         if v0 is not None and v1 is not None:
             per[name] = round(v1 - v0, 3)
-    busy0, steal0, tot0 = a["box"]
-    busy1, steal1, tot1 = b["box"]
+    busy0, steal0, sirq0, tot0 = a["box"]
+    busy1, steal1, sirq1, tot1 = b["box"]
     dt = max(1, tot1 - tot0)
+    children = b["children"] - a["children"]
+    # busy CPU time of the whole box not charged to a tracked process (other programs on the
+    # box, kernel threads, ksoftirqd, and reaped children such as pgbench)
+    other = (busy1 - busy0) / CLK_TCK - sum(per.values()) - children
     return {"wall_s": round(wall, 3), "cpu_s": per,
             "box_busy_pct": round(100.0 * (busy1 - busy0) / dt, 1),
+            "box_softirq_pct": round(100.0 * (sirq1 - sirq0) / dt, 1),
             "box_steal_pct": round(100.0 * (steal1 - steal0) / dt, 1),
-            "reaped_children_cpu_s": round(b["children"] - a["children"], 3)}
+            "box_other_cpu_s": round(other, 3),
+            "reaped_children_cpu_s": round(children, 3)}
 
 
 # ------------------------------------------------------------------------------ processes
@@ -637,18 +643,20 @@ def print_report(res: dict[str, Any]) -> None:
                 if n not in names:
                     names.append(n)
         P()
-        P("CPU seconds per process per phase (share of one core in parentheses); box = all CPUs busy %, steal %")
-        cw = 13
-        P(f"{'phase':<18} {'wall s':>7} " + " ".join(f"{n[:cw]:>{cw}}" for n in names) + f" {'box/steal %':>12}")
-        P("-" * (18 + 9 + (cw + 1) * len(names) + 13))
+        P("CPU seconds per process per phase (% of one core). other = box CPU not charged to these")
+        P("processes (other programs, kernel threads); box = busy/softirq/steal % of all CPUs")
+        cw = 12
+        P(f"{'phase':<18} {'wall s':>6} " + " ".join(f"{n[:cw]:>{cw}}" for n in names + ['other'])
+          + f" {'box %':>14}")
+        P("-" * (18 + 8 + (cw + 1) * (len(names) + 1) + 15))
         for label, c in phases:
             wall = c["wall_s"] or 1e-9
             cells = []
-            for n in names:
-                v = c["cpu_s"].get(n)
-                cells.append(f"{'—' if v is None else f'{v:.2f} ({100 * v / wall:.0f}%)':>{cw}}")
-            P(f"{label:<18} {c['wall_s']:>7.2f} " + " ".join(cells)
-              + f" {str(c['box_busy_pct']) + '/' + str(c['box_steal_pct']):>12}")
+            for n in names + ["other"]:
+                v = c["box_other_cpu_s"] if n == "other" else c["cpu_s"].get(n)
+                cells.append(f"{'—' if v is None else f'{v:.2f} {100 * v / wall:3.0f}%':>{cw}}")
+            box = f"{c['box_busy_pct']:.0f}/{c['box_softirq_pct']:.0f}/{c['box_steal_pct']:.0f}"
+            P(f"{label:<18} {c['wall_s']:>6.2f} " + " ".join(cells) + f" {box:>14}")
     P()
     P(f"JSON: {res['json_path']}")
 
