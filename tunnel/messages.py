@@ -103,8 +103,10 @@ class ConnectRequest:
         if not isinstance(hostname, str) or not hostname or len(hostname) > 253:
             raise MessageError("ConnectRequest needs a hostname")
         kind = d.get("type", "tcp")
-        meta = d.get("metadata") or {}
-        headers = d.get("headers") or {}
+        meta = d.get("metadata", {})
+        headers = d.get("headers", {})
+        meta = {} if meta is None else meta
+        headers = {} if headers is None else headers
         assertion = d.get("assertion")
         if not isinstance(kind, str) or not isinstance(meta, dict) or not isinstance(headers, dict):
             raise MessageError("malformed ConnectRequest")
