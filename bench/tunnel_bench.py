@@ -162,6 +162,100 @@ class Tracked:
         return {"t": time.monotonic(), "cpu": cpu, "box": box_cpu(), "children": ru.ru_utime + ru.ru_stime}
 
 
+PRODUCT_PROCS = ("edge", "connector", "access-echo", "access-sink", "access-pg")
+
+
+class Profiler:
+    """Optional (`--profile DIR`): py-spy samples the product processes during each tunnel phase.
+
+    Writes DIR/PHASE--PROC.txt (py-spy "raw" collapsed stacks) and, at the end, a self-time /
+    inclusive-time summary per process and phase (DIR/summary.txt; also printed, abridged).
+    Sampling is --nonblocking (the target is not paused), but py-spy itself costs CPU on a small box,
+    so figures measured with --profile are a little lower than without.
+    """
+
+    def __init__(self, out_dir: Path, rate: int = 200) -> None:
+        self.exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not os.path.exists(self.exe):
+            raise BenchError("--profile needs py-spy (pip install py-spy into the venv; not a project dependency)")
+        self.dir = out_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rate = rate
+        self.running: list[tuple[subprocess.Popen, Path]] = []
+        self.files: list[tuple[str, str, Path]] = []
+
+    def start(self, phase: str, pids: dict[str, int]) -> None:
+        for name, pid in pids.items():
+            out = self.dir / f"{phase.replace('/', '_')}--{name}.txt"
+            p = subprocess.Popen([self.exe, "record", "--pid", str(pid), "--rate", str(self.rate), "--nonblocking",
+                                  "--format", "raw", "--output", str(out)],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+            self.running.append((p, out))
+            self.files.append((phase, name, out))
+        time.sleep(0.3)  # py-spy attaches asynchronously
+
+    def stop(self) -> None:
+        for p, _ in self.running:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        for p, _ in self.running:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        self.running.clear()
+
+    @staticmethod
+    def _frame_name(frame: str) -> str:
+        # "func (path/to/file.py:123)" -> "func (file.py)"
+        m = re.match(r"(.*?) \((.*?)(?::\d+)?\)$", frame.strip())
+        if not m:
+            return frame.strip()
+        path = m.group(2)
+        parts = path.split("/")
+        short = "/".join(parts[-2:]) if len(parts) > 1 else path
+        return f"{m.group(1)} ({short})"
+
+    def summarize(self, top: int = 12) -> str:
+        lines: list[str] = []
+        for phase, name, path in self.files:
+            try:
+                text = path.read_text()
+            except OSError:
+                continue
+            self_t: dict[str, int] = {}
+            incl: dict[str, int] = {}
+            total = 0
+            for line in text.splitlines():
+                stack, _, cnt = line.rpartition(" ")
+                if not stack or not cnt.isdigit():
+                    continue
+                n = int(cnt)
+                total += n
+                frames = [self._frame_name(f) for f in stack.split(";") if f]
+                if frames and frames[0].startswith("process "):
+                    frames = frames[1:]
+                if frames and frames[0].startswith("thread "):
+                    frames = frames[1:]
+                if not frames:
+                    continue
+                self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
+                for f in set(frames):
+                    incl[f] = incl.get(f, 0) + n
+            if not total:
+                continue
+            lines.append(f"== {phase} / {name}: {total} samples")
+            lines.append("   self%  function")
+            for f, n in sorted(self_t.items(), key=lambda kv: -kv[1])[:top]:
+                lines.append(f"  {100 * n / total:5.1f}  {f}")
+            lines.append("   incl%  function")
+            for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+                lines.append(f"  {100 * n / total:5.1f}  {f}")
+        return "\n".join(lines)
+
+
 def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     wall = b["t"] - a["t"]
     per = {}
@@ -262,6 +356,7 @@ class Stack:
         self.pg: Any = None
         self.bouncer: Proc | None = None
         self.tracked = Tracked()
+        self.profiler: Profiler | None = None
         self.env = {"HD_STATE_DIR": str(self.state_dir), "HD_LOG_LEVEL": "WARNING"}
 
     def start_proc(self, name: str, argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> Proc:
@@ -334,6 +429,8 @@ class Stack:
 
     # -- shutdown --------------------------------------------------------------------------------
     def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
         if self.loadgen is not None:
             self.loadgen.stop()
         for p in reversed(self.procs):
@@ -377,11 +474,22 @@ def wait_echo(port: int, timeout: float) -> None:
 # ------------------------------------------------------------------------------ phases
 
 
+def _profiled_pids(stack: Stack) -> dict[str, int]:
+    return {n: pid for n, (pid, _) in stack.tracked.procs.items() if n in PRODUCT_PROCS}
+
+
 def run_phase(stack: Stack, name: str, cmd: dict[str, Any]) -> dict[str, Any]:
     assert stack.loadgen is not None
-    before = stack.tracked.snapshot()
-    res = stack.loadgen.call(cmd)
-    after = stack.tracked.snapshot()
+    prof = stack.profiler if name.startswith("tunnel/") else None
+    if prof is not None:
+        prof.start(name, _profiled_pids(stack))
+    try:
+        before = stack.tracked.snapshot()
+        res = stack.loadgen.call(cmd)
+        after = stack.tracked.snapshot()
+    finally:
+        if prof is not None:
+            prof.stop()
     if "error" in res:
         raise BenchError(f"phase {name}: {res['error']}\n{res.get('traceback', '')}")
     res["cpu"] = cpu_delta(before, after)
@@ -429,6 +537,9 @@ def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: d
     saved = dict(stack.tracked.procs)
     for k, v in extra_track.items():
         stack.tracked.add(k, *v)
+    prof = stack.profiler if label == "tunnel" else None
+    if prof is not None:
+        prof.start(f"pgbench/{label}", _profiled_pids(stack))
     try:
         before = stack.tracked.snapshot()
         try:
@@ -439,6 +550,8 @@ def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: d
         after = stack.tracked.snapshot()
     finally:
         stack.tracked.procs = saved
+        if prof is not None:
+            prof.stop()
     text = r.stdout + r.stderr
     m = _TPS.search(text)
     if r.returncode != 0 or not m:
@@ -680,6 +793,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json-out", type=Path, default=None,
                     help="where to write JSON (default bench/results/tunnel.json; quick: tunnel-quick.json)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir with the process logs")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="sample the product processes with py-spy during every tunnel phase; stacks and a "
+                         "summary go to DIR (figures are then slightly lower: py-spy uses CPU too)")
     ap.add_argument("--hold", action="store_true",
                     help="start everything, print the ports and pids, wait for Ctrl-C (for profiling by hand)")
     a = ap.parse_args(argv)
@@ -725,6 +841,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         log(f"workdir {workdir}")
+        if args.profile is not None:
+            stack.profiler = Profiler(args.profile)
         origin = stack.start_origin()
         paths: dict[str, dict[str, int]] = {"direct": {"echo": origin["echo"], "sink": origin["sink"]}}
         want_pg = not args.no_pg and shutil.which("pgbench") is not None
@@ -790,6 +908,11 @@ def main(argv: list[str] | None = None) -> int:
     args.json_out.write_text(json.dumps(res, indent=2) + "\n")
     if ok:
         print_report(res)
+        if stack.profiler is not None:
+            summary = stack.profiler.summarize()
+            (args.profile / "summary.txt").write_text(summary + "\n")
+            print()
+            print(f"py-spy profiles (self and inclusive time per function) in {args.profile}/summary.txt")
     return 0 if ok else 1
 
 

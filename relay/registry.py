@@ -36,7 +36,7 @@ class ConnectorConnection:
             "version": self.version,
             "since": self.since,
             "remote": self.remote,
-            "streams": self.link.stream_count,
+            "streams": max(0, self.link.stream_count - 1),  # data streams (not the control stream)
             "streams_total": self.streams_total,
             "config_version": self.acked_version,
         }
