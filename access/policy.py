@@ -1,14 +1,14 @@
-"""Who may open a stream to a hostname.
+"""The shape of an access decision (what the relay answers a stream open with).
 
-Deny by default. For now a route is reachable only when it was made public explicitly
-(`hd tunnel route … --public`); service tokens and Access applications extend this
-decision (issue 3) without changing its shape.
+`access.gatekeeper.Gatekeeper` makes the decisions: deny by default; a hostname is reachable
+through an Access application that allows the presented service token, or through a route
+made public explicitly (`hd tunnel route … --public`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Protocol
 
 
 class RouteLike(Protocol):
@@ -22,18 +22,3 @@ class Decision:
     status: int = 200
     code: str = ""
     reason: str = ""
-
-
-ALLOW = Decision(True)
-
-
-def decide(route: RouteLike, headers: Mapping[str, str]) -> Decision:
-    if route.public:
-        return ALLOW
-    return Decision(
-        False,
-        403,
-        "access_denied",
-        f"{route.hostname} is protected and no Access application allows this client "
-        "(route it with --public, or create an Access application for it)",
-    )

@@ -75,7 +75,8 @@ class Run:
     def __init__(self) -> None:
         self.measuring = False
         self.stopping = False
-        self.count = 0
+        self.count = 0  # round trips inside the measurement window
+        self.total = 0  # all round trips of the phase (warm-up included), to normalise CPU time
         self.samples: list[int] = []
 
 
@@ -123,6 +124,7 @@ class PingPong(asyncio.Protocol):
         self.got = 0
         now = perf_ns()
         run = self.run
+        run.total += 1
         if run.measuring:
             run.count += 1
             run.samples.append(now - self.t_sent)
@@ -184,7 +186,7 @@ async def op_latency(cmd: dict[str, Any]) -> dict[str, Any]:
         run.measuring = False
     finally:
         _close_all([proto])
-    return {"wall_s": wall, "round_trips": run.count, **lat_summary(run.samples)}
+    return {"wall_s": wall, "round_trips": run.count, "total_round_trips": run.total, **lat_summary(run.samples)}
 
 
 async def op_rps(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +220,7 @@ async def op_rps(cmd: dict[str, Any]) -> dict[str, Any]:
     finally:
         _close_all(protos)
     wall = (t1 - t0) / 1e9
-    return {"conns": n, "requests": c1 - c0, "wall_s": wall, "rps": (c1 - c0) / wall,
+    return {"conns": n, "requests": c1 - c0, "total_round_trips": run.total, "wall_s": wall, "rps": (c1 - c0) / wall,
             "setup_s": setup_s, **lat_summary(run.samples)}
 
 

@@ -163,6 +163,9 @@ class Tracked:
 
 
 PRODUCT_PROCS = ("edge", "connector", "access-echo", "access-sink", "access-pg")
+# frames every sample has (entry points, the event loop itself): left out of the inclusive list
+_BOILERPLATE = ("(click/", "<frozen runpy>", "(cli/main.py)", "(connector/main.py)", "(uvloop/__init__.py)",
+                "Runner.run ", "run_until_complete ", "run_forever ", "_run_once ", "Handle._run ")
 
 
 class Profiler:
@@ -251,7 +254,8 @@ class Profiler:
             for f, n in sorted(self_t.items(), key=lambda kv: -kv[1])[:top]:
                 lines.append(f"  {100 * n / total:5.1f}  {f}")
             lines.append("   incl%  function")
-            for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+            shown = [(f, n) for f, n in incl.items() if not any(b in f for b in _BOILERPLATE)]
+            for f, n in sorted(shown, key=lambda kv: -kv[1])[:top]:
                 lines.append(f"  {100 * n / total:5.1f}  {f}")
         return "\n".join(lines)
 
@@ -493,9 +497,30 @@ def run_phase(stack: Stack, name: str, cmd: dict[str, Any]) -> dict[str, Any]:
     if "error" in res:
         raise BenchError(f"phase {name}: {res['error']}\n{res.get('traceback', '')}")
     res["cpu"] = cpu_delta(before, after)
+    add_cost(res, cmd)
     log(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()
                                  if isinstance(v, (int, float)) and k in ("p50_us", "p99_us", "rps", "gbit_s")))
     return res
+
+
+def add_cost(res: dict[str, Any], cmd: dict[str, Any]) -> None:
+    """CPU time per unit of work, per process: µs per round trip / connection / transaction,
+    or CPU seconds per GiB for bulk. Normalises phases of different length and rate."""
+    op = cmd.get("op")
+    if op in ("rps", "latency"):
+        units, unit, scale = res.get("total_round_trips"), "us_per_round_trip", 1e6
+    elif op == "connect":
+        units, unit, scale = cmd.get("count"), "us_per_connection", 1e6
+    elif op == "bulk":
+        units, unit, scale = res.get("bytes", 0) / (1 << 30), "cpu_s_per_gib", 1.0
+    elif op == "pgbench":
+        units, unit, scale = res.get("transactions"), "us_per_transaction", 1e6
+    else:
+        return
+    if not units:
+        return
+    res["cpu"]["cost_unit"] = unit
+    res["cpu"]["cost"] = {n: round(v * scale / units, 3) for n, v in res["cpu"]["cpu_s"].items()}
 
 
 def measure(stack: Stack, args: argparse.Namespace, paths: dict[str, dict[str, int]]) -> dict[str, Any]:
@@ -537,6 +562,7 @@ def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: d
     saved = dict(stack.tracked.procs)
     for k, v in extra_track.items():
         stack.tracked.add(k, *v)
+    backends0 = len(_children_map().get(stack.pg.pid, ()))
     prof = stack.profiler if label == "tunnel" else None
     if prof is not None:
         prof.start(f"pgbench/{label}", _profiled_pids(stack))
@@ -547,6 +573,9 @@ def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: d
                                stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise BenchError(f"pgbench ({label}) did not finish within {duration + 60:.0f}s") from None
+        # let the server reap pgbench's backends so their CPU time lands in the postmaster's cutime
+        pm = stack.pg.pid
+        poll_until(lambda: len(_children_map().get(pm, ())) <= backends0, 5.0, what="postgres backends to exit")
         after = stack.tracked.snapshot()
     finally:
         stack.tracked.procs = saved
@@ -564,6 +593,7 @@ def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: d
         mm = rx.search(text)
         if mm:
             res[key] = conv(mm.group(1))
+    add_cost(res, {"op": "pgbench"})
     log(f"pgbench/{label}: tps={res['tps']:.0f} latency={res.get('latency_avg_ms')} ms")
     return res
 
@@ -770,6 +800,22 @@ def print_report(res: dict[str, Any]) -> None:
                 cells.append(f"{'—' if v is None else f'{v:.2f} {100 * v / wall:3.0f}%':>{cw}}")
             box = f"{c['box_busy_pct']:.0f}/{c['box_softirq_pct']:.0f}/{c['box_steal_pct']:.0f}"
             P(f"{label:<18} {c['wall_s']:>6.2f} " + " ".join(cells) + f" {box:>14}")
+        P()
+        P("CPU cost per unit of work and process: µs per round trip (latency, req/s), per connection (connect),")
+        P("per transaction (pgbench); CPU seconds per GiB (bulk). Warm-up is included in both CPU and units.")
+        P(f"{'phase':<18} {'unit':>9} " + " ".join(f"{n[:cw]:>{cw}}" for n in names)
+          + f" {'all':>{cw}} {'hd procs':>{cw}}")
+        P("-" * (18 + 11 + (cw + 1) * (len(names) + 2)))
+        short = {"us_per_round_trip": "µs/RT", "us_per_connection": "µs/conn", "us_per_transaction": "µs/xact",
+                 "cpu_s_per_gib": "s/GiB"}
+        for label, c in phases:
+            cost = c.get("cost")
+            if not cost:
+                continue
+            cells = [f"{'—' if cost.get(n) is None else f'{cost[n]:,.1f}':>{cw}}" for n in names]
+            P(f"{label:<18} {short.get(c['cost_unit'], c['cost_unit']):>9} " + " ".join(cells)
+              + f" {sum(v for v in cost.values()):>{cw},.1f}"
+              + f" {sum(v for n, v in cost.items() if n in PRODUCT_PROCS):>{cw},.1f}")
     P()
     P(f"JSON: {res['json_path']}")
 

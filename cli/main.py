@@ -120,9 +120,11 @@ def hd(as_json: bool, state_dir: str | None, api_url: str | None, api_token: str
 @click.option("--pg-listen", metavar="H:P", help="Postgres proxy address (not yet available).")
 @click.option("--mysql-listen", metavar="H:P", help="MySQL proxy address (not yet available).")
 @click.option("--advertise", metavar="H:P", help="Tunnel address put in tokens (default: the bound address).")
+@click.option("--key-rotation", type=Duration(), default="1008h", show_default=True,
+              help="Rotate the Access signing key when it is this old (the JWKS keeps the previous one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the edge's endpoints as one JSON object once ready.")
 def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_listen: str | None,
-             mysql_listen: str | None, advertise: str | None, as_json: bool) -> None:
+             mysql_listen: str | None, advertise: str | None, key_rotation: float, as_json: bool) -> None:
     """Run the edge in the foreground: control API and tunnel relay."""
     from control.edge import EdgeError, run_edge
 
@@ -133,6 +135,8 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if key_rotation <= 0:
+        raise click.BadParameter("must be more than 0, e.g. 1008h", param_hint="'--key-rotation'")
     for flag, value in (("--pg-listen", pg_listen), ("--mysql-listen", mysql_listen)):
         if value:
             out.warn(f"hd edge: {flag} {value}: the database proxy is not yet available; recorded in edge.json only")
@@ -147,7 +151,8 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
 
     try:
         run_async(run_edge(sdir, api_listen, tunnel_listen, ready, advertise=advertise,
-                           pg_listen=pg_listen, mysql_listen=mysql_listen), fast_loop=True)
+                           pg_listen=pg_listen, mysql_listen=mysql_listen, key_rotation=key_rotation),
+                  fast_loop=True)
     except EdgeError as e:
         raise CliError(str(e)) from None
     except ModuleNotFoundError as e:
@@ -289,7 +294,7 @@ def tunnel_route(opts: Opts, name: str, hostname: str, service: str, public: boo
 # --- hd access tcp / ssh --------------------------------------------------------------------
 @hd.group("access", context_settings=CONTEXT)
 def access() -> None:
-    """Reach tunnel hostnames from this machine."""
+    """Service tokens, Access applications and the access log; reach tunnel hostnames from here."""
 
 
 def access_options(fn: Callable) -> Callable:
@@ -367,6 +372,208 @@ def access_ssh(opts: Opts, hostname: str, edge: Any, headers: dict) -> None:
     except KeyboardInterrupt:
         rc = 130
     click.get_current_context().exit(int(rc or 0))
+
+
+# --- hd access service-token / app / logs / keys ---------------------------------------------
+class TokenDuration(click.ParamType):
+    """A service-token lifetime: a duration (8760h) or "non-expiring" (None)."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | None:
+        if value is None or isinstance(value, (int, float)):
+            return value
+        if str(value).strip().lower() in ("non-expiring", "never"):
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            self.fail(f"{e}, or non-expiring", param, ctx)
+        if seconds <= 0:
+            self.fail("must be more than 0 (or non-expiring)", param, ctx)
+        return seconds
+
+
+def _when(value: Any, never: str = "never") -> str:
+    return out.fmt_time(value) if value else never
+
+
+@access.group("service-token", context_settings=CONTEXT)
+def service_token() -> None:
+    """Service tokens: a client id and secret that let programs through Access."""
+
+
+@service_token.command("create")
+@click.argument("name")
+@click.option("--duration", type=TokenDuration(), default="8760h", show_default=True,
+              help="Lifetime, e.g. 720h, or non-expiring.")
+@common_options
+def service_token_create(opts: Opts, name: str, duration: float | None) -> None:
+    """Create a service token; prints its client id and secret (the secret only this once)."""
+    t = opts.client().post("/v1/access/service-tokens", {"name": name, "duration": duration})
+    if opts.json:
+        return out.emit_json(t)
+    out.say(f"Created service token {t['name']} (id {t['id']}), expires {_when(t.get('expires_at'))}")
+    out.say(f"  Client ID:     {t['client_id']}")
+    out.say(f"  Client secret: {t['client_secret']}")
+    out.say()
+    out.say("Copy the client secret now: it will not be shown again (rotate the token if it is lost).")
+    out.say(f"Next: hd access app create APP --domain HOSTNAME --service-token {t['name']}")
+
+
+@service_token.command("list")
+@common_options
+def service_token_list(opts: Opts) -> None:
+    """List service tokens (never their secrets)."""
+    tokens = opts.client().get("/v1/access/service-tokens")
+    if opts.json:
+        return out.emit_json(tokens)
+    if not tokens:
+        out.say("No service tokens yet.")
+        out.say("Next: hd access service-token create NAME")
+        return
+    rows = []
+    for t in tokens:
+        prev = "-"
+        if t.get("previous_secret_active"):
+            prev = "until " + out.fmt_time(t.get("previous_secret_expires_at"))
+        rows.append([t["name"], t["client_id"], t["status"], _when(t.get("expires_at")), prev,
+                     out.fmt_time(t.get("created_at"))])
+    out.say(out.table(["NAME", "CLIENT ID", "STATUS", "EXPIRES", "PREVIOUS SECRET", "CREATED"], rows))
+
+
+@service_token.command("rotate")
+@click.argument("name")
+@click.option("--grace", type=Duration(), default="24h", show_default=True,
+              help="How long the previous secret keeps working (0s: stop it at once; at most 720h).")
+@common_options
+def service_token_rotate(opts: Opts, name: str, grace: float) -> None:
+    """Give a service token a new secret; the old one works for the grace period."""
+    t = opts.client().post(f"/v1/access/service-tokens/{quote(name)}/rotate", {"grace": grace})
+    if opts.json:
+        return out.emit_json(t)
+    out.say(f"Rotated service token {t['name']} (client id {t['client_id']})")
+    out.say(f"New client secret: {t['client_secret']}")
+    out.say()
+    out.say("Copy the new secret now: it will not be shown again.")
+    if grace > 0:
+        out.say(f"The previous secret keeps working until {out.fmt_time(t.get('previous_secret_expires_at'))}.")
+    else:
+        out.say("The previous secret no longer works.")
+    out.say("Next: give the new secret to every client of this token (e.g. hd hyperdrive update ID"
+            " --access-client-secret …)")
+
+
+@service_token.command("revoke")
+@click.argument("name")
+@common_options
+def service_token_revoke(opts: Opts, name: str) -> None:
+    """Revoke a service token at once: it can no longer open streams."""
+    t = opts.client().post(f"/v1/access/service-tokens/{quote(name)}/revoke", {})
+    if opts.json:
+        return out.emit_json(t)
+    out.say(f"Revoked service token {t['name']} (client id {t['client_id']}); new streams with it are refused.")
+
+
+@access.group("app", context_settings=CONTEXT)
+def access_app() -> None:
+    """Access applications: which service tokens may reach which hostnames."""
+
+
+@access_app.command("create")
+@click.argument("name")
+@click.option("--domain", "domains", multiple=True, required=True, metavar="HOST",
+              help="Hostname to protect (exact or *.suffix); repeat for several.")
+@click.option("--service-token", "tokens", multiple=True, metavar="NAME",
+              help="Allow this service token (name, id or client id); repeat for several.")
+@click.option("--any-service-token", is_flag=True, help="Allow any valid service token.")
+@common_options
+def access_app_create(opts: Opts, name: str, domains: tuple[str, ...], tokens: tuple[str, ...],
+                      any_service_token: bool) -> None:
+    """Create an Access application (Service Auth policy); prints its aud tag."""
+    if not tokens and not any_service_token:
+        raise click.UsageError("give at least one --service-token NAME, or --any-service-token")
+    a = opts.client().post("/v1/access/apps", {"name": name, "domains": list(domains),
+                                               "service_tokens": list(tokens),
+                                               "any_service_token": any_service_token})
+    if opts.json:
+        return out.emit_json(a)
+    out.say(f"Created Access application {a['name']} for {', '.join(a['domains'])}, allowing {_policy(a)}")
+    out.say(f"AUD tag: {a['aud']}")
+    host = a["domains"][0].replace("*", "NAME", 1)
+    out.say(f"Next: hd access tcp --hostname {host} --url 127.0.0.1:PORT --service-token-id CLIENT_ID"
+            " --service-token-secret SECRET (or hd hyperdrive create … --access-client-id …)")
+
+
+def _policy(a: dict) -> str:
+    parts = []
+    if a.get("any_service_token"):
+        parts.append("any service token")
+    if a.get("service_tokens"):
+        parts.append("service token(s) " + ", ".join(a["service_tokens"]))
+    return " and ".join(parts) or "nobody"
+
+
+@access_app.command("list")
+@common_options
+def access_app_list(opts: Opts) -> None:
+    """List Access applications."""
+    apps = opts.client().get("/v1/access/apps")
+    if opts.json:
+        return out.emit_json(apps)
+    if not apps:
+        out.say("No Access applications yet.")
+        out.say("Next: hd access app create NAME --domain HOSTNAME --service-token TOKEN")
+        return
+    rows = [[a["name"], ", ".join(a["domains"]), _policy(a), a["aud"], out.fmt_time(a.get("created_at"))]
+            for a in apps]
+    out.say(out.table(["NAME", "DOMAINS", "ALLOWS", "AUD", "CREATED"], rows))
+
+
+@access_app.command("delete")
+@click.argument("name")
+@common_options
+def access_app_delete(opts: Opts, name: str) -> None:
+    """Delete an Access application (its hostnames are refused again, unless public)."""
+    a = opts.client().delete(f"/v1/access/apps/{quote(name)}")
+    if opts.json:
+        return out.emit_json(a)
+    out.say(f"Deleted Access application {a['name']}; {', '.join(a['domains'])} no longer accept its tokens.")
+
+
+@access.command("logs")
+@click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True,
+              help="How many of the newest decisions to show.")
+@common_options
+def access_logs(opts: Opts, limit: int) -> None:
+    """Show recent access decisions (allow and deny), newest first."""
+    entries = opts.client().get(f"/v1/access/logs?limit={limit}")
+    if opts.json:
+        return out.emit_json(entries)
+    if not entries:
+        out.say("No access decisions logged yet.")
+        return
+    rows = [[out.fmt_time(e.get("time")), e.get("decision"), e.get("status"),
+             e.get("token_name") or e.get("client_id") or "-", e.get("app") or "-", e.get("hostname"),
+             e.get("reason") or "-"] for e in entries]
+    out.say(out.table(["TIME", "DECISION", "STATUS", "TOKEN", "APP", "HOSTNAME", "REASON"], rows))
+
+
+@access.group("keys", context_settings=CONTEXT)
+def access_keys() -> None:
+    """The keys that sign Access assertions (published at /cdn-cgi/access/certs)."""
+
+
+@access_keys.command("rotate")
+@common_options
+def access_keys_rotate(opts: Opts) -> None:
+    """Rotate the signing key now; the JWKS keeps the previous key until the next rotation."""
+    k = opts.client().post("/v1/access/keys/rotate", {})
+    if opts.json:
+        return out.emit_json(k)
+    prev = f"; the previous key {k['previous_kid']} stays published until the next rotation" if k.get(
+        "previous_kid") else ""
+    out.say(f"Rotated the Access signing key: new key id {k['kid']}{prev}.")
 
 
 # --- entry point ----------------------------------------------------------------------------

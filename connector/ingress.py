@@ -47,10 +47,38 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessRequirement:
+    """`access: {required, audTag}`: verify the relay's assertion before dialing the origin."""
+
+    required: bool
+    aud_tags: tuple[str, ...]
+    issuer: str | None = None
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> AccessRequirement | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise IngressError(f"{where}: access must be a mapping like {{required: true, audTag: [TAG]}}")
+        required = raw.get("required", False)
+        tags = raw.get("audTag", [])
+        tags = [tags] if isinstance(tags, str) else tags
+        if not isinstance(required, bool) or not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise IngressError(f"{where}: access.required must be true/false and access.audTag a list of tags")
+        if required and not tags:
+            raise IngressError(f"{where}: access.required needs at least one audTag")
+        issuer = raw.get("issuer")
+        if issuer is not None and not isinstance(issuer, str):
+            raise IngressError(f"{where}: access.issuer must be a URL")
+        return cls(required, tuple(tags), issuer)
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     hostname: str | None  # None: catch-all
     service: Service
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    access: AccessRequirement | None = None
 
     def matches(self, hostname: str) -> bool:
         h = self.hostname
@@ -92,7 +120,8 @@ class IngressConfig:
             timeout = options.get("connectTimeout", DEFAULT_CONNECT_TIMEOUT)
             if not isinstance(timeout, (int, float)) or not 0 < timeout <= 300:
                 raise IngressError(f"ingress rule #{i + 1}: connectTimeout must be 0-300 seconds")
-            parsed.append(Rule(hostname, Service.parse(raw["service"]), float(timeout)))
+            access = AccessRequirement.parse(raw.get("access", options.get("access")), f"ingress rule #{i + 1}")
+            parsed.append(Rule(hostname, Service.parse(raw["service"]), float(timeout), access))
         for i, rule in enumerate(parsed[:-1]):
             if rule.hostname in (None, "*"):
                 raise IngressError(f"ingress rule #{i + 1} is a catch-all but only the last rule may be")

@@ -18,6 +18,9 @@ from typing import Any, Callable
 
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
+import aiohttp
+
+from access.assertion import AssertionRejected, AssertionVerifier, JwksCache
 from connector.backoff import Backoff
 from connector.ingress import EMPTY, IngressConfig, IngressError
 from tunnel.dial import PinMismatch, dial_edge
@@ -73,6 +76,36 @@ class Supervisor:
         self._first_registered = asyncio.Event()
         self.streams_active = 0
         self.streams_total = 0
+        self.streams_refused = 0
+        # Assertions are verified against the keys the (pinned) edge publishes.
+        self.jwks = JwksCache(self._fetch_jwks)
+        self._verifiers: dict[str, AssertionVerifier] = {}
+
+    def verifier(self, issuer: str | None) -> AssertionVerifier:
+        issuer = issuer or f"https://{self.token.edge[0]}"
+        v = self._verifiers.get(issuer)
+        if v is None:
+            v = self._verifiers[issuer] = AssertionVerifier(self.jwks, issuer)
+        return v
+
+    async def _fetch_jwks(self) -> dict[str, Any]:
+        """GET /cdn-cgi/access/certs from the edge, over TLS pinned like the tunnel itself."""
+        pin = bytes.fromhex(self.token.pin.split(":", 1)[1])
+        timeout = aiohttp.ClientTimeout(total=10)
+        errors: list[str] = []
+        for edge in self.token.edge:
+            try:
+                async with aiohttp.ClientSession(timeout=timeout) as http:
+                    async with http.get(f"https://{edge}/cdn-cgi/access/certs", ssl=aiohttp.Fingerprint(pin)) as r:
+                        if r.status != 200:
+                            raise OSError(f"HTTP {r.status}")
+                        doc = await r.json(content_type=None)
+                        if isinstance(doc, dict):
+                            return doc
+                        raise OSError("not a JWKS document")
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+                errors.append(f"{edge}: {exc or type(exc).__name__}")
+        raise OSError("cannot fetch the edge's signing keys: " + "; ".join(errors))
 
     # ------------------------------------------------------------------ process lifetime
     async def run(self) -> None:
@@ -216,6 +249,10 @@ class Supervisor:
                     log.error("ignoring ingress config version %d: %s", version, exc)
                     continue
                 control.send_message({"type": "config_ack", "version": self.orchestrator.config.version})
+            elif kind == "keys":
+                jwks = msg.get("jwks")
+                if isinstance(jwks, dict):
+                    self.jwks.load(jwks)
             elif kind == "error":
                 text = str(msg.get("message", "the edge closed this connection"))
                 if msg.get("permanent"):
@@ -238,6 +275,15 @@ class Supervisor:
                 service.status, "no_ingress_rule",
                 f"the connector has no ingress rule for {req.hostname} (status {service.status})").to_dict())
             return
+        if rule.access is not None and rule.access.required:
+            try:
+                await self.verifier(rule.access.issuer).verify(req.assertion, list(rule.access.aud_tags))
+            except (AssertionRejected, OSError) as exc:
+                self.streams_refused += 1
+                log.warning("refused a stream to %s: %s", req.hostname, exc)
+                refuse(inbox, ConnectResponse.fail(
+                    403, "access_denied", f"the connector refused the stream: {exc}").to_dict())
+                return
         origin = f"{service.host}:{service.port}"
         splice = TcpStreamSplice(on_close=self._stream_closed)
         loop = asyncio.get_running_loop()

@@ -1,28 +1,39 @@
 """The control API: a thin JSON-over-HTTP face on the store, in the edge's event loop.
 
-Every route needs `Authorization: Bearer <admin token>` except `/openapi.json` and `/healthz`.
-Errors are `{"error": "message"}` with 400/401/404/405/409 (500 only for bugs). Secrets and
-tokens are never logged: the only place a token appears is the body of `/token` and `POST
-/v1/tunnels` responses.
+Every route needs `Authorization: Bearer <admin token>` except `/openapi.json`, `/healthz` and
+the Access JWKS at `/cdn-cgi/access/certs` (public keys only). Errors are `{"error": "message"}`
+with 400/401/404/405/409 (500 only for bugs). Secrets and tokens are never logged: a tunnel token
+appears only in the body of `/token` and `POST /v1/tunnels` responses, a service-token secret only
+in the responses that create or rotate it (the store keeps a keyed hash).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
+import hashlib
 import hmac
+import inspect
 import json
 import logging
+import math
+import time
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from access.assertion import SigningKey, jwks_document
+from access.tokens import SecretHasher, new_client_id, new_client_secret
 from control.durations import parse_duration
 from control.openapi import OPENAPI
 from control.store import (
     DEFAULT_CONNECT_TIMEOUT,
+    ACCESS_LOG_MAX_ROWS,
+    AccessApp,
     ConflictError,
     NotFoundError,
     Route,
+    ServiceToken,
     Store,
     Tunnel,
     ValidationError,
@@ -32,8 +43,14 @@ from tunnel.token import TunnelToken
 
 log = logging.getLogger("hd.api")
 
-PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz"})
-EDGE_INFO_KEYS = ("api_url", "tunnel_url", "tunnel_address", "cert_pin")
+JWKS_PATH = "/cdn-cgi/access/certs"
+PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz", JWKS_PATH})
+EDGE_INFO_KEYS = ("api_url", "tunnel_url", "tunnel_address", "cert_pin", "issuer")
+
+DEFAULT_TOKEN_DURATION = 8760 * 3600.0  # one year, as Cloudflare's API
+DEFAULT_ROTATE_GRACE = 86400.0
+MAX_ROTATE_GRACE = 30 * 86400.0
+NON_EXPIRING = ("non-expiring", "never")
 
 
 class Relay(Protocol):
@@ -41,6 +58,9 @@ class Relay(Protocol):
     def tunnel_deleted(self, tunnel_id: str) -> None: ...
     def connections_info(self, tunnel_id: str) -> list[dict]: ...
     def stats(self) -> dict: ...
+    def access_changed(self) -> None: ...
+    def keys_rotated(self) -> None: ...
+    def flush_access_logs(self) -> Any: ...
 
 
 def iso_time(ts: float) -> str:
@@ -65,17 +85,73 @@ def route_json(r: Route, tunnel_name: str | None = None) -> dict:
     return out
 
 
+def _opt_time(ts: float | None) -> str | None:
+    return None if ts is None else iso_time(ts)
+
+
+def token_status(t: ServiceToken, now: float) -> str:
+    if t.revoked_at is not None:
+        return "revoked"
+    if t.expires_at is not None and t.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def token_json(t: ServiceToken, now: float) -> dict:
+    """A service token as listed: never its secret nor its hash."""
+    prev_active = (t.revoked_at is None and t.prev_secret_hash is not None and t.prev_expires_at is not None
+                   and t.prev_expires_at > now)
+    return {
+        "id": t.id,
+        "name": t.name,
+        "client_id": t.client_id,
+        "status": token_status(t, now),
+        "created_at": iso_time(t.created_at),
+        "expires_at": _opt_time(t.expires_at),
+        "revoked_at": _opt_time(t.revoked_at),
+        "rotated": t.prev_secret_hash is not None,
+        "previous_secret_expires_at": _opt_time(t.prev_expires_at),
+        "previous_secret_active": prev_active,
+    }
+
+
+def log_json(entry: dict) -> dict:
+    return {**entry, "time": iso_time(entry["time"])}
+
+
+def _duration_field(body: dict, key: str, default: float | None, *, allow_none: bool) -> float | None:
+    """A duration field: seconds (number), a duration string ("24h"), or, where allowed,
+    null/"non-expiring" for none."""
+    if key not in body:
+        return default
+    value = body[key]
+    if value is None or (isinstance(value, str) and value.strip().lower() in NON_EXPIRING):
+        if allow_none:
+            return None
+        raise ValidationError(f"{key} must be a duration such as 3600 or 24h")
+    if isinstance(value, str):
+        try:
+            value = parse_duration(value)
+        except ValueError as e:
+            raise ValidationError(f"{key}: {e}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValidationError(f"{key} must be a number of seconds or a duration such as 24h")
+    return float(value)
+
+
 def error(status: int, message: str, headers: dict | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
 class _Api:
-    def __init__(self, store: Store, relay: Relay, admin_token: str, edge_info: dict) -> None:
+    def __init__(self, store: Store, relay: Relay, admin_token: str, edge_info: dict, hash_key: bytes) -> None:
         self.store = store
         self.relay = relay
         self.admin_token = admin_token.encode()
         # Kept by reference: `run_edge` fills in the API address after binding port 0.
         self.edge_info = edge_info
+        self.hasher = SecretHasher(hash_key)
+        self._jwks_cache: tuple[tuple, dict] | None = None
 
     # --- middleware -------------------------------------------------------------------------
     @web.middleware
@@ -147,6 +223,40 @@ class _Api:
             getattr(self.relay, fn_name)(tunnel_id)
         except Exception:
             log.exception("relay.%s(%s) failed", fn_name, tunnel_id)
+
+    def _relay_call(self, fn_name: str, *args: Any) -> Any:
+        try:
+            return getattr(self.relay, fn_name)(*args)
+        except Exception:
+            log.exception("relay.%s failed", fn_name)
+            return None
+
+    def _config_versions(self) -> dict[str, int]:
+        return {t.id: t.config_version for t in self.store.list_tunnels()}
+
+    def _apps_changed(self, before: dict[str, int]) -> None:
+        """After an app change: the relay drops its access caches, and every tunnel whose pushed
+        rules changed (the store bumped its config version) gets its new config."""
+        self._relay_call("access_changed")
+        for tunnel_id, version in self._config_versions().items():
+            if before.get(tunnel_id) != version:
+                self._notify("config_changed", tunnel_id)
+
+    def _app_json(self, app: AccessApp) -> dict:
+        names = []
+        for tid in app.token_ids:
+            t = self.store.get_service_token(tid)
+            names.append(t.name if t else tid)
+        return {
+            "id": app.id,
+            "name": app.name,
+            "aud": app.aud,
+            "domains": list(app.domains),
+            "service_tokens": names,
+            "service_token_ids": list(app.token_ids),
+            "any_service_token": app.any_token,
+            "created_at": iso_time(app.created_at),
+        }
 
     def _connections(self, tunnel_id: str) -> list[dict]:
         try:
@@ -239,11 +349,143 @@ class _Api:
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.relay.stats())
 
+    # --- Access: service tokens -------------------------------------------------------------
+    async def create_service_token(self, request: web.Request) -> web.Response:
+        body = await self._body(request, {"name", "duration"})
+        if "name" not in body:
+            raise ValidationError("missing field: name")
+        duration = _duration_field(body, "duration", DEFAULT_TOKEN_DURATION, allow_none=True)
+        if duration is not None and duration <= 0:
+            raise ValidationError("duration must be more than 0 (or null for a non-expiring token)")
+        now = time.time()
+        secret = new_client_secret()
+        t = self.store.create_service_token(
+            body["name"], new_client_id(), self.hasher.hash(secret), None if duration is None else now + duration
+        )
+        log.info("service token created: %s (%s, client id %s)", t.name, t.id, t.client_id)
+        self._relay_call("access_changed")
+        return web.json_response(
+            {"id": t.id, "name": t.name, "client_id": t.client_id, "client_secret": secret,
+             "expires_at": _opt_time(t.expires_at)},
+            status=201,
+        )
 
-def make_app(store: Store, relay: Relay, *, admin_token: str, edge_info: dict) -> web.Application:
+    async def list_service_tokens(self, request: web.Request) -> web.Response:
+        now = time.time()
+        return web.json_response([token_json(t, now) for t in self.store.list_service_tokens()])
+
+    async def rotate_service_token(self, request: web.Request) -> web.Response:
+        body = await self._body(request, {"grace"})
+        grace = _duration_field(body, "grace", DEFAULT_ROTATE_GRACE, allow_none=False)
+        assert grace is not None
+        if grace < 0 or grace > MAX_ROTATE_GRACE:
+            raise ValidationError("grace must be from 0 (the old secret stops at once) to 720h (30 days)")
+        t = self.store.require_service_token(request.match_info["id_or_name"])
+        now = time.time()
+        secret = new_client_secret()
+        t = self.store.rotate_service_token(t.id, self.hasher.hash(secret), now + grace)
+        log.info("service token rotated: %s (%s), previous secret valid for %gs", t.name, t.id, grace)
+        self._relay_call("access_changed")
+        return web.json_response(
+            {"id": t.id, "name": t.name, "client_id": t.client_id, "client_secret": secret,
+             "previous_secret_expires_at": _opt_time(t.prev_expires_at)}
+        )
+
+    async def revoke_service_token(self, request: web.Request) -> web.Response:
+        await self._body(request, set())
+        t = self.store.revoke_service_token(request.match_info["id_or_name"])
+        log.info("service token revoked: %s (%s)", t.name, t.id)
+        self._relay_call("access_changed")
+        return web.json_response(token_json(t, time.time()))
+
+    # --- Access: applications ---------------------------------------------------------------
+    async def create_app(self, request: web.Request) -> web.Response:
+        body = await self._body(request, {"name", "domains", "service_tokens", "any_service_token"})
+        for key in ("name", "domains"):
+            if key not in body:
+                raise ValidationError(f"missing field: {key}")
+        domains = body["domains"]
+        if isinstance(domains, str):
+            domains = [domains]
+        if not isinstance(domains, list) or not domains or not all(isinstance(d, str) for d in domains):
+            raise ValidationError("domains must be a non-empty list of hostnames")
+        refs = body.get("service_tokens", [])
+        if refs is None:
+            refs = []
+        if not isinstance(refs, list) or not all(isinstance(x, str) for x in refs):
+            raise ValidationError("service_tokens must be a list of service token names or ids")
+        any_token = body.get("any_service_token", False)
+        if not isinstance(any_token, bool):
+            raise ValidationError("any_service_token must be true or false")
+        if not refs and not any_token:
+            raise ValidationError(
+                "an Access application needs a policy: give service_tokens, or any_service_token: true"
+            )
+        token_ids = [self.store.require_service_token(ref).id for ref in refs]
+        before = self._config_versions()
+        app = self.store.create_app(body["name"], domains, token_ids, any_token)
+        log.info("access application created: %s (%s) for %s", app.name, app.id, ", ".join(app.domains))
+        self._apps_changed(before)
+        return web.json_response(self._app_json(app), status=201)
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        return web.json_response([self._app_json(a) for a in self.store.list_apps()])
+
+    async def delete_app(self, request: web.Request) -> web.Response:
+        key = request.match_info["id_or_name"]
+        before = self._config_versions()
+        app = self.store.delete_app(key)
+        if app is None:
+            raise NotFoundError(f"no Access application named or with id {key!r}")
+        log.info("access application deleted: %s (%s)", app.name, app.id)
+        self._apps_changed(before)
+        return web.json_response({**self._app_json(app), "deleted": True})
+
+    # --- Access: log and keys ---------------------------------------------------------------
+    async def access_logs(self, request: web.Request) -> web.Response:
+        raw = request.query.get("limit", "100")
+        try:
+            limit = int(raw)
+        except ValueError:
+            raise ValidationError(f"limit must be a whole number (got {raw!r})") from None
+        if not 1 <= limit <= ACCESS_LOG_MAX_ROWS:
+            raise ValidationError(f"limit must be from 1 to {ACCESS_LOG_MAX_ROWS}")
+        try:
+            flushed = self.relay.flush_access_logs()  # the relay buffers decisions
+            if inspect.isawaitable(flushed):
+                await flushed
+        except Exception:
+            log.exception("relay.flush_access_logs failed")
+        return web.json_response([log_json(e) for e in self.store.access_logs(limit)])
+
+    async def rotate_keys(self, request: web.Request) -> web.Response:
+        await self._body(request, set())
+        stored = self.store.signing_keys()
+        previous = SigningKey.from_pem(*stored[0]).kid if stored else None
+        key = await asyncio.to_thread(SigningKey.generate)  # RSA key generation: off the loop
+        self.store.add_signing_key(key.private_pem(), key.created_at)
+        log.info("access signing key rotated: kid %s", key.kid)
+        self._relay_call("keys_rotated")
+        return web.json_response({"kid": key.kid, "previous_kid": previous})
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        stored = self.store.signing_keys()
+        cache_key = tuple((hashlib.sha256(pem).digest(), created) for pem, created in stored)
+        if self._jwks_cache is None or self._jwks_cache[0] != cache_key:
+            # parsing the private keys costs milliseconds: redo it only when the keys change
+            keys = [SigningKey.from_pem(pem, created) for pem, created in stored]
+            self._jwks_cache = (cache_key, jwks_document(keys))
+        return web.json_response(self._jwks_cache[1], headers={"Cache-Control": "public, max-age=60"})
+
+
+def make_app(
+    store: Store, relay: Relay, *, admin_token: str, edge_info: dict, hash_key: bytes | None = None
+) -> web.Application:
+    """The control API. `hash_key` keys the service-token secret hashes and must be the relay's
+    (default: `store.service_token_hash_key()`, derived from secret.key)."""
     if not admin_token:
         raise ValueError("admin_token must not be empty")
-    api = _Api(store, relay, admin_token, edge_info)
+    api = _Api(store, relay, admin_token, edge_info, hash_key or store.service_token_hash_key())
     app = web.Application(middlewares=[api.middleware], client_max_size=64 * 1024)
     r = app.router
     r.add_get("/openapi.json", api.openapi, allow_head=False)
@@ -258,4 +500,14 @@ def make_app(store: Store, relay: Relay, *, admin_token: str, edge_info: dict) -
     r.add_get("/v1/routes", api.list_routes, allow_head=False)
     r.add_delete("/v1/routes/{hostname}", api.delete_route)
     r.add_get("/v1/stats", api.stats, allow_head=False)
+    r.add_post("/v1/access/service-tokens", api.create_service_token)
+    r.add_get("/v1/access/service-tokens", api.list_service_tokens, allow_head=False)
+    r.add_post("/v1/access/service-tokens/{id_or_name}/rotate", api.rotate_service_token)
+    r.add_post("/v1/access/service-tokens/{id_or_name}/revoke", api.revoke_service_token)
+    r.add_post("/v1/access/apps", api.create_app)
+    r.add_get("/v1/access/apps", api.list_apps, allow_head=False)
+    r.add_delete("/v1/access/apps/{id_or_name}", api.delete_app)
+    r.add_get("/v1/access/logs", api.access_logs, allow_head=False)
+    r.add_post("/v1/access/keys/rotate", api.rotate_keys)
+    r.add_get(JWKS_PATH, api.jwks, allow_head=False)
     return app

@@ -3,6 +3,9 @@
 State directory layout (ARCHITECTURE.md): secret.key, edge-cert.pem/edge-key.pem, state.db,
 admin-token, and edge.json — written last, atomically, once every listener is up, so anyone
 (tests, scripts) can poll for it to know the edge is ready.
+
+Access signing keys live (encrypted) in the store: one is made on first start, and a background
+task rotates it when the newest is older than `key_rotation` (the JWKS keeps the previous one).
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ import signal
 import ssl
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from aiohttp import web
 
 from control.addr import join_hostport, parse_hostport
+from access.assertion import SigningKey
 from control.api import make_app
 from control.secretbox import KEY_FILE, SecretBox, SecretBoxError
-from control.store import Store, StoreError
+from control.store import TOKEN_HASH_LABEL, Store, StoreError
 from tunnel.tls import cert_pin, ensure_edge_certificate, server_ssl_context, write_private_file
 
 log = logging.getLogger("hd.edge")
@@ -36,8 +41,11 @@ DEFAULT_TUNNEL_LISTEN = "127.0.0.1:7844"
 EDGE_JSON = "edge.json"
 ADMIN_TOKEN_FILE = "admin-token"
 DB_FILE = "state.db"
+DEFAULT_KEY_ROTATION = 1008 * 3600.0  # 6 weeks, as Cloudflare Access
+KEY_CHECK_INTERVAL = 600.0
 
-RelayFactory = Callable[[Store, ssl.SSLContext], Any]
+# relay_factory(store, ssl_context, hash_key=...) -> the relay (relay.server.Relay)
+RelayFactory = Callable[..., Any]
 
 
 class EdgeError(Exception):
@@ -78,6 +86,39 @@ def _cert_names(*hosts: str) -> list[str]:
     return names
 
 
+def rotate_signing_key_if_due(store: Store, max_age: float, now: float | None = None) -> SigningKey | None:
+    """Make a new signing key when there is none or the newest is `max_age` old; returns it."""
+    now = time.time() if now is None else now
+    keys = store.signing_keys()
+    if keys and now - keys[0][1] < max_age:
+        return None
+    key = SigningKey.generate(now)
+    store.add_signing_key(key.private_pem(), key.created_at)
+    log.info("access signing key %s: kid %s", "rotated" if keys else "created", key.kid)
+    return key
+
+
+async def _key_rotation_loop(store: Store, relay: Any, max_age: float, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            keys = store.signing_keys()
+            if keys and time.time() - keys[0][1] < max_age:
+                continue
+            key = await asyncio.to_thread(SigningKey.generate)  # RSA generation: off the loop
+            # re-check: `hd access keys rotate` may have rotated meanwhile
+            keys = store.signing_keys()
+            if keys and key.created_at - keys[0][1] < max_age:
+                continue
+            store.add_signing_key(key.private_pem(), key.created_at)
+            log.info("access signing key rotated (older than %gs): kid %s", max_age, key.kid)
+            relay.keys_rotated()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("access signing key rotation failed; retrying in %gs", interval)
+
+
 async def run_edge(
     state_dir: Path,
     api_listen: str = DEFAULT_API_LISTEN,
@@ -89,12 +130,18 @@ async def run_edge(
     mysql_listen: str | None = None,
     relay_factory: RelayFactory | None = None,
     stop_event: asyncio.Event | None = None,
+    key_rotation: float = DEFAULT_KEY_ROTATION,
+    key_check_interval: float = KEY_CHECK_INTERVAL,
 ) -> None:
     """Run the edge until SIGINT/SIGTERM (or `stop_event`, for embedding and tests).
 
     `ready_callback(info)` is called with the edge.json contents once everything listens.
-    `relay_factory(store, ssl_context)` defaults to `relay.server.Relay`.
+    `relay_factory(store, ssl_context, hash_key=...)` defaults to `relay.server.Relay`.
+    `key_rotation`: the age (seconds) at which the Access signing key is replaced, checked at
+    start and every `key_check_interval` seconds.
     """
+    if not (isinstance(key_rotation, (int, float)) and key_rotation > 0):
+        raise EdgeError("--key-rotation must be a positive duration, e.g. 1008h")
     try:
         api_host, api_port = parse_hostport(api_listen, what="--api-listen")
         tun_host, tun_port = parse_hostport(tunnel_listen, what="--tunnel-listen")
@@ -125,8 +172,16 @@ async def run_edge(
         raise EdgeError(f"cannot use state directory {state_dir}: {e.strerror or e}") from None
     except (sqlite3.Error, StoreError, SecretBoxError) as e:
         raise EdgeError(f"cannot open the state in {state_dir}: {e}") from None
+    # The key service-token secrets are hashed under; the API hashes new secrets, the relay checks them.
+    hash_key = box.derive_key(TOKEN_HASH_LABEL)
+    try:
+        rotate_signing_key_if_due(store, key_rotation)  # first start, or the edge was down a while
+    except (sqlite3.Error, StoreError, SecretBoxError) as e:
+        store.close()
+        raise EdgeError(f"cannot use the Access signing keys in {state_dir}: {e}") from None
 
     relay: Any = None
+    rotation_task: asyncio.Task | None = None
     runner: web.AppRunner | None = None
     relay_started = False
     loop = asyncio.get_running_loop()
@@ -139,7 +194,7 @@ async def run_edge(
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (embedded in tests): rely on stop_event
-        relay = relay_factory(store, server_ssl_context(cert, key))
+        relay = relay_factory(store, server_ssl_context(cert, key), hash_key=hash_key)
         try:
             await relay.start(tun_host, tun_port)
             relay_started = True
@@ -149,14 +204,17 @@ async def run_edge(
             ) from None
         bound_tun_port = relay.port
         tunnel_address = join_hostport(adv_host or _reachable_host(tun_host), adv_port or bound_tun_port)
+        issuer = f"https://{tunnel_address}"
+        relay.issuer = issuer  # the iss claim of the assertions it mints
         edge_info: dict[str, Any] = {
             "api_url": None,  # filled in below, once the API has bound its port
             "tunnel_url": f"wss://{tunnel_address}",
             "tunnel_address": tunnel_address,
             "cert_pin": pin,
+            "issuer": issuer,
         }
 
-        app = make_app(store, relay, admin_token=admin_token, edge_info=edge_info)
+        app = make_app(store, relay, admin_token=admin_token, edge_info=edge_info, hash_key=hash_key)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -167,6 +225,9 @@ async def run_edge(
             ) from None
         bound_api_port = runner.addresses[0][1]
         edge_info["api_url"] = f"http://{join_hostport(_reachable_host(api_host), bound_api_port)}"
+        rotation_task = asyncio.create_task(
+            _key_rotation_loop(store, relay, key_rotation, key_check_interval), name="key-rotation"
+        )
 
         info = {**edge_info, "pid": os.getpid()}
         if pg_listen:
@@ -189,6 +250,12 @@ async def run_edge(
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if rotation_task is not None:
+            rotation_task.cancel()
+            try:
+                await rotation_task
+            except asyncio.CancelledError:
+                pass
         if runner is not None:
             await runner.cleanup()
         if relay is not None:

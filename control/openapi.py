@@ -24,6 +24,25 @@ _ID_PARAM = {
     "description": "tunnel id or name",
     "schema": {"type": "string"},
 }
+_TOKEN_PARAM = {
+    "name": "id_or_name",
+    "in": "path",
+    "required": True,
+    "description": "service token id, name or client id",
+    "schema": {"type": "string"},
+}
+_APP_PARAM = {
+    "name": "id_or_name",
+    "in": "path",
+    "required": True,
+    "description": "Access application id or name",
+    "schema": {"type": "string"},
+}
+_DURATION = {
+    "oneOf": [{"type": "number", "minimum": 0}, {"type": "string"}],
+    "description": "seconds, or a duration such as 24h or 8760h",
+}
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
 _HOST_PARAM = {
     "name": "hostname",
     "in": "path",
@@ -51,9 +70,10 @@ OPENAPI: dict[str, Any] = {
     "info": {
         "title": "hd edge control API",
         "version": "1",
-        "description": "Tunnels and routes of a self-hosted edge. Every operation needs the admin token "
-        "(STATE_DIR/admin-token) as a bearer token, except /openapi.json and /healthz. Errors are "
-        '`{"error": "message"}`.',
+        "description": "Tunnels, routes and Access of a self-hosted edge. Every operation needs the admin "
+        "token (STATE_DIR/admin-token) as a bearer token, except /openapi.json, /healthz and the JWKS at "
+        '/cdn-cgi/access/certs. Errors are `{"error": "message"}`. A service-token secret is returned only '
+        "when the token is created or rotated.",
         "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
     },
     "servers": [{"url": "http://127.0.0.1:8787"}],
@@ -145,6 +165,122 @@ OPENAPI: dict[str, Any] = {
         "/v1/stats": {
             "get": _op("Relay counters", {"200": _json({"type": "object"}, "relay statistics")})
         },
+        "/v1/access/service-tokens": {
+            "post": _op(
+                "Create a service token; the response is the only place its secret appears",
+                {"201": _json(_ref("ServiceTokenCreated"), "the token and its secret"), "400": _ERR, "409": _ERR},
+                body={
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"},
+                        "duration": {
+                            "oneOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string"},
+                                      {"type": "null"}],
+                            "default": 31536000,
+                            "description": "lifetime in seconds or as a duration (8760h); null or "
+                            '"non-expiring" for a token that never expires',
+                        },
+                    },
+                },
+            ),
+            "get": _op(
+                "List service tokens (never a secret or its hash)",
+                {"200": _json({"type": "array", "items": _ref("ServiceToken")}, "all service tokens")},
+            ),
+        },
+        "/v1/access/service-tokens/{id_or_name}/rotate": {
+            "post": _op(
+                "Give the token a new secret; the previous one stays valid for the grace period",
+                {"200": _json(_ref("ServiceTokenRotated"), "the new secret"), "400": _ERR, "404": _ERR,
+                 "409": _ERR},
+                params=[_TOKEN_PARAM],
+                body={
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "grace": {**_DURATION, "default": 86400,
+                                  "description": "how long the previous secret stays valid: 0 (not at all) "
+                                  "to 720h; seconds or a duration such as 24h"},
+                    },
+                },
+            )
+        },
+        "/v1/access/service-tokens/{id_or_name}/revoke": {
+            "post": _op(
+                "Revoke a service token at once",
+                {"200": _json(_ref("ServiceToken"), "the revoked token"), "404": _ERR},
+                params=[_TOKEN_PARAM],
+            )
+        },
+        "/v1/access/apps": {
+            "post": _op(
+                "Create an Access application (Service Auth policy) on one or more domains",
+                {"201": _json(_ref("AccessApp"), "the application with its aud tag"), "400": _ERR,
+                 "404": _ERR, "409": _ERR},
+                body={
+                    "type": "object",
+                    "required": ["name", "domains"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"},
+                        "domains": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "string"},
+                            "description": "exact hostnames or *.suffix; a domain belongs to one application",
+                        },
+                        "service_tokens": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "names, ids or client ids of the allowed service tokens",
+                        },
+                        "any_service_token": {"type": "boolean", "default": False},
+                    },
+                },
+            ),
+            "get": _op(
+                "List Access applications",
+                {"200": _json({"type": "array", "items": _ref("AccessApp")}, "all applications")},
+            ),
+        },
+        "/v1/access/apps/{id_or_name}": {
+            "delete": _op(
+                "Delete an Access application (its hostnames are refused again unless public)",
+                {"200": _json(_ref("AccessApp"), "the deleted application"), "404": _ERR},
+                params=[_APP_PARAM],
+            )
+        },
+        "/v1/access/logs": {
+            "get": _op(
+                "Access decisions, newest first",
+                {"200": _json({"type": "array", "items": _ref("AccessLogEntry")}, "decisions"), "400": _ERR},
+                params=[{
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 100},
+                }],
+            )
+        },
+        "/v1/access/keys/rotate": {
+            "post": _op(
+                "Rotate the assertion signing key (the JWKS keeps the previous one)",
+                {"200": _json(
+                    {"type": "object", "properties": {"kid": {"type": "string"},
+                                                      "previous_kid": {"type": ["string", "null"]}}},
+                    "the new and the previous key id",
+                )},
+            )
+        },
+        "/cdn-cgi/access/certs": {
+            "get": _op(
+                "JWKS of the Access signing keys (current first, then the previous one); public keys only",
+                {"200": _json(_ref("Jwks"), "the key set")},
+                public=True,
+            )
+        },
     },
     "components": {
         "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
@@ -158,6 +294,7 @@ OPENAPI: dict[str, Any] = {
                     "tunnel_url": {"type": "string", "description": "wss://host:port"},
                     "tunnel_address": {"type": "string", "description": "host:port put in tunnel tokens"},
                     "cert_pin": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+                    "issuer": {"type": "string", "description": "iss of Access assertions (https://host:port)"},
                 },
             },
             "Tunnel": {
@@ -233,6 +370,82 @@ OPENAPI: dict[str, Any] = {
                     "version": {"type": "string"},
                     "since": {},
                     "streams": {"type": "integer"},
+                },
+            },
+            "ServiceTokenCreated": {
+                "type": "object",
+                "required": ["id", "name", "client_id", "client_secret", "expires_at"],
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "name": {"type": "string"},
+                    "client_id": {"type": "string", "pattern": "^[0-9a-f]{32}\\.access$"},
+                    "client_secret": {"type": "string", "description": "shown only here"},
+                    "expires_at": _TIME_OR_NULL,
+                },
+            },
+            "ServiceTokenRotated": {
+                "type": "object",
+                "required": ["id", "name", "client_id", "client_secret", "previous_secret_expires_at"],
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "name": {"type": "string"},
+                    "client_id": {"type": "string"},
+                    "client_secret": {"type": "string", "description": "the new secret, shown only here"},
+                    "previous_secret_expires_at": {"type": "string", "format": "date-time"},
+                },
+            },
+            "ServiceToken": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "name": {"type": "string"},
+                    "client_id": {"type": "string"},
+                    "status": {"enum": ["active", "expired", "revoked"]},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "expires_at": _TIME_OR_NULL,
+                    "revoked_at": _TIME_OR_NULL,
+                    "rotated": {"type": "boolean"},
+                    "previous_secret_expires_at": _TIME_OR_NULL,
+                    "previous_secret_active": {"type": "boolean"},
+                },
+            },
+            "AccessApp": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "name": {"type": "string"},
+                    "aud": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                            "description": "AUD tag: the aud claim of the application's assertions; never changes"},
+                    "domains": {"type": "array", "items": {"type": "string"}},
+                    "service_tokens": {"type": "array", "items": {"type": "string"}},
+                    "service_token_ids": {"type": "array", "items": {"type": "string"}},
+                    "any_service_token": {"type": "boolean"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "deleted": {"type": "boolean"},
+                },
+            },
+            "AccessLogEntry": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "time": {"type": "string", "format": "date-time"},
+                    "decision": {"enum": ["allow", "deny"]},
+                    "status": {"type": "integer"},
+                    "client_id": {"type": ["string", "null"]},
+                    "token_id": {"type": ["string", "null"]},
+                    "token_name": {"type": ["string", "null"]},
+                    "app": {"type": ["string", "null"]},
+                    "hostname": {"type": "string"},
+                    "reason": {"type": "string"},
+                    "source": {"type": "string"},
+                },
+            },
+            "Jwks": {
+                "type": "object",
+                "properties": {
+                    "keys": {"type": "array", "items": {"type": "object"}},
+                    "public_cert": {"type": ["object", "null"]},
+                    "public_certs": {"type": "array", "items": {"type": "object"}},
                 },
             },
             "Deleted": {

@@ -7,6 +7,8 @@ Callers pass associated data (e.g. the row id) so a ciphertext cannot be moved t
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class SecretBox:
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:
             raise SecretBoxError(f"secret key must be {KEY_BYTES} bytes, got {len(key)}")
+        self._key = key
         self._aead = AESGCM(key)
 
     def __repr__(self) -> str:
@@ -44,6 +47,13 @@ class SecretBox:
         if len(key) != KEY_BYTES:
             raise SecretBoxError(f"{path} is not a valid secret key ({len(key)} bytes, expected {KEY_BYTES})")
         return cls(key)
+
+    def derive_key(self, label: bytes) -> bytes:
+        """A 32-byte key for another purpose (e.g. hashing service-token secrets): HMAC-SHA256 of
+        `label` under the box key, so it lives and dies with secret.key without being it."""
+        if not isinstance(label, bytes) or not label:
+            raise ValueError("derive_key needs a non-empty bytes label")
+        return hmac.new(self._key, label, hashlib.sha256).digest()
 
     def encrypt(self, plaintext: bytes, aad: bytes = b"") -> bytes:
         nonce = os.urandom(_NONCE_BYTES)

@@ -1,4 +1,4 @@
-"""The edge's configuration store: tunnels and their routes, in SQLite.
+"""The edge's configuration store: tunnels, routes and Access state, in SQLite.
 
 One connection in WAL mode, used from the event loop thread; every query is short and indexed,
 so running them inline is cheaper than a thread hop. Secrets are encrypted with `SecretBox`.
@@ -24,6 +24,12 @@ from urllib.parse import urlsplit
 from control.secretbox import SecretBox
 
 TUNNEL_SECRET_BYTES = 32
+TOKEN_HASH_LABEL = b"service-token-hash"  # SecretBox.derive_key label of the service-token hash key
+SIGNING_KEY_AAD = b"signing-key"
+SIGNING_KEYS_KEPT = 2  # current + previous (both published in the JWKS)
+ACCESS_LOG_MAX_ROWS = 100_000
+ACCESS_LOG_KEYS = ("time", "decision", "status", "client_id", "token_id", "token_name", "app", "hostname",
+                   "reason", "source")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 MAX_CONNECT_TIMEOUT = 3600.0
 CATCH_ALL_RULE = {"service": "http_status:404"}
@@ -64,6 +70,30 @@ class Route:
     created_at: float
 
 
+@dataclass(frozen=True)
+class ServiceToken:
+    id: str
+    name: str
+    client_id: str
+    secret_hash: str = field(repr=False)
+    prev_secret_hash: str | None = field(repr=False)
+    prev_expires_at: float | None
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class AccessApp:
+    id: str
+    name: str
+    aud: str
+    domains: tuple[str, ...]
+    token_ids: tuple[str, ...]
+    any_token: bool
+    created_at: float
+
+
 # --- schema -------------------------------------------------------------------------------
 # Append a script to migrate; never edit one that has shipped.
 MIGRATIONS: list[str] = [
@@ -86,6 +116,57 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX routes_by_tunnel ON routes(tunnel_id);
     """,
+    # 2: Access: service tokens, applications, signing keys, access log
+    """
+    CREATE TABLE service_tokens (
+        id               TEXT PRIMARY KEY,
+        name             TEXT NOT NULL UNIQUE,
+        client_id        TEXT NOT NULL UNIQUE,
+        secret_hash      TEXT NOT NULL,        -- keyed hash (access.tokens.SecretHasher), never the secret
+        prev_secret_hash TEXT,                 -- the secret before the last rotation
+        prev_expires_at  REAL,                 -- until when prev_secret_hash is accepted
+        created_at       REAL NOT NULL,
+        expires_at       REAL,                 -- NULL: non-expiring
+        revoked_at       REAL
+    );
+    CREATE TABLE access_apps (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        aud        TEXT NOT NULL UNIQUE,       -- fixed for the application's lifetime
+        any_token  INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE access_app_domains (
+        domain TEXT PRIMARY KEY,               -- lower-case; exact or "*.suffix"; one app per domain
+        app_id TEXT NOT NULL REFERENCES access_apps(id) ON DELETE CASCADE
+    );
+    CREATE INDEX access_app_domains_by_app ON access_app_domains(app_id);
+    CREATE TABLE access_app_tokens (
+        app_id   TEXT NOT NULL REFERENCES access_apps(id) ON DELETE CASCADE,
+        token_id TEXT NOT NULL REFERENCES service_tokens(id) ON DELETE CASCADE,
+        PRIMARY KEY (app_id, token_id)
+    );
+    CREATE INDEX access_app_tokens_by_token ON access_app_tokens(token_id);
+    CREATE TABLE signing_keys (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        pem        BLOB NOT NULL,              -- SecretBox ciphertext of the private PEM, aad = "signing-key"
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE access_log (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        time       REAL NOT NULL,
+        decision   TEXT NOT NULL,              -- allow or deny
+        status     INTEGER NOT NULL,
+        client_id  TEXT,
+        token_id   TEXT,
+        token_name TEXT,
+        app        TEXT,
+        hostname   TEXT NOT NULL,
+        reason     TEXT NOT NULL,
+        source     TEXT NOT NULL
+    );
+    CREATE INDEX access_log_by_time ON access_log(time);
+    """,
 ]
 
 
@@ -96,18 +177,54 @@ _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def validate_tunnel_name(name: object) -> str:
+_CLIENT_ID_LIKE_RE = re.compile(r"[0-9a-fA-F]{32}\.access")  # used with fullmatch
+
+
+def _validate_name(name: object, what: str) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise ValidationError("tunnel name must not be empty")
+        raise ValidationError(f"{what} name must not be empty")
     name = name.strip()
     if not _NAME_RE.match(name):
         raise ValidationError(
-            f"invalid tunnel name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid {what} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     if _UUID_RE.match(name):
         # names and ids share one namespace on the command line
-        raise ValidationError(f"invalid tunnel name {name!r}: a name must not look like a tunnel id")
+        raise ValidationError(f"invalid {what} name {name!r}: a name must not look like {_article(what)} id")
     return name
+
+
+def _article(what: str) -> str:
+    return ("an " if what[:1] in "aeiou" else "a ") + what
+
+
+def validate_tunnel_name(name: object) -> str:
+    return _validate_name(name, "tunnel")
+
+
+def validate_token_name(name: object) -> str:
+    name = _validate_name(name, "service token")
+    if _CLIENT_ID_LIKE_RE.fullmatch(name):
+        raise ValidationError(f"invalid service token name {name!r}: a name must not look like a client id")
+    return name
+
+
+def validate_app_name(name: object) -> str:
+    return _validate_name(name, "application")
+
+
+def _host_candidates(hostname: str) -> list[str]:
+    """The stored names that could match a requested hostname, best first: the name itself,
+    then "*.suffix" from the longest suffix to the shortest ("*.a.b" never matches "a.b")."""
+    h = (hostname or "").strip().lower()
+    name, sep, port = h.rpartition(":")
+    if sep and port.isdigit() and ":" not in name:
+        h = name  # a Host-style "name:port": the port plays no part in matching
+    h = h.rstrip(".")
+    if not h:
+        return []
+    labels = h.split(".")
+    return [h] + ["*." + ".".join(labels[i:]) for i in range(1, len(labels))]
 
 
 def normalize_hostname(hostname: object) -> str:
@@ -365,15 +482,9 @@ class Store:
 
     def get_route(self, hostname: str) -> Route | None:
         """The route for a requested hostname: exact match first, then the longest wildcard."""
-        h = (hostname or "").strip().lower()
-        name, sep, port = h.rpartition(":")
-        if sep and port.isdigit() and ":" not in name:
-            h = name  # a Host-style "name:port": the port plays no part in routing
-        h = h.rstrip(".")
-        if not h:
+        candidates = _host_candidates(hostname)
+        if not candidates:
             return None
-        labels = h.split(".")
-        candidates = [h] + ["*." + ".".join(labels[i:]) for i in range(1, len(labels))]
         marks = ",".join("?" * len(candidates))
         with self._lock:
             rows = self._db.execute(f"SELECT * FROM routes WHERE hostname IN ({marks})", candidates).fetchall()
@@ -419,15 +530,322 @@ class Store:
             row = self._db.execute("SELECT config_version FROM tunnels WHERE id = ?", (tunnel_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no tunnel with id {tunnel_id!r}")
-            rules = [
-                {
+            rules = []
+            for r in self.routes_for(tunnel_id):
+                rule: dict = {
                     "hostname": r.hostname,
                     "service": r.service,
                     "originRequest": {"connectTimeout": r.connect_timeout},
                 }
-                for r in self.routes_for(tunnel_id)
-            ]
+                if not r.public:
+                    app = self.app_for_hostname(r.hostname)
+                    if app is not None:
+                        # defence in depth: the connector also checks the relay's assertion
+                        rule["access"] = {"required": True, "audTag": [app.aud]}
+                rules.append(rule)
             return int(row[0]), rules + [dict(CATCH_ALL_RULE)]
+
+    # --- Access: service tokens ---------------------------------------------------------------
+    @staticmethod
+    def _token_from_row(row: sqlite3.Row) -> ServiceToken:
+        return ServiceToken(
+            id=row["id"],
+            name=row["name"],
+            client_id=row["client_id"],
+            secret_hash=row["secret_hash"],
+            prev_secret_hash=row["prev_secret_hash"],
+            prev_expires_at=row["prev_expires_at"],
+            created_at=row["created_at"],
+            expires_at=row["expires_at"],
+            revoked_at=row["revoked_at"],
+        )
+
+    def create_service_token(
+        self, name: str, client_id: str, secret_hash: str, expires_at: float | None
+    ) -> ServiceToken:
+        name = validate_token_name(name)
+        if not isinstance(client_id, str) or not _CLIENT_ID_LIKE_RE.fullmatch(client_id):
+            raise ValidationError("a client id is 32 hex digits followed by '.access'")
+        if not isinstance(secret_hash, str) or not secret_hash:
+            raise ValidationError("secret_hash must not be empty")
+        if expires_at is not None:
+            if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)) or not math.isfinite(
+                expires_at
+            ):
+                raise ValidationError("expires_at must be a time in seconds or null")
+            expires_at = float(expires_at)
+        token_id = str(uuid.uuid4())
+        now = self._clock()
+        with self._lock, self._tx():
+            if self._db.execute("SELECT 1 FROM service_tokens WHERE name = ?", (name,)).fetchone():
+                raise ConflictError(f"a service token named {name!r} already exists")
+            if self._db.execute("SELECT 1 FROM service_tokens WHERE client_id = ?", (client_id,)).fetchone():
+                raise ConflictError("a service token with this client id already exists")
+            self._db.execute(
+                "INSERT INTO service_tokens (id, name, client_id, secret_hash, prev_secret_hash, prev_expires_at,"
+                " created_at, expires_at, revoked_at) VALUES (?, ?, ?, ?, NULL, NULL, ?, ?, NULL)",
+                (token_id, name, client_id, secret_hash, now, expires_at),
+            )
+        return ServiceToken(token_id, name, client_id, secret_hash, None, None, now, expires_at, None)
+
+    def get_service_token(self, id_or_name_or_client_id: str) -> ServiceToken | None:
+        key = id_or_name_or_client_id
+        with self._lock:
+            for column in ("id", "name", "client_id"):
+                row = self._db.execute(f"SELECT * FROM service_tokens WHERE {column} = ?", (key,)).fetchone()
+                if row is not None:
+                    return self._token_from_row(row)
+        return None
+
+    def require_service_token(self, id_or_name_or_client_id: str) -> ServiceToken:
+        token = self.get_service_token(id_or_name_or_client_id)
+        if token is None:
+            raise NotFoundError(f"no service token named or with id {id_or_name_or_client_id!r}")
+        return token
+
+    def token_by_client_id(self, client_id: str) -> ServiceToken | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM service_tokens WHERE client_id = ?", (client_id,)).fetchone()
+        return self._token_from_row(row) if row else None
+
+    def list_service_tokens(self) -> list[ServiceToken]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM service_tokens ORDER BY created_at, name").fetchall()
+        return [self._token_from_row(r) for r in rows]
+
+    def rotate_service_token(self, id: str, new_secret_hash: str, prev_expires_at: float) -> ServiceToken:
+        """Give the token a new secret; the current one stays valid until `prev_expires_at`
+        (pass now for no grace). A secret from before an earlier rotation is dropped."""
+        if not isinstance(new_secret_hash, str) or not new_secret_hash:
+            raise ValidationError("new_secret_hash must not be empty")
+        if isinstance(prev_expires_at, bool) or not isinstance(prev_expires_at, (int, float)) or not math.isfinite(
+            prev_expires_at
+        ):
+            raise ValidationError("prev_expires_at must be a time in seconds")
+        with self._lock, self._tx():
+            token = self.require_service_token(id)
+            if token.revoked_at is not None:
+                raise ConflictError(f"service token {token.name!r} is revoked; create a new one instead")
+            self._db.execute(
+                "UPDATE service_tokens SET secret_hash = ?, prev_secret_hash = ?, prev_expires_at = ? WHERE id = ?",
+                (new_secret_hash, token.secret_hash, float(prev_expires_at), token.id),
+            )
+            row = self._db.execute("SELECT * FROM service_tokens WHERE id = ?", (token.id,)).fetchone()
+            return self._token_from_row(row)
+
+    def revoke_service_token(self, id: str) -> ServiceToken:
+        """Revoke at once (idempotent: a revoked token keeps its first revocation time)."""
+        with self._lock, self._tx():
+            token = self.require_service_token(id)
+            if token.revoked_at is None:
+                self._db.execute("UPDATE service_tokens SET revoked_at = ? WHERE id = ?", (self._clock(), token.id))
+            row = self._db.execute("SELECT * FROM service_tokens WHERE id = ?", (token.id,)).fetchone()
+            return self._token_from_row(row)
+
+    # --- Access: applications -----------------------------------------------------------------
+    def _app_from_row(self, row: sqlite3.Row) -> AccessApp:
+        domains = self._db.execute(
+            "SELECT domain FROM access_app_domains WHERE app_id = ? ORDER BY rowid", (row["id"],)
+        ).fetchall()
+        tokens = self._db.execute(
+            "SELECT token_id FROM access_app_tokens WHERE app_id = ? ORDER BY rowid", (row["id"],)
+        ).fetchall()
+        return AccessApp(
+            id=row["id"],
+            name=row["name"],
+            aud=row["aud"],
+            domains=tuple(d[0] for d in domains),
+            token_ids=tuple(t[0] for t in tokens),
+            any_token=bool(row["any_token"]),
+            created_at=row["created_at"],
+        )
+
+    def _access_map(self) -> dict[str, tuple[str, str | None]]:
+        """hostname -> (tunnel id, aud of the covering app or None) for every non-public route:
+        what ingress_config derives from apps, to tell which tunnels an app change touches."""
+        out = {}
+        for r in self.list_routes():
+            if not r.public:
+                app = self.app_for_hostname(r.hostname)
+                out[r.hostname] = (r.tunnel_id, app.aud if app else None)
+        return out
+
+    def _bump_changed(self, before: dict[str, tuple[str, str | None]]) -> None:
+        after = self._access_map()
+        changed = {tid for h, (tid, aud) in after.items() if before.get(h, (tid, None))[1] != aud}
+        changed |= {tid for h, (tid, aud) in before.items() if after.get(h, (tid, None))[1] != aud}
+        for tunnel_id in sorted(changed):
+            self._bump(tunnel_id)
+
+    def create_app(self, name: str, domains: list[str], token_ids: list[str], any_token: bool) -> AccessApp:
+        """An Access application (Service Auth policy) on `domains`: reachable with one of
+        `token_ids`, or with any valid service token when `any_token`. Bumps the config version of
+        every tunnel whose pushed rules change (their routes gain the app's aud tag)."""
+        name = validate_app_name(name)
+        if isinstance(domains, str) or not isinstance(domains, (list, tuple)) or not domains:
+            raise ValidationError("an Access application needs at least one domain")
+        normalized: list[str] = []
+        for d in domains:
+            h = normalize_hostname(d)
+            if h not in normalized:
+                normalized.append(h)
+        if isinstance(token_ids, str) or not isinstance(token_ids, (list, tuple)):
+            raise ValidationError("token_ids must be a list of service token ids")
+        if not isinstance(any_token, bool):
+            raise ValidationError("any_token must be true or false")
+        ids: list[str] = []
+        for t in token_ids:
+            if isinstance(t, str) and t not in ids:
+                ids.append(t)
+            elif not isinstance(t, str):
+                raise ValidationError("token_ids must be a list of service token ids")
+        if not ids and not any_token:
+            raise ValidationError(
+                "an Access application needs a policy: name at least one service token, or allow any service token"
+            )
+        app_id = str(uuid.uuid4())
+        aud = secrets.token_hex(32)
+        now = self._clock()
+        with self._lock, self._tx():
+            if self._db.execute("SELECT 1 FROM access_apps WHERE name = ?", (name,)).fetchone():
+                raise ConflictError(f"an Access application named {name!r} already exists")
+            for h in normalized:
+                other = self._db.execute(
+                    "SELECT a.name FROM access_app_domains d JOIN access_apps a ON a.id = d.app_id WHERE d.domain = ?",
+                    (h,),
+                ).fetchone()
+                if other is not None:
+                    raise ConflictError(f"domain {h} already belongs to Access application {other[0]!r}")
+            for tid in ids:
+                row = self._db.execute("SELECT name, revoked_at FROM service_tokens WHERE id = ?", (tid,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no service token with id {tid!r}")
+                if row["revoked_at"] is not None:
+                    raise ValidationError(f"service token {row['name']!r} is revoked")
+            before = self._access_map()
+            self._db.execute(
+                "INSERT INTO access_apps (id, name, aud, any_token, created_at) VALUES (?, ?, ?, ?, ?)",
+                (app_id, name, aud, int(any_token), now),
+            )
+            self._db.executemany(
+                "INSERT INTO access_app_domains (domain, app_id) VALUES (?, ?)", [(h, app_id) for h in normalized]
+            )
+            self._db.executemany(
+                "INSERT INTO access_app_tokens (app_id, token_id) VALUES (?, ?)", [(app_id, t) for t in ids]
+            )
+            self._bump_changed(before)
+        return AccessApp(app_id, name, aud, tuple(normalized), tuple(ids), any_token, now)
+
+    def get_app(self, id_or_name: str) -> AccessApp | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM access_apps WHERE id = ?", (id_or_name,)).fetchone()
+            if row is None:
+                row = self._db.execute("SELECT * FROM access_apps WHERE name = ?", (id_or_name,)).fetchone()
+            return self._app_from_row(row) if row else None
+
+    def list_apps(self) -> list[AccessApp]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM access_apps ORDER BY created_at, name").fetchall()
+            return [self._app_from_row(r) for r in rows]
+
+    def delete_app(self, id_or_name: str) -> AccessApp | None:
+        with self._lock, self._tx():
+            app = self.get_app(id_or_name)
+            if app is None:
+                return None
+            before = self._access_map()
+            self._db.execute("DELETE FROM access_apps WHERE id = ?", (app.id,))
+            self._bump_changed(before)
+            return app
+
+    def app_for_hostname(self, hostname: str) -> AccessApp | None:
+        """The application protecting a hostname: an exact domain first, then the longest
+        "*.suffix" (a wildcard never covers its bare domain)."""
+        candidates = _host_candidates(hostname)
+        if not candidates:
+            return None
+        marks = ",".join("?" * len(candidates))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT domain, app_id FROM access_app_domains WHERE domain IN ({marks})", candidates
+            ).fetchall()
+            if not rows:
+                return None
+            by_domain = {r["domain"]: r["app_id"] for r in rows}
+            for c in candidates:
+                if c in by_domain:
+                    row = self._db.execute("SELECT * FROM access_apps WHERE id = ?", (by_domain[c],)).fetchone()
+                    return self._app_from_row(row) if row else None
+        return None
+
+    # --- Access: signing keys -----------------------------------------------------------------
+    def add_signing_key(self, pem: bytes, created_at: float) -> None:
+        """Store a private key (PEM, encrypted at rest); only the newest SIGNING_KEYS_KEPT stay."""
+        if not isinstance(pem, (bytes, bytearray)) or not pem:
+            raise ValidationError("a signing key must be PEM bytes")
+        with self._lock, self._tx():
+            self._db.execute(
+                "INSERT INTO signing_keys (pem, created_at) VALUES (?, ?)",
+                (self._box.encrypt(bytes(pem), aad=SIGNING_KEY_AAD), float(created_at)),
+            )
+            self._db.execute(
+                "DELETE FROM signing_keys WHERE id NOT IN"
+                " (SELECT id FROM signing_keys ORDER BY created_at DESC, id DESC LIMIT ?)",
+                (SIGNING_KEYS_KEPT,),
+            )
+
+    def signing_keys(self) -> list[tuple[bytes, float]]:
+        """(private PEM, created_at), newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT pem, created_at FROM signing_keys ORDER BY created_at DESC, id DESC"
+            ).fetchall()
+        return [(self._box.decrypt(r["pem"], aad=SIGNING_KEY_AAD), r["created_at"]) for r in rows]
+
+    # --- Access: decision log -----------------------------------------------------------------
+    def add_access_logs(self, entries: list[dict]) -> None:
+        """Append decisions (keys: ACCESS_LOG_KEYS); the log keeps the newest ACCESS_LOG_MAX_ROWS."""
+        if not entries:
+            return
+        rows = []
+        for e in entries:
+            rows.append((
+                float(e["time"]),
+                str(e["decision"]),
+                int(e["status"]),
+                _opt_str(e.get("client_id")),
+                _opt_str(e.get("token_id")),
+                _opt_str(e.get("token_name")),
+                _opt_str(e.get("app")),
+                str(e.get("hostname") or ""),
+                str(e.get("reason") or ""),
+                str(e.get("source") or ""),
+            ))
+        with self._lock, self._tx():
+            self._db.executemany(
+                "INSERT INTO access_log (time, decision, status, client_id, token_id, token_name, app, hostname,"
+                " reason, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            # Ids only grow and only the oldest rows are ever deleted, so they are contiguous: keeping
+            # the last ACCESS_LOG_MAX_ROWS ids keeps the newest rows, with two index lookups.
+            lo, hi = self._db.execute("SELECT MIN(id), MAX(id) FROM access_log").fetchone()
+            if hi - lo + 1 > ACCESS_LOG_MAX_ROWS:
+                self._db.execute("DELETE FROM access_log WHERE id <= ?", (hi - ACCESS_LOG_MAX_ROWS,))
+
+    def access_logs(self, limit: int = 100) -> list[dict]:
+        """The newest `limit` decisions, newest first (keys: "id" and ACCESS_LOG_KEYS)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError("limit must be a positive whole number")
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM access_log ORDER BY time DESC, id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [{"id": r["id"], **{k: r[k] for k in ACCESS_LOG_KEYS}} for r in rows]
+
+    def service_token_hash_key(self) -> bytes:
+        """The key for access.tokens.SecretHasher (derived from secret.key, never stored)."""
+        return self._box.derive_key(TOKEN_HASH_LABEL)
 
 
 class _Tx:
@@ -449,6 +867,10 @@ class _Tx:
             self._db.execute("COMMIT")
         else:
             self._db.execute("ROLLBACK")
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _split_sql(script: str) -> list[str]:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import logging
+import os
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,9 @@ import websockets
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.http11 import Request, Response
 
-from access.policy import decide
+from access.assertion import AssertionMinter, SigningKey, jwks_document
+from access.gatekeeper import Gatekeeper
+from access.tokens import SecretHasher
 from relay.registry import ConnectorConnection, Registry
 from tunnel.link import MuxLink, StreamInbox, refuse
 from tunnel.messages import (
@@ -59,10 +63,15 @@ def ws_options() -> dict[str, Any]:
 
 
 class Relay:
-    def __init__(self, store: Store, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, store: Store, ssl_context: ssl.SSLContext | None, *, hash_key: bytes | None = None,
+                 issuer: str = "") -> None:
         self.store = store
         self.ssl_context = ssl_context
         self.registry = Registry()
+        self.gatekeeper = Gatekeeper(store, SecretHasher(hash_key or os.urandom(32)), None)
+        self._issuer = issuer
+        self._jwks: bytes = b'{"keys":[]}'
+        self.keys_rotated()
         self._server: Server | None = None
         self._client_links: set[MuxLink] = set()
         self._pending_links: set[MuxLink] = set()
@@ -84,6 +93,7 @@ class Relay:
             server_header=None,
             **ws_options(),
         )
+        self._spawn(self._flush_logs_periodically())
         log.info("relay listening on %s:%d", host, self.port)
 
     @property
@@ -103,6 +113,22 @@ class Relay:
                 pass
         for t in list(self._tasks):
             t.cancel()
+        try:
+            self.gatekeeper.flush()
+        except Exception as exc:
+            log.error("cannot write the access log: %s", exc)
+
+    @property
+    def issuer(self) -> str:
+        return self._issuer
+
+    @issuer.setter
+    def issuer(self, value: str) -> None:
+        # Set by the edge once the advertised tunnel address is known (after start()).
+        self._issuer = value
+        if self.gatekeeper.minter is not None:
+            self.gatekeeper.minter.issuer = value
+            self.gatekeeper.minter.set_key(self.gatekeeper.minter.key)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -128,6 +154,44 @@ class Relay:
                 pass
             self._spawn(conn.link.close(1000, "tunnel deleted"))
 
+    def access_changed(self) -> None:
+        """A token or application changed: forget cached decisions (revocation is immediate)."""
+        self.gatekeeper.invalidate()
+        self._route_cache.clear()
+
+    def keys_rotated(self) -> None:
+        """Load the newest signing key for new assertions; publish current + previous keys."""
+        keys = [SigningKey.from_pem(pem, created) for pem, created in self.store.signing_keys()]
+        if not keys:
+            return
+        if self.gatekeeper.minter is None:
+            self.gatekeeper.minter = AssertionMinter(keys[0], self._issuer)
+        else:
+            self.gatekeeper.minter.set_key(keys[0])
+        doc = jwks_document(keys[:2])
+        self._jwks = json.dumps(doc).encode()
+        # Connectors verify assertions with these keys: push them so a rotation never leaves
+        # a connector with only the old key (its own refetch is rate-limited).
+        for conn in self.registry.all():
+            self._push_keys(conn)
+
+    def _push_keys(self, conn: ConnectorConnection) -> None:
+        try:
+            conn.control.send_message({"type": "keys", "jwks": {"keys": json.loads(self._jwks)["keys"]}})
+        except MessageError as exc:
+            log.error("cannot push signing keys to tunnel %s: %s", conn.tunnel_id, exc)
+
+    def flush_access_logs(self) -> None:
+        self.gatekeeper.flush()
+
+    async def _flush_logs_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                self.gatekeeper.flush()
+            except Exception as exc:  # the log must never take the relay down
+                log.error("cannot write the access log: %s", exc)
+
     def connections_info(self, tunnel_id: str) -> list[dict[str, Any]]:
         return [c.info() for c in self.registry.connections(tunnel_id)]
 
@@ -146,6 +210,14 @@ class Relay:
 
     # ------------------------------------------------------------------ WebSocket entry
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/cdn-cgi/access/certs":
+            response = connection.respond(200, "")
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+            response.headers["Content-Type"] = "application/json"
+            response.headers["Content-Length"] = str(len(self._jwks))
+            response.body = self._jwks
+            return response
         if request.path not in ("/tunnel", "/client"):
             return connection.respond(404, "not found: connect to /tunnel or /client\n")
         return None
@@ -240,6 +312,7 @@ class Relay:
         )
         control.send_message({"type": "registered", "connection_id": conn.connection_id})
         self.registry.add(conn)
+        self._push_keys(conn)
         self._push_config(conn)
         log.info(
             "connector %s conn %d registered for tunnel %s (%s) from %s",
@@ -314,7 +387,8 @@ class Relay:
         route = self._route(req.hostname)
         if route is None:
             return fail(404, "no_route", f"no tunnel route for hostname {req.hostname}")
-        decision = decide(route, req.headers)
+        verdict = self.gatekeeper.check(route, req.headers, remote)
+        decision = verdict.decision
         if not decision.allowed:
             return fail(decision.status, decision.code, decision.reason)
         if route.service.startswith("http_status:"):
@@ -332,7 +406,7 @@ class Relay:
         up = StreamInbox(upstream)
         up.send_message(
             ConnectRequest(
-                hostname=req.hostname, type=req.type, metadata={"src": remote}, assertion=None
+                hostname=req.hostname, type=req.type, metadata={"src": remote}, assertion=verdict.assertion
             ).to_dict()
         )
         try:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import time
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from access.assertion import SigningKey
+from access.tokens import SecretHasher, is_client_id
 from control.api import make_app
 from control.openapi import OPENAPI
 from control.secretbox import SecretBox
@@ -29,6 +32,20 @@ class FakeRelay:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
         self.conns: dict[str, list[dict]] = {}
+        self.store: Store | None = None
+        self.buffered: list[dict] = []  # access-log entries not yet written, as the relay buffers them
+
+    def access_changed(self) -> None:
+        self.events.append(("access_changed", ""))
+
+    def keys_rotated(self) -> None:
+        self.events.append(("keys_rotated", ""))
+
+    def flush_access_logs(self) -> None:
+        self.events.append(("flush_access_logs", ""))
+        if self.store is not None and self.buffered:
+            self.store.add_access_logs(self.buffered)
+        self.buffered = []
 
     def config_changed(self, tunnel_id: str) -> None:
         self.events.append(("config_changed", tunnel_id))
@@ -47,6 +64,7 @@ class FakeRelay:
 async def env(tmp_path):
     store = Store(tmp_path / "state.db", SecretBox(os.urandom(32)))
     relay = FakeRelay()
+    relay.store = store
     app = make_app(store, relay, admin_token=ADMIN, edge_info=dict(EDGE_INFO))
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
@@ -78,12 +96,12 @@ def concrete(path: str) -> str:
 
 # --- auth -----------------------------------------------------------------------------------
 
-async def test_every_route_needs_the_admin_token_except_openapi_and_healthz(env) -> None:
+async def test_every_route_needs_the_admin_token_except_openapi_healthz_and_jwks(env) -> None:
     client, _, _ = env
     for method, path in app_routes(client):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN}"}):
             status, body = await call(client, method, concrete(path), headers=headers)
-            if path in ("/openapi.json", "/healthz"):
+            if path in ("/openapi.json", "/healthz", "/cdn-cgi/access/certs"):
                 assert status == 200, path
             else:
                 assert status == 401, (method, path, headers)
@@ -108,7 +126,7 @@ def test_openapi_covers_every_route() -> None:
             assert route.method.lower() in OPENAPI["paths"][path], f"{route.method} {path} missing from openapi"
             seen += 1
     documented = sum(len(ops) for ops in OPENAPI["paths"].values())
-    assert seen == documented >= 12
+    assert seen == documented >= 22
 
 
 # --- tunnels --------------------------------------------------------------------------------
@@ -282,3 +300,316 @@ async def test_secrets_and_tokens_never_reach_the_log(env, caplog) -> None:
     assert "tunnel created" in text  # the log is on…
     for needle in (t["token"], secret_b64, ADMIN):
         assert needle not in text  # …and holds no secret
+
+
+# --- Access: service tokens -----------------------------------------------------------------
+
+def _hasher(store: Store) -> SecretHasher:
+    return SecretHasher(store.service_token_hash_key())
+
+
+async def test_create_service_token_returns_the_secret_once_and_stores_a_keyed_hash(env) -> None:
+    client, store, relay = env
+    before = time.time()
+    status, t = await call(client, "POST", "/v1/access/service-tokens", {"name": "hyperdrive-vpc-01"})
+    assert status == 201
+    assert set(t) == {"id", "name", "client_id", "client_secret", "expires_at"}
+    assert t["name"] == "hyperdrive-vpc-01" and is_client_id(t["client_id"])
+    assert len(t["client_secret"]) == 64
+    stored = store.get_service_token(t["id"])
+    assert stored.client_id == t["client_id"]
+    assert stored.secret_hash != t["client_secret"] and t["client_secret"] not in stored.secret_hash
+    assert _hasher(store).matches(t["client_secret"], stored.secret_hash)
+    # default lifetime: 8760 h
+    assert before + 8760 * 3600 - 5 <= stored.expires_at <= time.time() + 8760 * 3600 + 5
+    assert t["expires_at"].endswith("Z")
+    assert ("access_changed", "") in relay.events
+    # the secret is in no other response
+    for path in ("/v1/access/service-tokens", "/v1/access/apps", "/v1/access/logs", "/v1/tunnels"):
+        resp = await client.get(path, headers=AUTH)
+        text = await resp.text()
+        assert t["client_secret"] not in text and stored.secret_hash not in text, path
+
+
+@pytest.mark.parametrize(
+    "duration, expected",
+    [(None, None), ("non-expiring", None), (3600, 3600.0), ("720h", 720 * 3600.0), ("1h30m", 5400.0)],
+)
+async def test_service_token_durations(env, duration, expected) -> None:
+    client, store, _ = env
+    status, t = await call(client, "POST", "/v1/access/service-tokens", {"name": "t", "duration": duration})
+    assert status == 201, t
+    stored = store.get_service_token("t")
+    if expected is None:
+        assert stored.expires_at is None and t["expires_at"] is None
+    else:
+        assert abs(stored.expires_at - stored.created_at - expected) < 5
+
+
+@pytest.mark.parametrize(
+    "payload, status, message",
+    [
+        ({}, 400, "missing field: name"),
+        ({"name": "bad name"}, 400, "invalid service token name"),
+        ({"name": "t", "duration": 0}, 400, "more than 0"),
+        ({"name": "t", "duration": -5}, 400, "more than 0"),
+        ({"name": "t", "duration": "soon"}, 400, "duration"),
+        ({"name": "t", "duration": True}, 400, "duration"),
+        ({"name": "t", "secret": "mine"}, 400, "unknown field"),
+        ({"name": "dup"}, 409, "already exists"),
+    ],
+)
+async def test_create_service_token_errors(env, payload, status, message) -> None:
+    client, _, _ = env
+    await call(client, "POST", "/v1/access/service-tokens", {"name": "dup"})
+    got, body = await call(client, "POST", "/v1/access/service-tokens", payload)
+    assert got == status and message in body["error"], body
+
+
+async def test_list_service_tokens_never_shows_secrets_or_hashes(env) -> None:
+    client, store, _ = env
+    _, a = await call(client, "POST", "/v1/access/service-tokens", {"name": "a"})
+    _, b = await call(client, "POST", "/v1/access/service-tokens", {"name": "b", "duration": None})
+    await call(client, "POST", "/v1/access/service-tokens", {"name": "c", "duration": 0.01})
+    await call(client, "POST", "/v1/access/service-tokens/b/revoke")
+    time.sleep(0.02)
+    status, listing = await call(client, "GET", "/v1/access/service-tokens")
+    assert status == 200
+    assert [(x["name"], x["status"]) for x in listing] == [("a", "active"), ("b", "revoked"), ("c", "expired")]
+    hashes = {t.secret_hash for t in store.list_service_tokens()}
+    for x in listing:
+        assert set(x) == {"id", "name", "client_id", "status", "created_at", "expires_at", "revoked_at",
+                          "rotated", "previous_secret_expires_at", "previous_secret_active"}
+        assert not any(v in hashes for v in x.values())
+    assert listing[0]["revoked_at"] is None and listing[1]["revoked_at"].endswith("Z")
+    assert listing[1]["expires_at"] is None
+    assert a["client_secret"] not in str(listing) and b["client_secret"] not in str(listing)
+
+
+async def test_rotate_with_grace_keeps_the_previous_secret(env) -> None:
+    client, store, relay = env
+    _, t = await call(client, "POST", "/v1/access/service-tokens", {"name": "tok"})
+    old_hash = store.get_service_token("tok").secret_hash
+    relay.events.clear()
+    status, r = await call(client, "POST", f"/v1/access/service-tokens/{t['client_id']}/rotate", {"grace": "2h"})
+    assert status == 200, r
+    assert set(r) == {"id", "name", "client_id", "client_secret", "previous_secret_expires_at"}
+    assert (r["id"], r["client_id"]) == (t["id"], t["client_id"]) and r["client_secret"] != t["client_secret"]
+    stored = store.get_service_token("tok")
+    h = _hasher(store)
+    assert h.matches(r["client_secret"], stored.secret_hash)
+    assert stored.prev_secret_hash == old_hash and h.matches(t["client_secret"], stored.prev_secret_hash)
+    assert abs(stored.prev_expires_at - (time.time() + 7200)) < 5
+    assert relay.events == [("access_changed", "")]
+    _, listing = await call(client, "GET", "/v1/access/service-tokens")
+    assert listing[0]["rotated"] is True and listing[0]["previous_secret_active"] is True
+    # default grace 24 h; 0 = the old secret stops at once
+    await call(client, "POST", "/v1/access/service-tokens/tok/rotate")
+    assert abs(store.get_service_token("tok").prev_expires_at - (time.time() + 86400)) < 5
+    await call(client, "POST", f"/v1/access/service-tokens/{t['id']}/rotate", {"grace": 0})
+    assert store.get_service_token("tok").prev_expires_at <= time.time()
+    _, listing = await call(client, "GET", "/v1/access/service-tokens")
+    assert listing[0]["previous_secret_active"] is False
+
+
+@pytest.mark.parametrize(
+    "path, payload, status, message",
+    [
+        ("/v1/access/service-tokens/ghost/rotate", {}, 404, "no service token"),
+        ("/v1/access/service-tokens/tok/rotate", {"grace": -1}, 400, "grace"),
+        ("/v1/access/service-tokens/tok/rotate", {"grace": "721h"}, 400, "grace"),
+        ("/v1/access/service-tokens/tok/rotate", {"grace": None}, 400, "grace"),
+        ("/v1/access/service-tokens/tok/rotate", {"grace": "x"}, 400, "grace"),
+        ("/v1/access/service-tokens/ghost/revoke", None, 404, "no service token"),
+    ],
+)
+async def test_rotate_and_revoke_errors(env, path, payload, status, message) -> None:
+    client, _, _ = env
+    await call(client, "POST", "/v1/access/service-tokens", {"name": "tok"})
+    got, body = await call(client, "POST", path, payload)
+    assert got == status and message in body["error"], body
+
+
+async def test_revoke(env) -> None:
+    client, store, relay = env
+    _, t = await call(client, "POST", "/v1/access/service-tokens", {"name": "tok"})
+    relay.events.clear()
+    status, r = await call(client, "POST", f"/v1/access/service-tokens/{t['id']}/revoke")
+    assert status == 200 and r["status"] == "revoked" and r["revoked_at"]
+    assert store.get_service_token("tok").revoked_at is not None
+    assert relay.events == [("access_changed", "")]
+    status, body = await call(client, "POST", "/v1/access/service-tokens/tok/rotate")
+    assert status == 409 and "revoked" in body["error"]
+    # a revoked token's grace-period secret is not shown as working either
+    _, u = await call(client, "POST", "/v1/access/service-tokens", {"name": "u"})
+    await call(client, "POST", "/v1/access/service-tokens/u/rotate", {"grace": "1h"})
+    await call(client, "POST", "/v1/access/service-tokens/u/revoke")
+    _, listing = await call(client, "GET", "/v1/access/service-tokens")
+    assert [x["previous_secret_active"] for x in listing if x["name"] == "u"] == [False]
+
+
+# --- Access: applications -------------------------------------------------------------------
+
+async def test_apps_crud_with_relay_notifications(env) -> None:
+    client, store, relay = env
+    _, tun = await call(client, "POST", "/v1/tunnels", {"name": "vpc-01"})
+    await call(client, "POST", "/v1/tunnels", {"name": "idle"})
+    await call(client, "POST", "/v1/tunnels/vpc-01/routes", {"hostname": "db.internal.example",
+                                                             "service": "tcp://127.0.0.1:5432"})
+    _, tok = await call(client, "POST", "/v1/access/service-tokens", {"name": "hyperdrive-vpc-01"})
+    relay.events.clear()
+    status, app = await call(client, "POST", "/v1/access/apps", {
+        "name": "vpc-01-db", "domains": ["db.internal.example"], "service_tokens": ["hyperdrive-vpc-01"]})
+    assert status == 201, app
+    assert len(app["aud"]) == 64
+    assert app["domains"] == ["db.internal.example"] and app["service_tokens"] == ["hyperdrive-vpc-01"]
+    assert app["service_token_ids"] == [tok["id"]] and app["any_service_token"] is False
+    assert relay.events == [("access_changed", ""), ("config_changed", tun["id"])]
+    _, rules = store.ingress_config(tun["id"])
+    assert rules[0]["access"] == {"required": True, "audTag": [app["aud"]]}
+
+    status, apps = await call(client, "GET", "/v1/access/apps")
+    assert status == 200 and apps == [app]
+
+    # tokens by id or client id; a second app on a wildcard no route uses touches no tunnel
+    relay.events.clear()
+    status, other = await call(client, "POST", "/v1/access/apps", {
+        "name": "other", "domains": ["*.other.example"], "service_tokens": [tok["client_id"]],
+        "any_service_token": True})
+    assert status == 201 and other["service_tokens"] == ["hyperdrive-vpc-01"] and other["any_service_token"]
+    assert relay.events == [("access_changed", "")]
+
+    relay.events.clear()
+    status, gone = await call(client, "DELETE", f"/v1/access/apps/{app['id']}")
+    assert status == 200 and gone["deleted"] is True and gone["aud"] == app["aud"]
+    assert relay.events == [("access_changed", ""), ("config_changed", tun["id"])]
+    assert "access" not in store.ingress_config(tun["id"])[1][0]
+    status, body = await call(client, "DELETE", "/v1/access/apps/vpc-01-db")
+    assert status == 404 and "no Access application" in body["error"]
+
+
+@pytest.mark.parametrize(
+    "payload, status, message",
+    [
+        ({"name": "x", "domains": ["a.example"]}, 400, "needs a policy"),
+        ({"name": "x", "domains": ["a.example"], "service_tokens": [], "any_service_token": False}, 400, "policy"),
+        ({"name": "x", "service_tokens": ["tok"]}, 400, "missing field: domains"),
+        ({"domains": ["a.example"], "service_tokens": ["tok"]}, 400, "missing field: name"),
+        ({"name": "x", "domains": [], "service_tokens": ["tok"]}, 400, "domains"),
+        ({"name": "x", "domains": ["a.example:5432"], "service_tokens": ["tok"]}, 400, "no port"),
+        ({"name": "x", "domains": ["a.example"], "service_tokens": ["ghost"]}, 404, "no service token"),
+        ({"name": "x", "domains": ["a.example"], "service_tokens": "tok"}, 400, "service_tokens"),
+        ({"name": "x", "domains": ["a.example"], "any_service_token": "yes"}, 400, "any_service_token"),
+        ({"name": "x", "domains": ["DB.example"], "any_service_token": True}, 409,
+         "db.example already belongs to Access application 'first'"),
+        ({"name": "first", "domains": ["b.example"], "any_service_token": True}, 409, "already exists"),
+        ({"name": "x", "domains": ["a.example"], "any_service_token": True, "policy": 1}, 400, "unknown field"),
+    ],
+)
+async def test_app_errors(env, payload, status, message) -> None:
+    client, _, relay = env
+    await call(client, "POST", "/v1/access/service-tokens", {"name": "tok"})
+    await call(client, "POST", "/v1/access/apps", {"name": "first", "domains": ["db.example"],
+                                                   "any_service_token": True})
+    relay.events.clear()
+    got, body = await call(client, "POST", "/v1/access/apps", payload)
+    assert got == status and message in body["error"], body
+    assert relay.events == []
+
+
+# --- Access: logs, keys, JWKS ---------------------------------------------------------------
+
+async def test_access_logs_flush_the_relay_first_newest_first_with_limit(env) -> None:
+    client, store, relay = env
+    store.add_access_logs([{"time": 1_700_000_000.0 + i, "decision": "deny", "status": 401, "client_id": None,
+                            "token_id": None, "token_name": None, "app": None, "hostname": "db.example",
+                            "reason": f"stored {i}", "source": "127.0.0.1:5000"} for i in range(3)])
+    relay.buffered = [{"time": 1_700_000_100.0, "decision": "allow", "status": 200, "client_id": "c.access",
+                       "token_id": "tid", "token_name": "tok", "app": "app", "hostname": "db.example",
+                       "reason": "allowed by service token", "source": "127.0.0.1:5001"}]
+    status, rows = await call(client, "GET", "/v1/access/logs?limit=2")
+    assert status == 200
+    assert ("flush_access_logs", "") in relay.events
+    assert [r["reason"] for r in rows] == ["allowed by service token", "stored 2"]
+    assert rows[0]["time"] == "2023-11-14T22:15:00Z" and rows[0]["token_name"] == "tok"
+    assert isinstance(rows[0]["id"], int)
+    status, rows = await call(client, "GET", "/v1/access/logs")
+    assert status == 200 and len(rows) == 4
+    for bad in ("0", "-1", "x", "100001"):
+        status, body = await call(client, "GET", f"/v1/access/logs?limit={bad}")
+        assert status == 400 and "limit" in body["error"]
+
+
+async def test_access_logs_survive_a_failing_relay_flush(env) -> None:
+    client, _, relay = env
+
+    def boom() -> None:
+        raise RuntimeError("relay down")
+
+    relay.flush_access_logs = boom  # type: ignore[method-assign]
+    assert await call(client, "GET", "/v1/access/logs") == (200, [])
+
+
+async def test_key_rotation_and_public_jwks(env) -> None:
+    client, store, relay = env
+    status, doc = await call(client, "GET", "/cdn-cgi/access/certs", headers={})
+    assert status == 200 and doc["keys"] == [] and doc["public_certs"] == []
+
+    status, first = await call(client, "POST", "/v1/access/keys/rotate")
+    assert status == 200 and first["previous_kid"] is None and len(first["kid"]) == 64
+    assert relay.events == [("keys_rotated", "")]
+    status, second = await call(client, "POST", "/v1/access/keys/rotate")
+    assert second["previous_kid"] == first["kid"]
+    status, third = await call(client, "POST", "/v1/access/keys/rotate")
+    assert third["previous_kid"] == second["kid"]
+
+    resp = await client.get("/cdn-cgi/access/certs")  # no Authorization header at all
+    assert resp.status == 200
+    doc = await resp.json()
+    assert [k["kid"] for k in doc["keys"]] == [third["kid"], second["kid"]]  # current first, then previous
+    assert doc["public_cert"]["kid"] == third["kid"]
+    assert [c["kid"] for c in doc["public_certs"]] == [third["kid"], second["kid"]]
+    for jwk in doc["keys"]:
+        assert set(jwk) == {"kty", "alg", "use", "kid", "n", "e"}
+        assert not {"d", "p", "q", "dp", "dq", "qi"} & set(jwk)
+        assert (jwk["kty"], jwk["alg"], jwk["use"]) == ("RSA", "RS256", "sig")
+    text = await resp.text()
+    assert "PRIVATE" not in text
+    # the published key is the stored key's public half
+    pem, created = store.signing_keys()[0]
+    assert SigningKey.from_pem(pem, created).public_jwk() == doc["keys"][0]
+
+
+async def test_service_token_secrets_never_reach_the_log(env, caplog) -> None:
+    client, store, _ = env
+    caplog.set_level(logging.DEBUG)
+    _, t = await call(client, "POST", "/v1/access/service-tokens", {"name": "tok"})
+    _, r = await call(client, "POST", "/v1/access/service-tokens/tok/rotate")
+    await call(client, "POST", "/v1/access/apps", {"name": "a", "domains": ["a.example"], "service_tokens": ["tok"]})
+    await call(client, "POST", "/v1/access/keys/rotate")
+    text = caplog.text
+    assert "service token created" in text and "service token rotated" in text
+    stored = store.get_service_token("tok")
+    for needle in (t["client_secret"], r["client_secret"], stored.secret_hash, stored.prev_secret_hash):
+        assert needle not in text
+    assert "PRIVATE KEY" not in text
+
+
+async def test_make_app_hash_key_defaults_to_the_store_derived_key(tmp_path) -> None:
+    box = SecretBox(os.urandom(32))
+    store = Store(tmp_path / "s.db", box)
+    try:
+        assert store.service_token_hash_key() == box.derive_key(b"service-token-hash")
+        custom = os.urandom(32)
+        client = TestClient(TestServer(make_app(store, FakeRelay(), admin_token=ADMIN, edge_info={},
+                                                hash_key=custom), host="127.0.0.1"))
+        await client.start_server()
+        try:
+            _, t = await call(client, "POST", "/v1/access/service-tokens", {"name": "tok"})
+        finally:
+            await client.close()
+        stored = store.get_service_token("tok")
+        assert SecretHasher(custom).matches(t["client_secret"], stored.secret_hash)
+        assert not SecretHasher(store.service_token_hash_key()).matches(t["client_secret"], stored.secret_hash)
+    finally:
+        store.close()

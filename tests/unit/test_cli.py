@@ -35,8 +35,10 @@ HD = Path(sys.executable).with_name("hd")
 class FakeRelay:
     """Stands in for relay.server.Relay: listens (TLS) so the port is real, nothing more."""
 
-    def __init__(self, store: Store, ssl_context) -> None:
-        self.store, self.ssl_context = store, ssl_context
+    def __init__(self, store: Store, ssl_context, *, hash_key: bytes) -> None:
+        self.store, self.ssl_context, self.hash_key = store, ssl_context, hash_key
+        self.issuer: str | None = None  # set by run_edge before it serves
+        self.issuer_at_api_start: str | None = None
         self.events: list[tuple[str, str]] = []
         self.conns: dict[str, list[dict]] = {}
         self._server: asyncio.Server | None = None
@@ -65,6 +67,15 @@ class FakeRelay:
     def stats(self) -> dict:
         return {}
 
+    def access_changed(self) -> None:
+        self.events.append(("access_changed", ""))
+
+    def keys_rotated(self) -> None:
+        self.events.append(("keys_rotated", ""))
+
+    def flush_access_logs(self) -> None:
+        self.events.append(("flush_access_logs", ""))
+
 
 class EdgeThread:
     """`run_edge` on its own loop in a thread, stopped through its stop_event."""
@@ -77,8 +88,8 @@ class EdgeThread:
         self.relay: FakeRelay | None = None
         self.stop = asyncio.Event()
 
-    def _factory(self, store, ctx) -> FakeRelay:
-        self.relay = FakeRelay(store, ctx)
+    def _factory(self, store, ctx, **kw) -> FakeRelay:
+        self.relay = FakeRelay(store, ctx, **kw)
         return self.relay
 
     def _ready(self, info: dict) -> None:
@@ -179,6 +190,14 @@ def test_edge_writes_its_state_privately(edge) -> None:
     assert info["tunnel_url"] == f"wss://127.0.0.1:{edge.relay.port}"
     assert info["tunnel_address"] == f"127.0.0.1:{edge.relay.port}"
     assert info["cert_pin"].startswith("sha256:") and info["pid"] == os.getpid()
+    assert info["issuer"] == f"https://127.0.0.1:{edge.relay.port}" == edge.relay.issuer
+    box = SecretBox.load_or_create(d / "secret.key")
+    assert edge.relay.hash_key == box.derive_key(b"service-token-hash")  # the API's key, too
+    store = Store(d / "state.db", box)
+    try:
+        assert len(store.signing_keys()) >= 1  # made on first start
+    finally:
+        store.close()
 
 
 async def test_run_edge_advertise_and_restart_keeps_identity(tmp_path) -> None:
@@ -198,6 +217,40 @@ async def test_run_edge_advertise_and_restart_keeps_identity(tmp_path) -> None:
         await asyncio.wait_for(task, 10)
     assert infos[0]["tunnel_address"] == "edge.example:443" and infos[0]["tunnel_url"] == "wss://edge.example:443"
     assert infos[0]["cert_pin"] == infos[1]["cert_pin"]  # the certificate is made once
+    assert infos[0]["issuer"] == "https://edge.example:443"
+    store = Store(tmp_path / "state.db", SecretBox.load_or_create(tmp_path / "secret.key"))
+    try:
+        assert len(store.signing_keys()) == 1  # made on first start, kept on restart
+    finally:
+        store.close()
+
+
+async def test_run_edge_rotates_the_signing_key_when_it_is_old(tmp_path) -> None:
+    relays: list[FakeRelay] = []
+
+    def factory(store, ctx, **kw):
+        relays.append(FakeRelay(store, ctx, **kw))
+        return relays[-1]
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_edge(
+        tmp_path, "127.0.0.1:0", "127.0.0.1:0", lambda info: ready.set(), relay_factory=factory,
+        stop_event=stop, key_rotation=0.3, key_check_interval=0.1))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        store = relays[0].store
+        first = store.signing_keys()[0]
+        deadline = asyncio.get_running_loop().time() + 15
+        while ("keys_rotated", "") not in relays[0].events:
+            assert asyncio.get_running_loop().time() < deadline, "the key was never rotated"
+            await asyncio.sleep(0.05)
+        keys = store.signing_keys()
+        assert len(keys) == 2 and keys[1] == first and keys[0][1] > first[1]  # the previous key is kept
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    with pytest.raises(EdgeError, match="--key-rotation"):
+        await run_edge(tmp_path, "127.0.0.1:0", "127.0.0.1:0", relay_factory=factory, key_rotation=0)
 
 
 async def test_run_edge_port_in_use_is_a_clear_error(tmp_path) -> None:
@@ -355,6 +408,150 @@ def test_console_script_prints_one_json_document(edge) -> None:
     p = subprocess.run([str(HD), "tunnel", "info", "nope", "--json"], env=env, capture_output=True, text=True,
                        timeout=30)
     assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1
+
+
+# --- hd access service-token / app / logs / keys -----------------------------------------------
+
+def test_service_token_lifecycle(edge, capsys) -> None:
+    rc, out, err = hd_in(capsys, edge, "access", "service-token", "create", "hyperdrive-vpc-01", "--json")
+    assert rc == 0 and err == ""
+    t = one_json(out)
+    assert set(t) == {"id", "name", "client_id", "client_secret", "expires_at"}
+    assert t["client_id"].endswith(".access") and t["expires_at"]
+    assert ("access_changed", "") in edge.relay.events
+
+    rc, out, err = hd_in(capsys, edge, "access", "service-token", "create", "forever", "--duration", "non-expiring")
+    assert rc == 0 and err == ""
+    assert "Client ID:" in out and "Client secret:" in out and "expires never" in out
+    assert "it will not be shown again" in out
+    assert "Next: hd access app create APP --domain HOSTNAME --service-token forever" in out
+    secret = next(line.split()[-1] for line in out.splitlines() if "Client secret:" in line)
+    assert len(secret) == 64
+
+    rc, out, _ = hd_in(capsys, edge, "access", "service-token", "create", "short", "--duration", "1h", "--json")
+    assert rc == 0 and one_json(out)["expires_at"]
+
+    rc, out, _ = hd_in(capsys, edge, "access", "service-token", "list", "--json")
+    listing = {x["name"]: x for x in one_json(out)}
+    assert listing["forever"]["expires_at"] is None and listing["hyperdrive-vpc-01"]["status"] == "active"
+    assert secret not in out and t["client_secret"] not in out
+    rc, out, _ = hd_in(capsys, edge, "access", "service-token", "list")
+    assert out.splitlines()[0].split() == ["NAME", "CLIENT", "ID", "STATUS", "EXPIRES", "PREVIOUS", "SECRET",
+                                           "CREATED"]
+    assert secret not in out and t["client_secret"] not in out
+
+    # rotate by client id, with a grace period
+    rc, out, err = hd_in(capsys, edge, "access", "service-token", "rotate", t["client_id"], "--grace", "2h", "--json")
+    assert rc == 0 and err == ""
+    r = one_json(out)
+    assert set(r) == {"id", "name", "client_id", "client_secret", "previous_secret_expires_at"}
+    assert r["client_secret"] != t["client_secret"] and r["id"] == t["id"]
+    rc, out, _ = hd_in(capsys, edge, "access", "service-token", "rotate", "hyperdrive-vpc-01")
+    assert rc == 0 and "New client secret:" in out and "keeps working until" in out
+    rc, out, _ = hd_in(capsys, edge, "access", "service-token", "rotate", "hyperdrive-vpc-01", "--grace", "0s")
+    assert rc == 0 and "no longer works" in out
+
+    rc, out, _ = hd_in(capsys, edge, "access", "service-token", "revoke", t["id"])
+    assert rc == 0 and "Revoked service token hyperdrive-vpc-01" in out
+    rc, out, _ = hd_in(capsys, edge, "access", "service-token", "revoke", "short", "--json")
+    assert one_json(out)["status"] == "revoked"
+    rc, out, err = hd_in(capsys, edge, "access", "service-token", "rotate", "short")
+    one_line_error(rc, out, err, "revoked")
+
+
+def test_access_app_lifecycle_logs_and_keys(edge, capsys) -> None:
+    _, out, _ = hd_in(capsys, edge, "tunnel", "create", "app-tun", "--json")
+    tid = one_json(out)["id"]
+    hd_in(capsys, edge, "tunnel", "route", "app-tun", "db.app.example", "--service", "tcp://127.0.0.1:5432")
+    hd_in(capsys, edge, "access", "service-token", "create", "app-tok")
+    edge.relay.events.clear()
+    rc, out, err = hd_in(capsys, edge, "access", "app", "create", "app-db", "--domain", "db.app.example",
+                         "--domain", "*.more.example", "--service-token", "app-tok", "--json")
+    assert rc == 0 and err == ""
+    a = one_json(out)
+    assert a["domains"] == ["db.app.example", "*.more.example"] and a["service_tokens"] == ["app-tok"]
+    assert ("config_changed", tid) in edge.relay.events and ("access_changed", "") in edge.relay.events
+
+    rc, out, err = hd_in(capsys, edge, "access", "app", "create", "app-any", "--domain", "any.app.example",
+                         "--any-service-token")
+    assert rc == 0 and err == ""
+    assert "allowing any service token" in out
+    aud = next(line.split()[-1] for line in out.splitlines() if line.startswith("AUD tag:"))
+    assert len(aud) == 64
+    assert "Next: hd access tcp --hostname any.app.example" in out
+
+    rc, out, _ = hd_in(capsys, edge, "access", "app", "list")
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "DOMAINS", "ALLOWS", "AUD", "CREATED"]
+    assert any(line.startswith("app-db") and "service token(s) app-tok" in line for line in lines)
+    rc, out, _ = hd_in(capsys, edge, "access", "app", "list", "--json")
+    assert {x["name"] for x in one_json(out)} >= {"app-db", "app-any"}
+
+    rc, out, err = hd_in(capsys, edge, "access", "app", "create", "clash", "--domain", "db.app.example",
+                         "--any-service-token")
+    one_line_error(rc, out, err, "already belongs to Access application 'app-db'")
+    rc, out, err = hd_in(capsys, edge, "access", "app", "create", "nopolicy", "--domain", "x.example")
+    one_line_error(rc, out, err, "--service-token")
+    assert rc == 2
+
+    rc, out, _ = hd_in(capsys, edge, "access", "app", "delete", a["id"])
+    assert rc == 0 and "Deleted Access application app-db" in out
+    rc, out, _ = hd_in(capsys, edge, "access", "app", "delete", "app-any", "--json")
+    assert one_json(out)["deleted"] is True
+    rc, out, err = hd_in(capsys, edge, "access", "app", "delete", "app-any")
+    one_line_error(rc, out, err, "no Access application")
+
+    # logs: flushed from the relay, newest first
+    store = edge.relay.store
+    edge.relay.events.clear()
+    rc, out, _ = hd_in(capsys, edge, "access", "logs", "--json")
+    assert rc == 0 and one_json(out) == [] and ("flush_access_logs", "") in edge.relay.events
+    rc, out, _ = hd_in(capsys, edge, "access", "logs")
+    assert "No access decisions" in out
+    edge.loop.call_soon_threadsafe(store.add_access_logs, [
+        {"time": time.time() - 60 + i, "decision": "deny" if i else "allow", "status": 403 if i else 200,
+         "client_id": "c.access", "token_id": None, "token_name": "app-tok" if not i else None, "app": "app-db",
+         "hostname": "db.app.example", "reason": f"reason {i}", "source": "127.0.0.1:1"} for i in range(3)])
+    time.sleep(0.2)
+    rc, out, _ = hd_in(capsys, edge, "access", "logs", "--limit", "2", "--json")
+    assert [e["reason"] for e in one_json(out)] == ["reason 2", "reason 1"]
+    rc, out, _ = hd_in(capsys, edge, "access", "logs")
+    lines = out.splitlines()
+    assert lines[0].split() == ["TIME", "DECISION", "STATUS", "TOKEN", "APP", "HOSTNAME", "REASON"]
+    assert "deny" in lines[1] and "c.access" in lines[1] and "reason 2" in lines[1]
+    assert "allow" in lines[3] and "app-tok" in lines[3]
+    rc, out, err = hd_in(capsys, edge, "access", "logs", "--limit", "0")
+    one_line_error(rc, out, err, "--limit")
+
+    # keys
+    edge.relay.events.clear()
+    rc, out, err = hd_in(capsys, edge, "access", "keys", "rotate", "--json")
+    assert rc == 0 and err == ""
+    k = one_json(out)
+    assert len(k["kid"]) == 64 and k["previous_kid"] and ("keys_rotated", "") in edge.relay.events
+    rc, out, _ = hd_in(capsys, edge, "access", "keys", "rotate")
+    assert rc == 0 and f"the previous key {k['kid']} stays published" in out
+
+
+@pytest.mark.parametrize(
+    "args, needle, code",
+    [
+        (["access", "service-token", "create", "x", "--duration", "soon"], "invalid duration", 2),
+        (["access", "service-token", "create", "x", "--duration", "0s"], "more than 0", 2),
+        (["access", "service-token", "create", "bad name"], "invalid service token name", 1),
+        (["access", "service-token", "rotate", "ghost"], "no service token", 1),
+        (["access", "service-token", "rotate", "ghost", "--grace", "later"], "invalid duration", 2),
+        (["access", "service-token", "revoke", "ghost"], "no service token", 1),
+        (["access", "app", "create", "x", "--service-token", "t"], "Missing option '--domain'", 2),
+        (["access", "app", "create", "x", "--domain", "h.example", "--service-token", "ghost"], "no service token", 1),
+        (["access", "app", "delete", "ghost"], "no Access application", 1),
+    ],
+)
+def test_access_admin_mistakes_are_one_line(edge, capsys, args, needle, code) -> None:
+    for extra in ([], ["--json"]):
+        rc, out, err = hd_in(capsys, edge, *args, *extra)
+        one_line_error(rc, out, err, needle)
+        assert rc == code
 
 
 # --- hd access tcp / ssh and edge resolution --------------------------------------------------

@@ -9,10 +9,14 @@ import stat
 import pytest
 
 from control.secretbox import SecretBox, SecretBoxError
+import control.store as store_mod
 from control.store import (
+    MIGRATIONS,
+    AccessApp,
     ConflictError,
     NotFoundError,
     Route,
+    ServiceToken,
     Store,
     StoreError,
     ValidationError,
@@ -115,7 +119,7 @@ def test_tunnel_secret_is_encrypted_at_rest_and_survives_reopen(tmp_path, box) -
 def test_schema_is_versioned_and_refuses_a_newer_one(tmp_path, box) -> None:
     s = Store(tmp_path / "state.db", box)
     assert stat.S_IMODE(os.stat(tmp_path / "state.db").st_mode) == 0o600
-    assert s.schema_version == 1
+    assert s.schema_version == 2
     assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
     db = sqlite3.connect(tmp_path / "state.db")
@@ -287,3 +291,289 @@ def test_ingress_config_orders_rules_and_ends_with_catch_all(store: Store) -> No
     assert store.ingress_config(other.id) == (1, [{"service": "http_status:404"}])
     with pytest.raises(NotFoundError):
         store.ingress_config("missing")
+
+
+# --- schema migration -----------------------------------------------------------------------
+
+def test_a_version_1_database_migrates_to_version_2_keeping_its_data(tmp_path, box) -> None:
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.executescript(MIGRATIONS[0])
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (1)")
+    db.execute(
+        "INSERT INTO tunnels VALUES (?, 'old', ?, 1.0, 3)",
+        ("0b6c3c8e-5a43-4a86-8d3e-2b1b0c2f2d10",
+         box.encrypt(b"s" * 32, aad=b"0b6c3c8e-5a43-4a86-8d3e-2b1b0c2f2d10")),
+    )
+    db.commit()
+    db.close()
+    s = Store(tmp_path / "state.db", box)
+    try:
+        assert s.schema_version == 2
+        assert s.get_tunnel("old").config_version == 3
+        assert s.list_service_tokens() == [] and s.list_apps() == [] and s.signing_keys() == []
+    finally:
+        s.close()
+
+
+def test_secretbox_derive_key_is_stable_per_label_and_not_the_key(tmp_path) -> None:
+    key = os.urandom(32)
+    a, b = SecretBox(key), SecretBox(key)
+    assert a.derive_key(b"service-token-hash") == b.derive_key(b"service-token-hash")
+    assert len(a.derive_key(b"x")) == 32 and a.derive_key(b"x") != a.derive_key(b"y")
+    assert a.derive_key(b"x") != key
+    assert SecretBox(os.urandom(32)).derive_key(b"x") != a.derive_key(b"x")
+    with pytest.raises(ValueError):
+        a.derive_key(b"")
+
+
+# --- service tokens -------------------------------------------------------------------------
+
+CID = "0123456789abcdef0123456789abcdef.access"
+CID2 = "fedcba9876543210fedcba9876543210.access"
+
+
+def test_create_and_find_service_tokens(store: Store) -> None:
+    t = store.create_service_token("hyperdrive-vpc-01", CID, "hash-1", 1_800_000_000.0)
+    assert isinstance(t, ServiceToken)
+    assert (t.name, t.client_id, t.secret_hash, t.prev_secret_hash, t.prev_expires_at, t.expires_at,
+            t.revoked_at) == ("hyperdrive-vpc-01", CID, "hash-1", None, None, 1_800_000_000.0, None)
+    assert store.get_service_token(t.id) == t
+    assert store.get_service_token("hyperdrive-vpc-01") == t
+    assert store.get_service_token(CID) == t
+    assert store.token_by_client_id(CID) == t
+    assert store.token_by_client_id("hyperdrive-vpc-01") is None  # only the client id
+    assert store.get_service_token("nope") is None
+    forever = store.create_service_token("forever", CID2, "hash-2", None)
+    assert forever.expires_at is None and store.get_service_token("forever").expires_at is None
+    assert [x.name for x in store.list_service_tokens()] == ["hyperdrive-vpc-01", "forever"]
+    assert "hash-1" not in repr(t)  # hashes stay out of logs and tracebacks
+
+
+def test_service_token_name_conflicts_and_validation(store: Store) -> None:
+    store.create_service_token("a", CID, "h", None)
+    with pytest.raises(ConflictError, match="already exists"):
+        store.create_service_token("a", CID2, "h", None)
+    with pytest.raises(ConflictError, match="client id"):
+        store.create_service_token("b", CID, "h", None)
+    for bad in ("", "has space", "0b6c3c8e-5a43-4a86-8d3e-2b1b0c2f2d10", CID2):
+        with pytest.raises(ValidationError, match="service token name"):
+            store.create_service_token(bad, CID2, "h", None)
+    with pytest.raises(ValidationError, match="client id"):
+        store.create_service_token("c", "not-a-client-id", "h", None)
+    with pytest.raises(ValidationError, match="client id"):
+        store.create_service_token("c", CID2 + "\n", "h", None)
+
+
+def test_rotate_keeps_the_previous_hash_until_its_expiry(store: Store) -> None:
+    t = store.create_service_token("a", CID, "hash-1", None)
+    r = store.rotate_service_token(t.id, "hash-2", 1_700_086_400.0)
+    assert (r.secret_hash, r.prev_secret_hash, r.prev_expires_at) == ("hash-2", "hash-1", 1_700_086_400.0)
+    assert (r.id, r.client_id, r.created_at) == (t.id, t.client_id, t.created_at)  # same token, same client id
+    assert store.token_by_client_id(CID) == r
+    # a second rotation drops the oldest secret
+    r2 = store.rotate_service_token("a", "hash-3", 5.0)
+    assert (r2.secret_hash, r2.prev_secret_hash, r2.prev_expires_at) == ("hash-3", "hash-2", 5.0)
+    with pytest.raises(NotFoundError):
+        store.rotate_service_token("ghost", "x", 1.0)
+
+
+def test_revoke_sets_revoked_at_once_and_blocks_rotation(store: Store) -> None:
+    t = store.create_service_token("a", CID, "hash-1", None)
+    r = store.revoke_service_token(t.id)
+    assert r.revoked_at is not None and r.revoked_at > t.created_at
+    assert store.revoke_service_token("a").revoked_at == r.revoked_at  # idempotent
+    with pytest.raises(ConflictError, match="revoked"):
+        store.rotate_service_token(t.id, "hash-2", 1.0)
+    with pytest.raises(NotFoundError):
+        store.revoke_service_token("ghost")
+
+
+# --- applications ---------------------------------------------------------------------------
+
+def test_create_get_list_delete_app(store: Store) -> None:
+    tok = store.create_service_token("tok", CID, "h", None)
+    app = store.create_app("vpc-01-db", ["DB.Internal.Example", "db.internal.example"], [tok.id, tok.id], False)
+    assert isinstance(app, AccessApp)
+    assert app.domains == ("db.internal.example",) and app.token_ids == (tok.id,) and app.any_token is False
+    assert len(app.aud) == 64 and int(app.aud, 16) >= 0
+    assert store.get_app(app.id) == app == store.get_app("vpc-01-db")
+    other = store.create_app("any", ["*.other.example"], [], True)
+    assert other.aud != app.aud
+    assert [a.name for a in store.list_apps()] == ["vpc-01-db", "any"]
+    assert store.delete_app("vpc-01-db") == app
+    assert store.delete_app("vpc-01-db") is None
+    assert store.get_app(app.id) is None and store.app_for_hostname("db.internal.example") is None
+    assert [a.name for a in store.list_apps()] == ["any"]
+
+
+def test_app_aud_is_fixed_forever(tmp_path, box) -> None:
+    s = Store(tmp_path / "state.db", box)
+    s.create_service_token("tok", CID, "h", None)
+    aud = s.create_app("a", ["a.example"], [s.get_service_token("tok").id], False).aud
+    s.rotate_service_token("tok", "h2", 1.0)
+    s.close()
+    s = Store(tmp_path / "state.db", box)
+    assert s.get_app("a").aud == aud
+    s.close()
+
+
+def test_app_validation_and_conflicts(store: Store) -> None:
+    tok = store.create_service_token("tok", CID, "h", None)
+    store.create_app("first", ["db.example", "*.w.example"], [tok.id], False)
+    with pytest.raises(ConflictError, match="already exists"):
+        store.create_app("first", ["x.example"], [tok.id], False)
+    with pytest.raises(ConflictError, match="db.example already belongs to Access application 'first'"):
+        store.create_app("second", ["x.example", "DB.example"], [tok.id], False)
+    with pytest.raises(ConflictError, match="'first'"):
+        store.create_app("second", ["*.w.example"], [tok.id], False)
+    assert store.get_app("second") is None  # nothing half-created
+    # an exact name under another app's wildcard is a different domain: allowed (exact wins)
+    store.create_app("third", ["pg.w.example"], [], True)
+    with pytest.raises(ValidationError, match="policy"):
+        store.create_app("x", ["y.example"], [], False)
+    with pytest.raises(ValidationError, match="domain"):
+        store.create_app("x", [], [tok.id], False)
+    with pytest.raises(ValidationError, match="port"):
+        store.create_app("x", ["y.example:5432"], [tok.id], False)
+    with pytest.raises(ValidationError, match="first label"):
+        store.create_app("x", ["a.*.example"], [tok.id], False)
+    with pytest.raises(NotFoundError):
+        store.create_app("x", ["y.example"], ["0b6c3c8e-5a43-4a86-8d3e-2b1b0c2f2d10"], False)
+    store.revoke_service_token(tok.id)
+    with pytest.raises(ValidationError, match="revoked"):
+        store.create_app("x", ["y.example"], [tok.id], False)
+    with pytest.raises(ValidationError, match="application name"):
+        store.create_app("bad name", ["y.example"], [], True)
+
+
+def test_app_for_hostname_exact_first_then_longest_wildcard(store: Store) -> None:
+    a = store.create_app("a", ["*.example.com"], [], True)
+    b = store.create_app("b", ["*.db.example.com"], [], True)
+    c = store.create_app("c", ["pg.db.example.com"], [], True)
+    assert store.app_for_hostname("pg.db.example.com") == c
+    assert store.app_for_hostname("PG.db.example.com.") == c
+    assert store.app_for_hostname("pg.db.example.com:5432") == c
+    assert store.app_for_hostname("my.db.example.com") == b
+    assert store.app_for_hostname("a.b.db.example.com") == b
+    assert store.app_for_hostname("db.example.com") == a
+    assert store.app_for_hostname("www.example.com") == a
+    assert store.app_for_hostname("example.com") is None  # a wildcard never covers its bare domain
+    assert store.app_for_hostname("other.org") is None
+    assert store.app_for_hostname("") is None
+    # a wildcard route hostname is covered by the same or a shorter wildcard
+    assert store.app_for_hostname("*.db.example.com") == b
+    assert store.app_for_hostname("*.x.example.com") == a
+
+
+# --- ingress config with Access ---------------------------------------------------------------
+
+def test_ingress_config_requires_access_only_on_covered_non_public_routes(store: Store) -> None:
+    t = store.create_tunnel("t")
+    store.add_route(t.id, "db.example", "tcp://h:1", False)
+    store.add_route(t.id, "open.example", "tcp://h:2", True)
+    store.add_route(t.id, "free.example", "tcp://h:3", False)  # no app: refused by the relay, no access key
+    store.add_route(t.id, "*.w.example", "tcp://h:4", False)
+    v0 = store.get_tunnel("t").config_version
+    app = store.create_app("app", ["db.example", "open.example", "*.w.example"], [], True)
+    assert store.get_tunnel("t").config_version == v0 + 1  # one bump per change
+    version, rules = store.ingress_config(t.id)
+    assert version == v0 + 1
+    by_host = {r.get("hostname"): r for r in rules}
+    assert by_host["db.example"]["access"] == {"required": True, "audTag": [app.aud]}
+    assert by_host["*.w.example"]["access"] == {"required": True, "audTag": [app.aud]}
+    assert "access" not in by_host["open.example"]  # public: no assertion to check
+    assert "access" not in by_host["free.example"]
+    assert rules[-1] == {"service": "http_status:404"}
+    store.delete_app("app")
+    version, rules = store.ingress_config(t.id)
+    assert version == v0 + 2 and not any("access" in r for r in rules)
+
+
+def test_app_changes_bump_only_the_tunnels_they_touch(store: Store) -> None:
+    a, b, c = store.create_tunnel("a"), store.create_tunnel("b"), store.create_tunnel("c")
+    store.add_route(a.id, "db.example", "tcp://h:1", False)
+    store.add_route(b.id, "x.w.example", "tcp://h:1", False)
+    store.add_route(c.id, "public.w.example", "tcp://h:1", True)
+    store.add_route(c.id, "other.example", "tcp://h:1", False)
+    versions = {t: store.get_tunnel(t).config_version for t in "abc"}
+    store.create_app("wild", ["*.w.example", "db.example"], [], True)
+    assert {t: store.get_tunnel(t).config_version for t in "abc"} == {
+        "a": versions["a"] + 1, "b": versions["b"] + 1, "c": versions["c"]}
+    # an exact app shadowing the wildcard changes b's aud tag again; a is untouched
+    store.create_app("exact", ["x.w.example"], [], True)
+    assert store.get_tunnel("a").config_version == versions["a"] + 1
+    assert store.get_tunnel("b").config_version == versions["b"] + 2
+    # an app no route uses bumps nobody
+    store.create_app("unused", ["nothing.example"], [], True)
+    store.delete_app("unused")
+    assert {t: store.get_tunnel(t).config_version for t in "abc"} == {
+        "a": versions["a"] + 1, "b": versions["b"] + 2, "c": versions["c"]}
+    store.delete_app("wild")
+    assert store.get_tunnel("a").config_version == versions["a"] + 2
+    assert store.get_tunnel("b").config_version == versions["b"] + 2  # still covered by "exact"
+
+
+# --- signing keys ---------------------------------------------------------------------------
+
+def test_signing_keys_are_encrypted_at_rest_and_only_two_are_kept(tmp_path, box) -> None:
+    from access.assertion import SigningKey
+
+    s = Store(tmp_path / "state.db", box)
+    keys = [SigningKey.generate(now=1000.0 + i) for i in range(3)]
+    for k in keys:
+        s.add_signing_key(k.private_pem(), k.created_at)
+    got = s.signing_keys()
+    assert [created for _, created in got] == [1002.0, 1001.0]  # newest first, oldest dropped
+    assert [SigningKey.from_pem(pem, c).kid for pem, c in got] == [keys[2].kid, keys[1].kid]
+    s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    s.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("state.db"))
+    assert b"PRIVATE KEY" not in raw and b"-----BEGIN" not in raw
+    assert all(k.private_pem()[40:100] not in raw for k in keys)
+    s2 = Store(tmp_path / "state.db", box)
+    assert [c for _, c in s2.signing_keys()] == [1002.0, 1001.0]
+    s2.close()
+    wrong = Store(tmp_path / "state.db", SecretBox(os.urandom(32)))
+    with pytest.raises(SecretBoxError):
+        wrong.signing_keys()
+    wrong.close()
+
+
+# --- access log -----------------------------------------------------------------------------
+
+def _entry(i: int, **kw) -> dict:
+    e = {"time": 1000.0 + i, "decision": "allow" if i % 2 else "deny", "status": 200 if i % 2 else 401,
+         "client_id": CID, "token_id": None, "token_name": "tok", "app": "app", "hostname": "db.example",
+         "reason": f"r{i}", "source": "127.0.0.1"}
+    e.update(kw)
+    return e
+
+
+def test_access_log_is_newest_first_with_limit(store: Store) -> None:
+    assert store.access_logs() == []
+    store.add_access_logs([_entry(i) for i in range(5)])
+    store.add_access_logs([])
+    store.add_access_logs([_entry(9, client_id=None, token_name=None, app=None)])
+    rows = store.access_logs(limit=3)
+    assert [r["reason"] for r in rows] == ["r9", "r4", "r3"]
+    assert set(rows[0]) == {"id", "time", "decision", "status", "client_id", "token_id", "token_name", "app",
+                            "hostname", "reason", "source"}
+    assert rows[0]["client_id"] is None and rows[0]["app"] is None and rows[0]["status"] == 200
+    assert rows[1] == {"id": rows[1]["id"], **_entry(4)}
+    assert len(store.access_logs()) == 6
+    # ordered by time even when a batch arrives late
+    store.add_access_logs([_entry(-10, reason="late")])
+    assert store.access_logs(100)[-1]["reason"] == "late"
+    with pytest.raises(ValidationError):
+        store.access_logs(0)
+
+
+def test_access_log_keeps_only_the_newest_rows(store: Store, monkeypatch) -> None:
+    monkeypatch.setattr(store_mod, "ACCESS_LOG_MAX_ROWS", 10)
+    store.add_access_logs([_entry(i) for i in range(7)])
+    store.add_access_logs([_entry(i) for i in range(7, 14)])
+    rows = store.access_logs(1000)
+    assert len(rows) == 10 and [r["reason"] for r in rows] == [f"r{i}" for i in range(13, 3, -1)]
+    store.add_access_logs([_entry(14)])
+    assert [r["reason"] for r in store.access_logs(1000)][-1] == "r5"
