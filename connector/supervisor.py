@@ -45,12 +45,23 @@ class Orchestrator:
 
     def __init__(self) -> None:
         self.config: IngressConfig = EMPTY
+        self.ready = asyncio.Event()  # set once a config has been applied
 
     def update(self, version: int, rules: list[dict[str, Any]]) -> bool:
         if version <= self.config.version:
             return False
         self.config = IngressConfig.parse(version, rules)
+        self.ready.set()
         return True
+
+    async def current(self, timeout: float = 5.0) -> IngressConfig:
+        """The applied config; a stream that races the first push waits for it (bounded)."""
+        if not self.ready.is_set():
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.config
 
 
 class Supervisor:
@@ -268,7 +279,7 @@ class Supervisor:
             if not stream.closed:
                 stream.reset(RST_PROTOCOL, f"expected a ConnectRequest: {exc}")
             return
-        rule = self.orchestrator.config.match(req.hostname)
+        rule = (await self.orchestrator.current()).match(req.hostname)
         service = rule.service
         if service.kind == "http_status":
             refuse(inbox, ConnectResponse.fail(
