@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from typing import Callable
 
 from tunnel.link import LinkStream
 from tunnel.messages import RST_CANCEL
 
 log = logging.getLogger(__name__)
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 class TcpStreamSplice(asyncio.Protocol):
@@ -141,6 +144,13 @@ class TcpStreamSplice(asyncio.Protocol):
     def stream_reset(self, code: int, reason: str) -> None:
         self._done = True
         if self.transport is not None:
+            # Pass the abort on as a TCP RST (not a clean FIN), so the peer knows it was cut off.
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+                except OSError:
+                    pass
             self.transport.abort()
 
     def stream_pause(self) -> None:

@@ -280,3 +280,13 @@ def test_no_secret_in_any_log_or_in_the_database(edge, pg_cluster):
             assert secret.encode() not in blob, f"a secret in clear text in {path.name}"
         if path.suffix == ".log" and "connector" not in path.name:
             assert tunnel_secret.encode() not in blob, f"the tunnel secret in {path.name}"
+
+
+def test_repeated_failures_from_one_source_are_rate_limited(protected):
+    edge, allowed, other, app, conn = protected
+    fwd = _client(edge, allowed, "guessing", secret="f" * 64)
+    for _ in range(20):  # the relay's default: 20 failures a minute per source
+        assert not _attempt(fwd)
+    _refused_with(fwd, "429 rate_limited")
+    logs = edge.hd("access", "logs", "--limit", "5")
+    assert logs[0]["status"] == 429 and "too many failed credential checks" in logs[0]["reason"]

@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -210,3 +211,63 @@ async def test_relay_restart_connector_reregisters_by_itself(edge_factory):
             # New connections work again (the access client re-dials the edge on demand).
             await _echo_roundtrips(*fwd.address, 2, 3)
             assert "reconnecting in" in conn.log_text()
+
+
+async def test_half_close_and_reset_are_honoured_both_ways(edge):
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(100)
+        if first == b"reset me":
+            # Abort with RST (SO_LINGER 0): the client must see a reset, not a clean EOF.
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        if first == b"wait":
+            try:
+                more = await reader.read()
+                await events.put(f"origin saw EOF after {more!r}")
+            except ConnectionResetError:
+                await events.put("origin saw reset")
+            return
+        # Half-close: the client has sent FIN; we can still answer, then close.
+        rest = await reader.read()
+        writer.write(b"got:" + first + rest)
+        await writer.drain()
+        writer.close()
+        await events.put("half-closed ok")
+
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    t = make_tunnel(edge, "resets", {"o.internal.example": f"tcp://127.0.0.1:{port}"})
+    try:
+        with ConnectorProc(edge, t["token"], tunnel=t["id"]).start(), \
+                AccessTcpProc(edge, "o.internal.example").start() as fwd:
+            r, w = await asyncio.open_connection(*fwd.address)
+            w.write(b"abc")
+            await w.drain()
+            await asyncio.sleep(0.05)
+            w.write(b"def")
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 10) == b"got:abcdef"
+            assert await asyncio.wait_for(events.get(), 10) == "half-closed ok"
+            w.close()
+
+            r, w = await asyncio.open_connection(*fwd.address)
+            w.write(b"reset me")
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(r.read(), 10)
+            w.close()
+
+            # The other way: the client aborts, the origin sees a reset too.
+            r, w = await asyncio.open_connection(*fwd.address)
+            w.write(b"wait")
+            await w.drain()
+            await asyncio.sleep(0.2)
+            w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+            assert await asyncio.wait_for(events.get(), 10) == "origin saw reset"
+            await async_poll_until(lambda: relay_stats(edge)["bridges_active"] == 0, 10, what="streams to close")
+    finally:
+        server.close()
