@@ -110,23 +110,25 @@ def _children_map() -> dict[int, list[int]]:
     return kids
 
 
-def proc_cpu(pid: int, tree: bool = False, kids: dict[int, list[int]] | None = None) -> float | None:
-    """CPU seconds (user+system, all threads) of `pid`; with `tree`, plus its reaped children
-    (cutime+cstime) and its live descendants (e.g. PostgreSQL backends)."""
+def proc_cpu(pid: int, tree: bool = False, kids: dict[int, list[int]] | None = None) -> tuple[float, float] | None:
+    """(user, system) CPU seconds, all threads, of `pid`; with `tree`, plus its reaped children
+    (cutime/cstime) and its live descendants (e.g. PostgreSQL backends)."""
     f = _stat_fields(pid)
     if f is None:
         return None
-    ticks = int(f[11]) + int(f[12])
+    user, sys_ = int(f[11]), int(f[12])
     if tree:
-        ticks += int(f[13]) + int(f[14])
+        user += int(f[13])
+        sys_ += int(f[14])
         stack = list((kids or {}).get(pid, ()))
         while stack:
             c = stack.pop()
             cf = _stat_fields(c)
             if cf is not None:
-                ticks += int(cf[11]) + int(cf[12])
+                user += int(cf[11])
+                sys_ += int(cf[12])
             stack.extend((kids or {}).get(c, ()))
-    return ticks / CLK_TCK
+    return user / CLK_TCK, sys_ / CLK_TCK
 
 
 def box_cpu() -> tuple[int, int, int, int]:
@@ -262,11 +264,12 @@ class Profiler:
 
 def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     wall = b["t"] - a["t"]
-    per = {}
+    per, per_sys = {}, {}
     for name, v1 in b["cpu"].items():
         v0 = a["cpu"].get(name)
         if v0 is not None and v1 is not None:
-            per[name] = round(v1 - v0, 3)
+            per[name] = round(v1[0] + v1[1] - v0[0] - v0[1], 3)
+            per_sys[name] = round(v1[1] - v0[1], 3)
     busy0, steal0, sirq0, tot0 = a["box"]
     busy1, steal1, sirq1, tot1 = b["box"]
     dt = max(1, tot1 - tot0)
@@ -274,7 +277,7 @@ def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     # busy CPU time of the whole box not charged to a tracked process (other programs on the
     # box, kernel threads, ksoftirqd, and reaped children such as pgbench)
     other = (busy1 - busy0) / CLK_TCK - sum(per.values()) - children
-    return {"wall_s": round(wall, 3), "cpu_s": per,
+    return {"wall_s": round(wall, 3), "cpu_s": per, "cpu_sys_s": per_sys,
             "box_busy_pct": round(100.0 * (busy1 - busy0) / dt, 1),
             "box_softirq_pct": round(100.0 * (sirq1 - sirq0) / dt, 1),
             "box_steal_pct": round(100.0 * (steal1 - steal0) / dt, 1),
@@ -523,9 +526,23 @@ def add_cost(res: dict[str, Any], cmd: dict[str, Any]) -> None:
     res["cpu"]["cost"] = {n: round(v * scale / units, 3) for n, v in res["cpu"]["cpu_s"].items()}
 
 
+KEY_METRIC = {"latency": "p50_us", "rps_1": "rps", "rps_10": "rps", "rps_100": "rps", "bulk": "gbit_s",
+              "connect": "p50_us", "pgbench": "tps"}
+
+
+def pick_median(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose `key` is the median (lower middle for an even count), with the spread of
+    `key` over all runs attached; its CPU figures stay consistent with its own numbers."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    values = [r[key] for r in runs]
+    chosen["repeats"] = {"key": key, "values": values, "min": min(values), "max": max(values)}
+    return chosen
+
+
 def measure(stack: Stack, args: argparse.Namespace, paths: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """Alternate direct/tunnel per figure so slow drift of the box hits both alike."""
-    out: dict[str, dict[str, Any]] = {p: {} for p in paths}
+    """Every figure --repeat times; direct and tunnel alternate per figure (so slow drift of a
+    shared box hits both alike); the median run of each figure is reported."""
     t = float(args.duration)
     for path, ports in paths.items():  # untimed warm-up of both paths (imports, first streams)
         stack.loadgen.call({"op": "latency", "host": HOST, "port": ports["echo"], "warmup": 50, "count": 50})
@@ -538,10 +555,13 @@ def measure(stack: Stack, args: argparse.Namespace, paths: dict[str, dict[str, i
                                             "warmup_s": min(1.0, 0.2 * t), "timeout": t + 90.0}))
     steps.append(("bulk", "sink", {"op": "bulk", "mib": args.bulk_mib, "timeout": 300.0}))
     steps.append(("connect", "echo", {"op": "connect", "count": args.connect_count, "size": 64, "timeout": 120.0}))
-    for figure, server, cmd in steps:
-        for path, ports in paths.items():
-            out[path][figure] = run_phase(stack, f"{path}/{figure}", {**cmd, "host": HOST, "port": ports[server]})
-    return out
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {p: {f: [] for f, _, _ in steps} for p in paths}
+    for rep in range(args.repeat):
+        for figure, server, cmd in steps:
+            for path, ports in paths.items():
+                tag = f"{path}/{figure}" + (f" #{rep + 1}" if args.repeat > 1 else "")
+                runs[path][figure].append(run_phase(stack, tag, {**cmd, "host": HOST, "port": ports[server]}))
+    return {path: {fig: pick_median(rs, KEY_METRIC[fig]) for fig, rs in figs.items()} for path, figs in runs.items()}
 
 
 # ------------------------------------------------------------------------------ pgbench
@@ -574,8 +594,12 @@ def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: d
         except subprocess.TimeoutExpired:
             raise BenchError(f"pgbench ({label}) did not finish within {duration + 60:.0f}s") from None
         # let the server reap pgbench's backends so their CPU time lands in the postmaster's cutime
+        # (PgBouncer keeps its pooled server connections: those stay, and are read live)
         pm = stack.pg.pid
-        poll_until(lambda: len(_children_map().get(pm, ())) <= backends0, 5.0, what="postgres backends to exit")
+        try:
+            poll_until(lambda: len(_children_map().get(pm, ())) <= backends0, 2.0, what="postgres backends to exit")
+        except WaitTimeout:
+            pass
         after = stack.tracked.snapshot()
     finally:
         stack.tracked.procs = saved
@@ -651,9 +675,9 @@ def measure_pg(stack: Stack, args: argparse.Namespace, access_port: int | None) 
         raise BenchError(f"pgbench -i failed:\n{init.stderr[-2000:]}")
     pg_track = {"postgres": (cluster.pid, True)}
     d = float(args.pg_duration)
-    out["direct"] = pgbench(stack, "direct", cluster.port, d, pg_track)
+    targets: list[tuple[str, int, dict[str, tuple[int, bool]]]] = [("direct", cluster.port, pg_track)]
     if access_port is not None:
-        out["tunnel"] = pgbench(stack, "tunnel", access_port, d, pg_track)
+        targets.append(("tunnel", access_port, pg_track))
     if args.no_pgbouncer:
         out["pgbouncer_note"] = "skipped (--no-pgbouncer)"
     else:
@@ -662,8 +686,13 @@ def measure_pg(stack: Stack, args: argparse.Namespace, access_port: int | None) 
             out["pgbouncer_note"] = "pgbouncer not installed (scripts/bootstrap.sh installs it)"
             log("pgbouncer not installed: skipping the PgBouncer anchor")
         else:
-            out["pgbouncer"] = pgbench(stack, "pgbouncer", bport, d,
-                                       {**pg_track, "pgbouncer": (stack.bouncer.pid, False)})
+            targets.append(("pgbouncer", bport, {**pg_track, "pgbouncer": (stack.bouncer.pid, False)}))
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in targets}
+    for rep in range(args.repeat):
+        for label, port, track in targets:
+            runs[label].append(pgbench(stack, label, port, d, track))
+    for label, rs in runs.items():
+        out[label] = pick_median(rs, "tps")
     return out
 
 
@@ -717,40 +746,42 @@ def print_report(res: dict[str, Any]) -> None:
     P()
     P(f"Tunnel benchmark — {res['timestamp']} — {res['machine']['nproc']} CPUs, Python "
       f"{res['machine']['python']}, uvloop {'yes' if res['machine']['uvloop'] else 'no'}"
-      + ("  [QUICK]" if res["config"]["quick"] else ""))
+      f" — median of {res['config']['repeat']} run(s) per figure" + ("  [QUICK]" if res["config"]["quick"] else ""))
     P()
-    rows: list[tuple[str, Any, Any, str, str]] = []
-
-    def g(path: dict, fig: str, key: str) -> Any:
-        return path.get(fig, {}).get(key)
-
-    rows.append(("RTT 64 B p50 (µs)", g(d, "latency", "p50_us"), g(t, "latency", "p50_us"), "lat", ""))
-    rows.append(("RTT 64 B p99 (µs)", g(d, "latency", "p99_us"), g(t, "latency", "p99_us"), "lat", ""))
+    rows: list[tuple[str, str, str, str, str]] = []  # label, figure, metric, kind, target key
+    rows.append(("RTT 64 B p50 (µs)", "latency", "p50_us", "lat", ""))
+    rows.append(("RTT 64 B p99 (µs)", "latency", "p99_us", "lat", ""))
     for c in (1, 10, 100):
-        rows.append((f"req/s, {c} conn{'s' if c > 1 else ''}", g(d, f"rps_{c}", "rps"), g(t, f"rps_{c}", "rps"), "rps",
-                     "rps_100" if c == 100 else ""))
-        rows.append((f"  p50 / p99 under load (µs)", (g(d, f"rps_{c}", "p50_us"), g(d, f"rps_{c}", "p99_us")),
-                     (g(t, f"rps_{c}", "p50_us"), g(t, f"rps_{c}", "p99_us")), "pair", ""))
-    rows.append((f"bulk {res['config']['bulk_mib']:g} MiB (Gbit/s)", g(d, "bulk", "gbit_s"), g(t, "bulk", "gbit_s"),
-                 "gbit", "bulk_gbit_s"))
-    rows.append(("new conn + echo p50 (µs)", g(d, "connect", "p50_us"), g(t, "connect", "p50_us"), "lat", ""))
-    rows.append(("new conn + echo p99 (µs)", g(d, "connect", "p99_us"), g(t, "connect", "p99_us"), "lat", ""))
+        rows.append((f"req/s, {c} conn{'s' if c > 1 else ''}", f"rps_{c}", "rps", "rps", "rps_100" if c == 100 else ""))
+        rows.append(("  p50 / p99 under load (µs)", f"rps_{c}", "", "pair", ""))
+    rows.append((f"bulk {res['config']['bulk_mib']:g} MiB (Gbit/s)", "bulk", "gbit_s", "gbit", "bulk_gbit_s"))
+    rows.append(("new conn + echo p50 (µs)", "connect", "p50_us", "lat", ""))
+    rows.append(("new conn + echo p99 (µs)", "connect", "p99_us", "lat", ""))
+
+    def spread(path: dict, fig: str, metric: str, nd: int) -> str:
+        rep = path.get(fig, {}).get("repeats")
+        if not rep or rep["key"] != metric or len(rep["values"]) < 2:
+            return ""
+        return f"{_fmt(rep['min'], nd=nd)}–{_fmt(rep['max'], nd=nd)}"
 
     w = 30
-    P(f"{'figure':<{w}} {'direct':>14} {'tunnel':>14} {'tunnel/direct':>14}   {'target':>9}")
-    P("-" * (w + 64))
-    for label, dv, tv, kind, key in rows:
+    P(f"{'figure':<{w}} {'direct':>14} {'tunnel':>14} {'tunnel/direct':>14} {'tunnel min–max':>16}   {'target':>9}")
+    P("-" * (w + 81))
+    for label, fig, metric, kind, key in rows:
+        df, tf = d.get(fig, {}), t.get(fig, {})
         if kind == "pair":
-            ds = f"{_fmt(dv[0])}/{_fmt(dv[1])}" if dv[0] is not None else "—"
-            ts = f"{_fmt(tv[0])}/{_fmt(tv[1])}" if tv[0] is not None else "—"
+            ds = f"{_fmt(df.get('p50_us'))}/{_fmt(df.get('p99_us'))}" if df else "—"
+            ts = f"{_fmt(tf.get('p50_us'))}/{_fmt(tf.get('p99_us'))}" if tf else "—"
             P(f"{label:<{w}} {ds:>14} {ts:>14}")
             continue
         nd = 2 if kind == "gbit" else 0
-        P(f"{label:<{w}} {_fmt(dv, nd=nd):>14} {_fmt(tv, nd=nd):>14} {_ratio(tv, dv):>14}   {verdict(key)}")
+        dv, tv = df.get(metric), tf.get(metric)
+        P(f"{label:<{w}} {_fmt(dv, nd=nd):>14} {_fmt(tv, nd=nd):>14} {_ratio(tv, dv):>14} "
+          f"{spread(t, fig, metric, nd):>16}   {verdict(key)}")
     if t:
         s = res["summary"]
         P(f"{'added RTT p50 / p99 (µs)':<{w}} {'':>14} {_fmt(s['added_rtt_p50_us']) + ' / ' + _fmt(s['added_rtt_p99_us']):>14}"
-          f" {'':>14}   {verdict('added_rtt_p50_us')}")
+          f" {'':>14} {'':>16}   {verdict('added_rtt_p50_us')}")
     else:
         P(f"(tunnel path not measured: {res.get('tunnel_note', '')})")
 
@@ -758,13 +789,16 @@ def print_report(res: dict[str, Any]) -> None:
     if pg:
         P()
         P(f"pgbench -S -c 10 -j 2 -T {res['config']['pg_duration']:g} (select-only, scale 1)")
-        P(f"{'path':<{w}} {'tps':>14} {'lat avg (ms)':>14} {'tps/direct':>14}")
-        P("-" * (w + 45))
+        P(f"{'path':<{w}} {'tps':>14} {'lat avg (ms)':>14} {'tps/direct':>14} {'tps min–max':>16}")
+        P("-" * (w + 62))
         dt = pg.get("direct", {}).get("tps")
         for label in ("direct", "tunnel", "pgbouncer"):
             if label in pg:
                 x = pg[label]
-                P(f"{label:<{w}} {_fmt(x['tps']):>14} {_fmt(x.get('latency_avg_ms'), nd=3):>14} {_ratio(x['tps'], dt):>14}")
+                rep = x.get("repeats", {})
+                rng = f"{_fmt(rep['min'])}–{_fmt(rep['max'])}" if len(rep.get("values", [])) > 1 else ""
+                P(f"{label:<{w}} {_fmt(x['tps']):>14} {_fmt(x.get('latency_avg_ms'), nd=3):>14}"
+                  f" {_ratio(x['tps'], dt):>14} {rng:>16}")
         if "pgbouncer_note" in pg:
             P(f"(pgbouncer: {pg['pgbouncer_note']})")
     elif res.get("pgbench_note"):
@@ -816,6 +850,18 @@ def print_report(res: dict[str, Any]) -> None:
             P(f"{label:<18} {short.get(c['cost_unit'], c['cost_unit']):>9} " + " ".join(cells)
               + f" {sum(v for v in cost.values()):>{cw},.1f}"
               + f" {sum(v for n, v in cost.items() if n in PRODUCT_PROCS):>{cw},.1f}")
+        P()
+        P("Kernel share of each process's CPU (system time / total), tunnel phases; '·' = under 0.05 s of CPU")
+        hd_names = [n for n in names if n in PRODUCT_PROCS]
+        P(f"{'phase':<18} " + " ".join(f"{n[:cw]:>{cw}}" for n in hd_names))
+        for label, c in phases:
+            if not (label.startswith("tunnel/") or label == "pgbench/tunnel"):
+                continue
+            cells = []
+            for n in hd_names:
+                tot, sy = c["cpu_s"].get(n), c.get("cpu_sys_s", {}).get(n)
+                cells.append(f"{'·' if not tot or tot < 0.05 or sy is None else f'{100 * sy / tot:.0f}%':>{cw}}")
+            P(f"{label:<18} " + " ".join(cells))
     P()
     P(f"JSON: {res['json_path']}")
 
@@ -832,6 +878,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rtt-count", type=int, default=None, help="measured round trips (default 3000; quick 300)")
     ap.add_argument("--rtt-warmup", type=int, default=None, help="warm-up round trips (default 300; quick 30)")
     ap.add_argument("--connect-count", type=int, default=None, help="new-connection samples (default 200; quick 20)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="runs of every figure; the median run is reported (default 3; quick 1)")
     ap.add_argument("--pg-duration", type=float, default=None, help="pgbench -T seconds (default: --duration)")
     ap.add_argument("--no-pg", action="store_true", help="skip the pgbench part")
     ap.add_argument("--no-pgbouncer", action="store_true", help="skip the PgBouncer anchor")
@@ -847,7 +895,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     q = a.quick
     defaults = {"duration": 1.0 if q else 5.0, "bulk_mib": 16.0 if q else 512.0, "rtt_count": 300 if q else 3000,
-                "rtt_warmup": 30 if q else 300, "connect_count": 20 if q else 200}
+                "rtt_warmup": 30 if q else 300, "connect_count": 20 if q else 200, "repeat": 1 if q else 3}
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)

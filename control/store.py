@@ -1,4 +1,5 @@
-"""The edge's configuration store: tunnels, routes and Access state, in SQLite.
+"""The edge's configuration store: tunnels, routes, Access state, Hyperdrive configs and origin
+certificates, in SQLite.
 
 One connection in WAL mode, used from the event loop thread; every query is short and indexed,
 so running them inline is cheaper than a thread hop. Secrets are encrypted with `SecretBox`.
@@ -22,6 +23,8 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from control.secretbox import SecretBox
+
+# (cryptography is imported where certificates are parsed: the rest of the store does without it)
 
 TUNNEL_SECRET_BYTES = 32
 TOKEN_HASH_LABEL = b"service-token-hash"  # SecretBox.derive_key label of the service-token hash key
@@ -49,6 +52,79 @@ class ConflictError(StoreError):
 
 class ValidationError(StoreError):
     pass
+
+
+# --- Hyperdrive configs and origin certificates --------------------------------------------
+HYPERDRIVE_FIELDS = (
+    "name", "scheme", "host", "port", "database", "user", "password", "access_client_id",
+    "access_client_secret", "sslmode", "ca_certificate_id", "mtls_certificate_id", "caching_disabled",
+    "max_age", "swr", "origin_connection_limit",
+)
+HYPERDRIVE_SCHEMES = {"postgresql": "postgresql", "postgres": "postgresql", "mysql": "mysql"}
+DEFAULT_ORIGIN_PORTS = {"postgresql": 5432, "mysql": 3306}
+# "disable" (no TLS to the origin) goes beyond Hyperdrive, for local development only; never the default.
+SSLMODES = ("require", "verify-ca", "verify-full", "disable")
+DEFAULT_SSLMODE = "require"
+DEFAULT_MAX_AGE = 60
+MAX_MAX_AGE = 3600
+DEFAULT_SWR = 15
+MAX_SWR = 86400
+DEFAULT_ORIGIN_CONNECTION_LIMIT = 20
+MIN_ORIGIN_CONNECTION_LIMIT = 5
+MAX_ORIGIN_CONNECTION_LIMIT = 1000
+MAX_IDENTIFIER_BYTES = 63  # Postgres NAMEDATALEN - 1: user and database names
+MAX_SECRET_CHARS = 1024
+CLIENT_USER_PREFIX = "hd_"
+CERT_KINDS = ("certificate-authority", "mtls-certificate")
+MAX_PEM_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HyperdriveConfig:
+    """A Hyperdrive configuration: the origin, how to reach it, caching and pool settings, and the
+    generated credentials clients log in to the proxy with (the proxy finds the config by
+    `client_user`). Secrets are decrypted on read; `client_scram` is the SCRAM-SHA-256 secret of
+    `client_password` (the form Postgres keeps in pg_authid.rolpassword)."""
+
+    id: str
+    name: str
+    scheme: str
+    host: str
+    port: int | None  # None: through a tunnel (access credentials), the route decides the port
+    database: str
+    user: str
+    password: str = field(repr=False)
+    access_client_id: str | None
+    access_client_secret: str | None = field(repr=False)
+    sslmode: str
+    ca_certificate_id: str | None
+    mtls_certificate_id: str | None
+    caching_disabled: bool
+    max_age: int
+    swr: int
+    origin_connection_limit: int
+    client_user: str
+    client_password: str = field(repr=False)
+    client_scram: str = field(repr=False)
+    created_at: float
+    updated_at: float
+
+    @property
+    def via_tunnel(self) -> bool:
+        return self.access_client_id is not None
+
+
+@dataclass(frozen=True)
+class Certificate:
+    id: str
+    name: str
+    kind: str  # "certificate-authority" | "mtls-certificate"
+    cert_pem: bytes
+    key_pem: bytes | None = field(repr=False)  # mTLS only; encrypted at rest
+    subject: str
+    issuer: str
+    expires_on: float
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -167,6 +243,46 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX access_log_by_time ON access_log(time);
     """,
+    # 3: Hyperdrive configs and the certificates they use for origin TLS
+    """
+    CREATE TABLE certificates (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        kind       TEXT NOT NULL,              -- certificate-authority | mtls-certificate
+        cert_pem   BLOB NOT NULL,
+        key_pem    BLOB,                       -- SecretBox ciphertext, aad = "certificate:<id>:key"
+        subject    TEXT NOT NULL,
+        issuer     TEXT NOT NULL,
+        expires_on REAL NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE hyperdrive_configs (
+        id                      TEXT PRIMARY KEY,  -- 32 hex
+        name                    TEXT NOT NULL UNIQUE,
+        scheme                  TEXT NOT NULL,
+        origin_host             TEXT NOT NULL,
+        origin_port             INTEGER,           -- NULL: through a tunnel
+        origin_database         TEXT NOT NULL,
+        origin_user             TEXT NOT NULL,
+        origin_password         BLOB NOT NULL,     -- SecretBox ciphertext, aad = "hyperdrive:<id>:password"
+        access_client_id        TEXT,
+        access_client_secret    BLOB,              -- ciphertext, aad = "hyperdrive:<id>:access_client_secret"
+        sslmode                 TEXT NOT NULL,
+        ca_certificate_id       TEXT REFERENCES certificates(id),
+        mtls_certificate_id     TEXT REFERENCES certificates(id),
+        caching_disabled        INTEGER NOT NULL,
+        max_age                 INTEGER NOT NULL,
+        swr                     INTEGER NOT NULL,
+        origin_connection_limit INTEGER NOT NULL,
+        client_user             TEXT NOT NULL UNIQUE,
+        client_password         BLOB NOT NULL,     -- ciphertext, aad = "hyperdrive:<id>:client_password"
+        client_scram            TEXT NOT NULL,     -- SCRAM-SHA-256 secret of client_password
+        created_at              REAL NOT NULL,
+        updated_at              REAL NOT NULL
+    );
+    CREATE INDEX hyperdrive_by_ca ON hyperdrive_configs(ca_certificate_id);
+    CREATE INDEX hyperdrive_by_mtls ON hyperdrive_configs(mtls_certificate_id);
+    """,
 ]
 
 
@@ -211,6 +327,207 @@ def validate_token_name(name: object) -> str:
 
 def validate_app_name(name: object) -> str:
     return _validate_name(name, "application")
+
+
+_HEX32_RE = re.compile(r"[0-9a-fA-F]{32}")  # a Hyperdrive config id (used with fullmatch)
+
+
+def validate_hyperdrive_name(name: object) -> str:
+    name = _validate_name(name, "Hyperdrive config")
+    if _HEX32_RE.fullmatch(name):
+        raise ValidationError(f"invalid Hyperdrive config name {name!r}: a name must not look like a config id")
+    return name
+
+
+def validate_certificate_name(name: object) -> str:
+    return _validate_name(name, "certificate")
+
+
+def normalize_origin_host(host: object) -> str:
+    """An origin host: a DNS name (lower-cased) or an IP address (IPv6 without brackets)."""
+    if not isinstance(host, str) or not host.strip():
+        raise ValidationError("origin host must not be empty")
+    raw = host.strip()
+    h = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        pass
+    h = h.lower().rstrip(".")
+    if "://" in h:
+        raise ValidationError(f"invalid origin host {raw!r}: give just the host name, without a scheme"
+                              " (or use a connection string)")
+    if "/" in h or ":" in h or "@" in h:
+        raise ValidationError(f"invalid origin host {raw!r}: give just the host name (the port, user and"
+                              " database are separate settings)")
+    if not h or len(h) > 253 or not all(_LABEL_RE.match(label) for label in h.split(".")):
+        raise ValidationError(f"invalid origin host {raw!r}: expected a DNS name or an IP address")
+    return h
+
+
+def _identifier(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValidationError(f"{what} must not be empty")
+    if "\x00" in value:
+        raise ValidationError(f"{what} must not contain a NUL character")
+    if len(value.encode()) > MAX_IDENTIFIER_BYTES:
+        raise ValidationError(f"{what} {value!r} is longer than {MAX_IDENTIFIER_BYTES} bytes")
+    return value
+
+
+def _secret(value: object, what: str, *, allow_empty: bool) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"{what} must be a string")
+    if not value and not allow_empty:
+        raise ValidationError(f"{what} must not be empty")
+    if "\x00" in value or len(value) > MAX_SECRET_CHARS:
+        raise ValidationError(f"{what} must be at most {MAX_SECRET_CHARS} characters, without NUL")
+    return value
+
+
+def _int_setting(value: object, what: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ValidationError(f"{what} must be a whole number")
+    if not lo <= value <= hi:
+        raise ValidationError(f"{what} must be from {lo} to {hi} (got {value})")
+    return value
+
+
+def _normalize_hyperdrive(v: dict) -> dict:
+    """Validate a complete set of Hyperdrive fields (HYPERDRIVE_FIELDS); certificate references
+    are checked by the store. Raises ValidationError naming the field."""
+    out: dict = {"name": validate_hyperdrive_name(v["name"])}
+    scheme = v["scheme"]
+    if not isinstance(scheme, str) or scheme.strip().lower() not in HYPERDRIVE_SCHEMES:
+        raise ValidationError(f"unsupported origin scheme {scheme!r}: expected postgresql (or postgres) or mysql")
+    out["scheme"] = HYPERDRIVE_SCHEMES[scheme.strip().lower()]
+    out["host"] = normalize_origin_host(v["host"])
+    out["database"] = _identifier(v["database"], "database name")
+    out["user"] = _identifier(v["user"], "origin user name")
+    if v["password"] is None:
+        raise ValidationError("the origin password is missing (give origin_password or a connection string with one)")
+    out["password"] = _secret(v["password"], "origin password", allow_empty=True)
+
+    cid, csecret = v["access_client_id"], v["access_client_secret"]
+    if (cid is None) != (csecret is None):
+        raise ValidationError(
+            "access_client_id and access_client_secret go together: give both (an origin through a tunnel)"
+            " or neither (a direct origin)"
+        )
+    if cid is not None:
+        if not isinstance(cid, str) or not _CLIENT_ID_LIKE_RE.fullmatch(cid.strip()):
+            raise ValidationError(f"invalid access_client_id {cid!r}: a service token client id is 32 hex digits"
+                                  " followed by '.access'")
+        cid = cid.strip()
+        csecret = _secret(csecret, "access_client_secret", allow_empty=False)
+    out["access_client_id"], out["access_client_secret"] = cid, csecret
+
+    port = v["port"]
+    if port is not None:
+        if cid is not None:
+            raise ValidationError(
+                "origin_port conflicts with access_client_id: an origin reached through a tunnel has no port"
+                " (the tunnel route's service decides it); leave the port out"
+            )
+        port = _int_setting(port, "origin port", 1, 65535)
+    elif cid is None:
+        port = DEFAULT_ORIGIN_PORTS[out["scheme"]]
+    out["port"] = port
+
+    sslmode = v["sslmode"]
+    if not isinstance(sslmode, str) or sslmode.strip().lower() not in SSLMODES + ("prefer",):
+        raise ValidationError(f"invalid sslmode {sslmode!r}: expected require, verify-ca or verify-full")
+    sslmode = sslmode.strip().lower()
+    out["sslmode"] = "require" if sslmode == "prefer" else sslmode  # as Hyperdrive: prefer means require
+    ca, mtls = v["ca_certificate_id"] or None, v["mtls_certificate_id"] or None
+    if ca is not None and out["sslmode"] in ("require", "disable"):
+        raise ValidationError(
+            f"ca_certificate_id needs sslmode verify-ca or verify-full (sslmode {out['sslmode']} does not check"
+            " the origin's certificate); set sslmode, or clear ca_certificate_id"
+        )
+    if mtls is not None and out["sslmode"] == "disable":
+        raise ValidationError("mtls_certificate_id needs TLS to the origin: sslmode disable conflicts with it")
+    out["ca_certificate_id"], out["mtls_certificate_id"] = ca, mtls
+
+    if not isinstance(v["caching_disabled"], bool):
+        raise ValidationError("caching_disabled must be true or false")
+    out["caching_disabled"] = v["caching_disabled"]
+    out["max_age"] = _int_setting(v["max_age"], "max_age (seconds)", 1, MAX_MAX_AGE)
+    out["swr"] = _int_setting(v["swr"], "swr (stale-while-revalidate seconds)", 0, MAX_SWR)
+    out["origin_connection_limit"] = _int_setting(
+        v["origin_connection_limit"], "origin_connection_limit", MIN_ORIGIN_CONNECTION_LIMIT,
+        MAX_ORIGIN_CONNECTION_LIMIT,
+    )
+    return out
+
+
+SCRAM_ITERATIONS = 4096
+
+
+def scram_secret(password: str) -> str:
+    """The SCRAM-SHA-256 secret of `password`, in Postgres' rolpassword format
+    (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, base64), which the proxy's
+    SCRAM server (proxy.pg.auth.ScramSecret) reads."""
+    try:
+        from proxy.pg.auth import ScramSecret  # the proxy's own builder, when it is installed
+    except ImportError:
+        ScramSecret = None
+    if ScramSecret is not None:
+        return ScramSecret.from_password(password).to_string()
+    import base64
+    import hashlib
+    import hmac as _hmac
+
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, SCRAM_ITERATIONS)
+    client_key = _hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = _hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${SCRAM_ITERATIONS}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _pem_bytes(value: object, what: str) -> bytes:
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, (bytes, bytearray)) or not bytes(value).strip():
+        raise ValidationError(f"{what} must not be empty")
+    value = bytes(value)
+    if len(value) > MAX_PEM_BYTES:
+        raise ValidationError(f"{what} is larger than {MAX_PEM_BYTES // 1024} KiB")
+    if b"-----BEGIN" not in value:
+        raise ValidationError(f"{what} is not PEM (expected a '-----BEGIN ...-----' block)")
+    return value
+
+
+def _parse_certificates(pem: bytes, what: str) -> list:
+    from cryptography import x509
+
+    if b"PRIVATE KEY-----" in pem:
+        raise ValidationError(f"{what} contains a private key: upload only the certificate(s) there")
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise ValidationError(f"{what} is not a valid PEM certificate ({e})") from None
+    if not certs:
+        raise ValidationError(f"{what} holds no certificate")
+    return certs
+
+
+def _parse_private_key(pem: bytes, what: str):
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise ValidationError(
+            f"{what} is encrypted with a passphrase; upload it unencrypted (e.g. openssl pkey -in KEY -out PLAIN)"
+        ) from None
+    except Exception as e:  # ValueError, or UnsupportedAlgorithm for an exotic key type
+        raise ValidationError(f"{what} is not a valid PEM private key ({e})") from None
 
 
 def _host_candidates(hostname: str) -> list[str]:
@@ -842,6 +1159,310 @@ class Store:
                 "SELECT * FROM access_log ORDER BY time DESC, id DESC LIMIT ?", (limit,)
             ).fetchall()
         return [{"id": r["id"], **{k: r[k] for k in ACCESS_LOG_KEYS}} for r in rows]
+
+    # --- origin certificates --------------------------------------------------------------------
+    def _cert_from_row(self, row: sqlite3.Row) -> Certificate:
+        key = row["key_pem"]
+        return Certificate(
+            id=row["id"],
+            name=row["name"],
+            kind=row["kind"],
+            cert_pem=bytes(row["cert_pem"]),
+            key_pem=None if key is None else self._box.decrypt(key, aad=f"certificate:{row['id']}:key".encode()),
+            subject=row["subject"],
+            issuer=row["issuer"],
+            expires_on=row["expires_on"],
+            created_at=row["created_at"],
+        )
+
+    def add_certificate(self, name: str, kind: str, cert_pem: bytes | str,
+                        key_pem: bytes | str | None = None) -> Certificate:
+        """Store a certificate for origin TLS. A "certificate-authority" is one or more PEM
+        certificates (the origin's certificate must chain to one of them), without a key; an
+        "mtls-certificate" is the client certificate (chain) and its private key (encrypted at rest)."""
+        from cryptography.hazmat.primitives import serialization
+
+        name = validate_certificate_name(name)
+        if kind not in CERT_KINDS:
+            raise ValidationError(f"invalid certificate kind {kind!r}: expected {' or '.join(CERT_KINDS)}")
+        cert_pem = _pem_bytes(cert_pem, "the certificate")
+        certs = _parse_certificates(cert_pem, "the certificate")
+        if kind == "certificate-authority":
+            if key_pem is not None and key_pem not in (b"", ""):
+                raise ValidationError("a certificate authority is uploaded without a private key")
+            key_pem = None
+        else:
+            if key_pem is None or key_pem in (b"", ""):
+                raise ValidationError("an mTLS certificate needs its private key")
+            key_pem = _pem_bytes(key_pem, "the private key")
+            key = _parse_private_key(key_pem, "the private key")
+            spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            if key.public_key().public_bytes(*spki) != certs[0].public_key().public_bytes(*spki):
+                raise ValidationError(
+                    "the private key does not match the certificate (the first certificate in the file must be"
+                    " the client certificate, and the key its own)"
+                )
+        leaf = certs[0]
+        cert_id = str(uuid.uuid4())
+        now = self._clock()
+        with self._lock, self._tx():
+            if self._db.execute("SELECT 1 FROM certificates WHERE name = ?", (name,)).fetchone():
+                raise ConflictError(f"a certificate named {name!r} already exists")
+            self._db.execute(
+                "INSERT INTO certificates (id, name, kind, cert_pem, key_pem, subject, issuer, expires_on, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (cert_id, name, kind, cert_pem,
+                 None if key_pem is None else self._box.encrypt(key_pem, aad=f"certificate:{cert_id}:key".encode()),
+                 leaf.subject.rfc4514_string(), leaf.issuer.rfc4514_string(),
+                 leaf.not_valid_after_utc.timestamp(), now),
+            )
+        return Certificate(cert_id, name, kind, cert_pem, key_pem, leaf.subject.rfc4514_string(),
+                           leaf.issuer.rfc4514_string(), leaf.not_valid_after_utc.timestamp(), now)
+
+    def get_certificate(self, id_or_name: str) -> Certificate | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM certificates WHERE id = ?", (id_or_name,)).fetchone()
+            if row is None:
+                row = self._db.execute("SELECT * FROM certificates WHERE name = ?", (id_or_name,)).fetchone()
+            return self._cert_from_row(row) if row else None
+
+    def require_certificate(self, id_or_name: str) -> Certificate:
+        cert = self.get_certificate(id_or_name)
+        if cert is None:
+            raise NotFoundError(f"no certificate named or with id {id_or_name!r}")
+        return cert
+
+    def list_certificates(self) -> list[Certificate]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM certificates ORDER BY created_at, name").fetchall()
+            return [self._cert_from_row(r) for r in rows]
+
+    def delete_certificate(self, id_or_name: str) -> Certificate | None:
+        """Delete a certificate; refused (ConflictError) while a Hyperdrive config uses it."""
+        with self._lock, self._tx():
+            cert = self.get_certificate(id_or_name)
+            if cert is None:
+                return None
+            users = self._db.execute(
+                "SELECT name FROM hyperdrive_configs WHERE ca_certificate_id = ? OR mtls_certificate_id = ?"
+                " ORDER BY name",
+                (cert.id, cert.id),
+            ).fetchall()
+            if users:
+                names = ", ".join(r[0] for r in users)
+                raise ConflictError(
+                    f"certificate {cert.name!r} is used by Hyperdrive config(s) {names}: update or delete them first"
+                )
+            self._db.execute("DELETE FROM certificates WHERE id = ?", (cert.id,))
+            return cert
+
+    def _cert_ref(self, ref: str | None, kind: str, what: str) -> str | None:
+        if ref is None:
+            return None
+        if not isinstance(ref, str):
+            raise ValidationError(f"{what} must be a certificate id or name")
+        cert = self.get_certificate(ref)
+        if cert is None:
+            raise NotFoundError(f"{what}: no certificate named or with id {ref!r} (see hd cert list)")
+        if cert.kind != kind:
+            raise ValidationError(f"{what}: certificate {cert.name!r} is a {cert.kind}, not a {kind}")
+        return cert.id
+
+    # --- Hyperdrive configs -------------------------------------------------------------------
+    @staticmethod
+    def _hd_aad(config_id: str, what: str) -> bytes:
+        return f"hyperdrive:{config_id}:{what}".encode()
+
+    def _hyperdrive_from_row(self, row: sqlite3.Row) -> HyperdriveConfig:
+        hid = row["id"]
+        secret = row["access_client_secret"]
+        return HyperdriveConfig(
+            id=hid,
+            name=row["name"],
+            scheme=row["scheme"],
+            host=row["origin_host"],
+            port=row["origin_port"],
+            database=row["origin_database"],
+            user=row["origin_user"],
+            password=self._box.decrypt(row["origin_password"], aad=self._hd_aad(hid, "password")).decode(),
+            access_client_id=row["access_client_id"],
+            access_client_secret=None if secret is None else self._box.decrypt(
+                secret, aad=self._hd_aad(hid, "access_client_secret")).decode(),
+            sslmode=row["sslmode"],
+            ca_certificate_id=row["ca_certificate_id"],
+            mtls_certificate_id=row["mtls_certificate_id"],
+            caching_disabled=bool(row["caching_disabled"]),
+            max_age=row["max_age"],
+            swr=row["swr"],
+            origin_connection_limit=row["origin_connection_limit"],
+            client_user=row["client_user"],
+            client_password=self._box.decrypt(
+                row["client_password"], aad=self._hd_aad(hid, "client_password")).decode(),
+            client_scram=row["client_scram"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+    def _checked(self, values: dict) -> dict:
+        out = _normalize_hyperdrive(values)
+        out["ca_certificate_id"] = self._cert_ref(out["ca_certificate_id"], "certificate-authority",
+                                                  "ca_certificate_id")
+        out["mtls_certificate_id"] = self._cert_ref(out["mtls_certificate_id"], "mtls-certificate",
+                                                    "mtls_certificate_id")
+        return out
+
+    def _check_name_free(self, name: str, config_id: str) -> None:
+        row = self._db.execute("SELECT id FROM hyperdrive_configs WHERE name = ?", (name,)).fetchone()
+        if row is not None and row[0] != config_id:
+            raise ConflictError(f"a Hyperdrive config named {name!r} already exists")
+
+    def new_hyperdrive(self, **fields: object) -> HyperdriveConfig:
+        """A validated Hyperdrive config with a fresh id and client credentials, NOT stored yet
+        (the API tests the origin first; `insert_hyperdrive` stores it). Fields: HYPERDRIVE_FIELDS;
+        name, host, database, user and password are required."""
+        unknown = sorted(set(fields) - set(HYPERDRIVE_FIELDS))
+        if unknown:
+            raise ValidationError(f"unknown Hyperdrive field(s): {', '.join(unknown)}")
+        for key in ("name", "host", "database", "user"):
+            if fields.get(key) is None:
+                raise ValidationError(f"missing field: {key}")
+        values = {
+            "scheme": "postgresql", "port": None, "password": None, "access_client_id": None,
+            "access_client_secret": None, "sslmode": DEFAULT_SSLMODE, "ca_certificate_id": None,
+            "mtls_certificate_id": None, "caching_disabled": False, "max_age": DEFAULT_MAX_AGE, "swr": DEFAULT_SWR,
+            "origin_connection_limit": DEFAULT_ORIGIN_CONNECTION_LIMIT,
+        }
+        values.update({k: v for k, v in fields.items() if v is not None})  # None: the default
+        with self._lock:
+            v = self._checked(values)
+            self._check_name_free(v["name"], "")
+        client_password = secrets.token_urlsafe(24)  # 32 URL-safe characters
+        now = self._clock()
+        return HyperdriveConfig(
+            id=uuid.uuid4().hex,
+            client_user=CLIENT_USER_PREFIX + secrets.token_hex(6),
+            client_password=client_password,
+            client_scram=scram_secret(client_password),
+            created_at=now,
+            updated_at=now,
+            **v,
+        )
+
+    def insert_hyperdrive(self, config: HyperdriveConfig) -> HyperdriveConfig:
+        """Store a config made by `new_hyperdrive` (checked again: names may have been taken since)."""
+        if not isinstance(config, HyperdriveConfig):
+            raise ValidationError("insert_hyperdrive needs a HyperdriveConfig from new_hyperdrive")
+        if not _HEX32_RE.fullmatch(config.id) or not re.fullmatch(r"hd_[0-9a-f]{12}", config.client_user):
+            raise ValidationError("insert_hyperdrive needs a HyperdriveConfig from new_hyperdrive")
+        with self._lock, self._tx():
+            v = self._checked({k: getattr(config, k) for k in HYPERDRIVE_FIELDS})
+            self._check_name_free(v["name"], config.id)
+            if self._db.execute("SELECT 1 FROM hyperdrive_configs WHERE id = ?", (config.id,)).fetchone():
+                raise ConflictError(f"a Hyperdrive config with id {config.id} already exists")
+            client_user = config.client_user
+            while self._db.execute("SELECT 1 FROM hyperdrive_configs WHERE client_user = ?",
+                                   (client_user,)).fetchone():
+                client_user = CLIENT_USER_PREFIX + secrets.token_hex(6)  # 48 bits: a clash is rare
+            hid = config.id
+            self._db.execute(
+                "INSERT INTO hyperdrive_configs (id, name, scheme, origin_host, origin_port, origin_database,"
+                " origin_user, origin_password, access_client_id, access_client_secret, sslmode, ca_certificate_id,"
+                " mtls_certificate_id, caching_disabled, max_age, swr, origin_connection_limit, client_user,"
+                " client_password, client_scram, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (hid, v["name"], v["scheme"], v["host"], v["port"], v["database"], v["user"],
+                 self._box.encrypt(v["password"].encode(), aad=self._hd_aad(hid, "password")),
+                 v["access_client_id"],
+                 None if v["access_client_secret"] is None else self._box.encrypt(
+                     v["access_client_secret"].encode(), aad=self._hd_aad(hid, "access_client_secret")),
+                 v["sslmode"], v["ca_certificate_id"], v["mtls_certificate_id"], int(v["caching_disabled"]),
+                 v["max_age"], v["swr"], v["origin_connection_limit"], client_user,
+                 self._box.encrypt(config.client_password.encode(), aad=self._hd_aad(hid, "client_password")),
+                 config.client_scram, config.created_at, config.updated_at),
+            )
+            row = self._db.execute("SELECT * FROM hyperdrive_configs WHERE id = ?", (hid,)).fetchone()
+            return self._hyperdrive_from_row(row)
+
+    def create_hyperdrive(self, **fields: object) -> HyperdriveConfig:
+        """Validate and store a Hyperdrive config (see `new_hyperdrive` for the fields)."""
+        return self.insert_hyperdrive(self.new_hyperdrive(**fields))
+
+    def merged_hyperdrive(self, id_or_name: str, **changes: object) -> HyperdriveConfig:
+        """The config as it would be after `update_hyperdrive(id_or_name, **changes)`, validated but
+        NOT stored. Only the given fields change; the client credentials never do. Giving access
+        credentials without a port drops the old direct port; clearing them (None) without a port
+        brings back the scheme's default port."""
+        unknown = sorted(set(changes) - set(HYPERDRIVE_FIELDS))
+        if unknown:
+            raise ValidationError(f"unknown Hyperdrive field(s): {', '.join(unknown)}")
+        with self._lock:
+            current = self.require_hyperdrive(id_or_name)
+            values = {k: getattr(current, k) for k in HYPERDRIVE_FIELDS}
+            if "access_client_id" in changes and "port" not in changes:
+                values["port"] = None  # the port belongs to the old mode (direct or through a tunnel)
+            if changes.get("access_client_id", "") is None and "access_client_secret" not in changes:
+                values["access_client_secret"] = None  # clearing the id clears its secret
+            values.update(changes)
+            v = self._checked(values)
+            self._check_name_free(v["name"], current.id)
+        return HyperdriveConfig(
+            id=current.id, client_user=current.client_user, client_password=current.client_password,
+            client_scram=current.client_scram, created_at=current.created_at, updated_at=self._clock(), **v,
+        )
+
+    def update_hyperdrive(self, id_or_name: str, **changes: object) -> HyperdriveConfig:
+        """Change the given fields (see `merged_hyperdrive`); returns the stored result."""
+        with self._lock, self._tx():
+            m = self.merged_hyperdrive(id_or_name, **changes)
+            hid = m.id
+            self._db.execute(
+                "UPDATE hyperdrive_configs SET name = ?, scheme = ?, origin_host = ?, origin_port = ?,"
+                " origin_database = ?, origin_user = ?, origin_password = ?, access_client_id = ?,"
+                " access_client_secret = ?, sslmode = ?, ca_certificate_id = ?, mtls_certificate_id = ?,"
+                " caching_disabled = ?, max_age = ?, swr = ?, origin_connection_limit = ?, updated_at = ?"
+                " WHERE id = ?",
+                (m.name, m.scheme, m.host, m.port, m.database, m.user,
+                 self._box.encrypt(m.password.encode(), aad=self._hd_aad(hid, "password")),
+                 m.access_client_id,
+                 None if m.access_client_secret is None else self._box.encrypt(
+                     m.access_client_secret.encode(), aad=self._hd_aad(hid, "access_client_secret")),
+                 m.sslmode, m.ca_certificate_id, m.mtls_certificate_id, int(m.caching_disabled), m.max_age, m.swr,
+                 m.origin_connection_limit, m.updated_at, hid),
+            )
+            row = self._db.execute("SELECT * FROM hyperdrive_configs WHERE id = ?", (hid,)).fetchone()
+            return self._hyperdrive_from_row(row)
+
+    def get_hyperdrive(self, id_or_name: str) -> HyperdriveConfig | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM hyperdrive_configs WHERE id = ?", (id_or_name,)).fetchone()
+            if row is None:
+                row = self._db.execute("SELECT * FROM hyperdrive_configs WHERE name = ?", (id_or_name,)).fetchone()
+            return self._hyperdrive_from_row(row) if row else None
+
+    def require_hyperdrive(self, id_or_name: str) -> HyperdriveConfig:
+        config = self.get_hyperdrive(id_or_name)
+        if config is None:
+            raise NotFoundError(f"no Hyperdrive config named or with id {id_or_name!r}")
+        return config
+
+    def hyperdrive_by_client_user(self, user: str) -> HyperdriveConfig | None:
+        """The config a client logging in to the proxy as `user` means (None: no such config)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM hyperdrive_configs WHERE client_user = ?", (user,)).fetchone()
+            return self._hyperdrive_from_row(row) if row else None
+
+    def list_hyperdrives(self) -> list[HyperdriveConfig]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM hyperdrive_configs ORDER BY created_at, name").fetchall()
+            return [self._hyperdrive_from_row(r) for r in rows]
+
+    def delete_hyperdrive(self, id_or_name: str) -> HyperdriveConfig | None:
+        with self._lock, self._tx():
+            config = self.get_hyperdrive(id_or_name)
+            if config is None:
+                return None
+            self._db.execute("DELETE FROM hyperdrive_configs WHERE id = ?", (config.id,))
+            return config
 
     def service_token_hash_key(self) -> bytes:
         """The key for access.tokens.SecretHasher (derived from secret.key, never stored)."""

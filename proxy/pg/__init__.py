@@ -1,0 +1,1 @@
+"""PostgreSQL side of the proxy: wire protocol (`protocol`), authentication (`auth`), sessions."""

@@ -1,0 +1,158 @@
+"""One authenticated client connection: moves bytes between the client socket, its
+`ClientCore` (the pooling logic) and whichever server connection it holds for now."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from proxy.pg.pooling import ClientCore, ClientProtocolError, error_message, ready_for_query
+from proxy.pool import Pool, PoolError, ServerConn
+
+log = logging.getLogger("proxy.session")
+
+CLIENT_HIGH_WATER = 1024 * 1024  # bytes queued towards the client before we stop reading the server
+
+
+class ClientSession:
+    def __init__(self, transport: Any, pool: Pool, core: ClientCore,
+                 on_close: Callable[[ClientSession], None] | None = None) -> None:
+        self.transport = transport
+        self.pool = pool
+        self.core = core
+        self.server: ServerConn | None = None
+        self._acquiring = False
+        self._closed = False
+        self._on_close = on_close
+        self._server_paused = False
+        self.cancel_key: tuple[int, bytes] | None = None
+
+    # ------------------------------------------------------------------ client transport
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.core.feed_client(data)
+        except ClientProtocolError as exc:
+            self._fatal("08P01", f"protocol violation: {exc}")
+            return
+        self._pump()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        server, self.server = self.server, None
+        if server is not None:
+            self._give_back(server, client_gone=True)
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def pause_writing(self) -> None:
+        if self.server is not None:
+            self.server.channel.pause_reading()
+            self._server_paused = True
+
+    def resume_writing(self) -> None:
+        if self._server_paused and self.server is not None:
+            self.server.channel.resume_reading()
+        self._server_paused = False
+
+    # ------------------------------------------------------------------ server side
+    def server_data(self, data: bytes) -> None:
+        self.core.feed_server(data)
+        self._pump()
+
+    def server_lost(self, exc: Exception | None) -> None:
+        self.server = None
+        self.core.server_lost()
+        reason = f": {exc}" if exc else ""
+        self._fatal("58000", f"the connection to the origin database was lost{reason}",
+                    hint="the query may not have completed; reconnect and retry")
+
+    # ------------------------------------------------------------------ the pump
+    def _pump(self) -> None:
+        core = self.core
+        if core.to_client:
+            if not self._closed:
+                self.transport.write(bytes(core.to_client))
+            core.to_client.clear()
+        if core.to_server:
+            if self.server is not None:
+                self.server.write(core.to_server)
+            core.to_server.clear()
+        if core.terminated:
+            self._closed = True
+            self.transport.close()
+            return
+        if self.server is not None and core.can_release:
+            server, self.server = self.server, None
+            core.detach()
+            self._give_back(server)
+        elif core.wants_server and not self._acquiring:
+            self._acquiring = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._acquire())
+
+    async def _acquire(self) -> None:
+        try:
+            server = await self.pool.acquire()
+        except PoolError as exc:
+            self._acquiring = False
+            self._error_and_drop_queue(str(exc))
+            return
+        except Exception as exc:  # origin down, tunnel down, auth changed…
+            self._acquiring = False
+            self._error_and_drop_queue(f"Server connection attempt failed: {getattr(exc, 'message', None) or exc}")
+            return
+        self._acquiring = False
+        if self._closed:
+            self.pool.release(server)
+            return
+        if server.closed:
+            self._error_and_drop_queue("Server connection attempt failed: the connection closed")
+            return
+        self.server = server
+        server.session = self
+        self.core.attach(server.state)
+        if not self._closed:
+            self.transport.resume_reading()
+        self._pump()
+
+    def _give_back(self, server: ServerConn, client_gone: bool = False) -> None:
+        core = self.core
+        if client_gone and core.expect:
+            # Requests still in flight for a client that is gone: the server connection is in
+            # an unknown state, so it is not reused.
+            server.session = None
+            server.close()
+            return
+        self.pool.release(server, rollback=client_gone and core.txn != b"I")
+
+    def _error_and_drop_queue(self, text: str) -> None:
+        """No server for this client: answer its pending requests with one error."""
+        core = self.core
+        queued, core._queued = core._queued, []
+        # One answer per request that expects a ReadyForQuery, as the server would give.
+        out = bytearray()
+        errored = False
+        for kind, _ in queued:
+            if kind == 0x51 or kind == 0x46 or (kind == 0x53 and not errored):  # Query / FunctionCall / first Sync
+                out += error_message("58000", text) + ready_for_query(core.txn)
+                errored = True
+            elif kind == 0x53:
+                out += ready_for_query(core.txn)
+        if not errored:
+            out += error_message("58000", text)
+        if not self._closed:
+            self.transport.write(bytes(out))
+            self.transport.resume_reading()
+
+    def _fatal(self, sqlstate: str, text: str, hint: str | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.transport.write(error_message(sqlstate, text, severity="FATAL", hint=hint))
+        finally:
+            self.transport.close()
