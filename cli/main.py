@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import sys
@@ -117,7 +118,8 @@ def hd(as_json: bool, state_dir: str | None, api_url: str | None, api_token: str
               help="Control API address (port 0: any free port).")
 @click.option("--tunnel-listen", default="127.0.0.1:7844", show_default=True, metavar="H:P",
               help="Relay address for connectors and access clients.")
-@click.option("--pg-listen", metavar="H:P", help="Postgres proxy address (not yet available).")
+@click.option("--pg-listen", default="127.0.0.1:6432", show_default=True, metavar="H:P",
+              help="Postgres proxy address (put in Hyperdrive connection strings).")
 @click.option("--mysql-listen", metavar="H:P", help="MySQL proxy address (not yet available).")
 @click.option("--advertise", metavar="H:P", help="Tunnel address put in tokens (default: the bound address).")
 @click.option("--key-rotation", type=Duration(), default="1008h", show_default=True,
@@ -137,9 +139,9 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
     )
     if key_rotation <= 0:
         raise click.BadParameter("must be more than 0, e.g. 1008h", param_hint="'--key-rotation'")
-    for flag, value in (("--pg-listen", pg_listen), ("--mysql-listen", mysql_listen)):
-        if value:
-            out.warn(f"hd edge: {flag} {value}: the database proxy is not yet available; recorded in edge.json only")
+    if mysql_listen:
+        out.warn(f"hd edge: --mysql-listen {mysql_listen}: the MySQL proxy is not yet available;"
+                 " recorded in edge.json only")
 
     def ready(info: dict) -> None:
         if as_json:
@@ -574,6 +576,320 @@ def access_keys_rotate(opts: Opts) -> None:
     prev = f"; the previous key {k['previous_kid']} stays published until the next rotation" if k.get(
         "previous_kid") else ""
     out.say(f"Rotated the Access signing key: new key id {k['kid']}{prev}.")
+
+
+# --- hd hyperdrive ---------------------------------------------------------------------------
+PROBE_CLIENT_TIMEOUT = 90.0  # create/update test the origin first (the proxy gives up after 15 s)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _probe_client(opts: Opts) -> ApiClient:
+    """An API client that waits for origin tests and prints their errors as
+    `[2013] message (hint: …)`."""
+    client = opts.client()
+    client.timeout = max(client.timeout, PROBE_CLIENT_TIMEOUT)
+    base = client._http_error
+
+    def http_error(e: Any) -> str:
+        raw = e.read()
+        e.read = lambda *a: raw  # the base formatter reads the body again
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("code") is not None and doc.get("error"):
+            text = f"[{doc['code']}] {doc['error']}"
+            if doc.get("hint"):
+                text += f" (hint: {doc['hint']})"
+            return text
+        return base(e)
+
+    client._http_error = http_error  # type: ignore[method-assign]
+    return client
+
+
+def hyperdrive_options(fn: Callable) -> Callable:
+    """The origin/caching/pool flags of `hd hyperdrive create` and `update` (as in wrangler)."""
+    from control.store import MAX_MAX_AGE, MAX_ORIGIN_CONNECTION_LIMIT, MAX_SWR, MIN_ORIGIN_CONNECTION_LIMIT
+
+    options = [
+        click.option("--connection-string", metavar="URL",
+                     help="postgresql://USER:PASSWORD@HOST[:PORT]/DATABASE (instead of the --origin-* flags)."),
+        click.option("--origin-host", metavar="HOST",
+                     help="Origin database host; with access credentials, the tunnel hostname."),
+        click.option("--origin-port", type=click.IntRange(1, 65535), metavar="PORT",
+                     help="Origin port (direct origins only; default 5432)."),
+        click.option("--origin-scheme", type=click.Choice(["postgresql", "postgres", "mysql"]),
+                     help="Origin protocol (default postgresql)."),
+        click.option("--database", metavar="NAME", help="Database name at the origin."),
+        click.option("--origin-user", metavar="USER", help="User the proxy logs in to the origin as."),
+        click.option("--origin-password", envvar="HD_ORIGIN_PASSWORD", show_envvar=True, metavar="PASSWORD",
+                     help="Origin password (prefer HD_ORIGIN_PASSWORD: argv is visible to others)."),
+        click.option("--access-client-id", metavar="ID",
+                     help="Service token client id: reach the origin through a tunnel."),
+        click.option("--access-client-secret", envvar="HD_ACCESS_CLIENT_SECRET", show_envvar=True, metavar="SECRET",
+                     help="Service token secret (prefer HD_ACCESS_CLIENT_SECRET)."),
+        click.option("--caching-disabled", type=click.BOOL, is_flag=False, flag_value="true", default=None,
+                     metavar="[true|false]", help="Turn query caching off (--caching-disabled false: on again)."),
+        click.option("--max-age", type=click.IntRange(1, MAX_MAX_AGE), metavar="SECONDS",
+                     help=f"How long a cached result is fresh (default 60, at most {MAX_MAX_AGE})."),
+        click.option("--swr", type=click.IntRange(0, MAX_SWR), metavar="SECONDS",
+                     help="Stale-while-revalidate: how long a stale result may still be served (default 15)."),
+        click.option("--ca-certificate-id", metavar="ID",
+                     help="CA (hd cert upload certificate-authority) the origin's certificate must chain to."),
+        click.option("--mtls-certificate-id", metavar="ID",
+                     help="Client certificate (hd cert upload mtls-certificate) to present to the origin."),
+        click.option("--sslmode", type=click.Choice(["require", "verify-ca", "verify-full", "disable"]),
+                     help="TLS to the origin: require (default: encrypt), verify-ca, verify-full"
+                     " (disable: no TLS, local development only)."),
+        click.option("--origin-connection-limit", metavar="N",
+                     type=click.IntRange(MIN_ORIGIN_CONNECTION_LIMIT, MAX_ORIGIN_CONNECTION_LIMIT),
+                     help=f"Soft limit of origin connections (default 20, at least {MIN_ORIGIN_CONNECTION_LIMIT})."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+_HD_FLAG_KEYS = ("connection_string", "origin_host", "origin_port", "origin_scheme", "database", "origin_user",
+                 "origin_password", "access_client_id", "access_client_secret", "caching_disabled", "max_age", "swr",
+                 "ca_certificate_id", "mtls_certificate_id", "sslmode", "origin_connection_limit")
+
+
+def _hyperdrive_body(kw: dict, *, creating: bool) -> dict:
+    """The API body from the flags: only what was given. Secrets from the environment give way to
+    an explicit connection string (it carries its own password) and, on create, an access secret
+    from the environment without --access-client-id is left out."""
+    from proxy.configs import check_origin_flags
+
+    ctx = click.get_current_context()
+    body = {k: kw[k] for k in _HD_FLAG_KEYS if kw.get(k) is not None}
+    from_env = {k for k in ("origin_password", "access_client_secret")
+                if ctx.get_parameter_source(k) == ParameterSource.ENVIRONMENT}
+    if "origin_password" in from_env and "connection_string" in body:
+        body.pop("origin_password", None)
+    if creating and "access_client_secret" in from_env and "access_client_id" not in body:
+        body.pop("access_client_secret", None)
+    try:
+        check_origin_flags(body, creating=creating, label=_flag)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return body
+
+
+def _origin_text(c: dict) -> str:
+    o = c.get("origin", {})
+    where = o.get("host", "?") if o.get("port") is None else join_hostport(o.get("host", "?"), o["port"])
+    text = f"{o.get('scheme', 'postgresql')}://{o.get('user', '?')}@{where}/{o.get('database', '?')}"
+    return text + (" via tunnel" if o.get("access_client_id") else "")
+
+
+def _caching_text(c: dict) -> str:
+    k = c.get("caching", {})
+    if k.get("disabled"):
+        return "off"
+    return f"max-age {k.get('max_age')}s, swr {k.get('stale_while_revalidate')}s"
+
+
+@hd.group("hyperdrive", context_settings=CONTEXT)
+def hyperdrive() -> None:
+    """Hyperdrive configs: pooled, cached access to an origin database through the edge's proxy."""
+
+
+@hyperdrive.command("create")
+@click.argument("name")
+@hyperdrive_options
+@common_options
+def hyperdrive_create(opts: Opts, name: str, **kw: Any) -> None:
+    """Create a config; its origin is tested first. Prints its id and connection string."""
+    body = _hyperdrive_body(kw, creating=True)
+    if "connection_string" not in body:
+        missing = [_flag(k) for k in ("origin_host", "database", "origin_user") if k not in body]
+        if missing:
+            raise click.UsageError(f"give --connection-string, or {', '.join(missing)} (and --origin-password)")
+        if "origin_password" not in body:
+            raise click.UsageError("give --origin-password (or set HD_ORIGIN_PASSWORD)")
+    c = _probe_client(opts).post("/v1/hyperdrive/configs", {"name": name, **body})
+    if opts.json:
+        return out.emit_json(c)
+    out.say(f"Created Hyperdrive config {c['name']} (id {c['id']}): {_origin_text(c)}, caching {_caching_text(c)}")
+    out.say("The origin answered the test connection.")
+    out.say("Connection string (it holds the password of the config's generated client user):")
+    out.say(c["connection_string"])
+    out.say()
+    out.say(f'Next: psql "$(hd hyperdrive get {c["name"]} --connection-string)"')
+
+
+@hyperdrive.command("update")
+@click.argument("name")
+@click.option("--name", "new_name", metavar="NAME", help="Rename the config.")
+@hyperdrive_options
+@common_options
+def hyperdrive_update(opts: Opts, name: str, new_name: str | None, **kw: Any) -> None:
+    """Change the given settings (tested against the origin first). Neither purges the cache nor
+    tears down the pool: new connections use the new settings."""
+    body = _hyperdrive_body(kw, creating=False)
+    if new_name is not None:
+        body["name"] = new_name
+    if not body:
+        raise click.UsageError("nothing to change: give at least one setting (see --help)")
+    c = _probe_client(opts).request("PATCH", f"/v1/hyperdrive/configs/{quote(name)}", body)
+    if opts.json:
+        return out.emit_json(c)
+    out.say(f"Updated Hyperdrive config {c['name']} ({c['id']}): {_origin_text(c)}, caching {_caching_text(c)}")
+    out.say("New connections use the new settings; the pool and the cache were kept.")
+
+
+@hyperdrive.command("list")
+@common_options
+def hyperdrive_list(opts: Opts) -> None:
+    """List configs (never passwords or connection strings)."""
+    configs = opts.client().get("/v1/hyperdrive/configs")
+    if opts.json:
+        return out.emit_json(configs)
+    if not configs:
+        out.say("No Hyperdrive configs yet.")
+        out.say("Next: hd hyperdrive create NAME --origin-host HOST --database DB --origin-user USER"
+                " --origin-password …")
+        return
+    rows = [[c["id"], c["name"], _origin_text(c), _caching_text(c), c.get("sslmode"),
+             out.fmt_time(c.get("created_at"))] for c in configs]
+    out.say(out.table(["ID", "NAME", "ORIGIN", "CACHING", "SSLMODE", "CREATED"], rows))
+
+
+@hyperdrive.command("get")
+@click.argument("name")
+@click.option("--connection-string", "want_url", is_flag=True,
+              help="Print only the connection string (for psql \"$(hd hyperdrive get NAME --connection-string)\").")
+@common_options
+def hyperdrive_get(opts: Opts, name: str, want_url: bool) -> None:
+    """Show a config; with --connection-string, only the string applications connect with."""
+    path = f"/v1/hyperdrive/configs/{quote(name)}" + ("?connection_string=1" if want_url else "")
+    c = opts.client().get(path)
+    if opts.json:
+        return out.emit_json(c)
+    if want_url:
+        out.say(c["connection_string"])  # alone on stdout: psql "$(hd hyperdrive get NAME --connection-string)"
+        return
+    o = c.get("origin", {})
+    pairs = [
+        ("id", c["id"]),
+        ("origin", _origin_text(c)),
+    ]
+    if o.get("access_client_id"):
+        pairs.append(("access client id", o["access_client_id"]))
+    pairs += [
+        ("sslmode", c.get("sslmode")),
+        ("CA certificate", c.get("ca_certificate_id") or "-"),
+        ("mTLS certificate", c.get("mtls_certificate_id") or "-"),
+        ("caching", _caching_text(c)),
+        ("origin connections", f"up to {c.get('origin_connection_limit')} (soft)"),
+        ("created", out.fmt_time(c.get("created_at"))),
+        ("updated", out.fmt_time(c.get("updated_at"))),
+    ]
+    out.say(f"Hyperdrive config {c['name']}")
+    out.say(out.fields(pairs, indent=2))
+    out.say(f"Next: psql \"$(hd hyperdrive get {c['name']} --connection-string)\"")
+
+
+@hyperdrive.command("delete")
+@click.argument("name")
+@common_options
+def hyperdrive_delete(opts: Opts, name: str) -> None:
+    """Delete a config; clients using its connection string are refused from now on."""
+    c = opts.client().delete(f"/v1/hyperdrive/configs/{quote(name)}")
+    if opts.json:
+        return out.emit_json(c)
+    out.say(f"Deleted Hyperdrive config {c['name']} ({c['id']}); its connection string no longer works.")
+
+
+# --- hd cert ---------------------------------------------------------------------------------
+def _read_pem(path: str, flag: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(2 * 1024 * 1024)
+    except OSError as e:
+        raise CliError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise CliError(f"{flag} {path} is not a PEM file (PEM is text: -----BEGIN ...-----)") from None
+
+
+@hd.group("cert", context_settings=CONTEXT)
+def cert() -> None:
+    """Certificates for TLS to origin databases (CA certificates and mTLS client certificates)."""
+
+
+@cert.group("upload", context_settings=CONTEXT)
+def cert_upload() -> None:
+    """Upload a certificate authority or an mTLS client certificate."""
+
+
+def _say_uploaded(c: dict) -> None:
+    out.say(f"Uploaded {c['kind']} {c['name']} (id {c['id']}): {c['subject']}, expires {out.fmt_time(c['expires_on'])}")
+
+
+@cert_upload.command("certificate-authority")
+@click.option("--ca-cert", "ca_cert", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="PEM file with the CA certificate(s) the origin's certificate chains to.")
+@click.option("--name", required=True, metavar="NAME", help="Name of the certificate.")
+@common_options
+def cert_upload_ca(opts: Opts, ca_cert: str, name: str) -> None:
+    """Upload a CA certificate, for --sslmode verify-ca/verify-full."""
+    c = opts.client().post("/v1/certificates", {"name": name, "kind": "certificate-authority",
+                                                "cert_pem": _read_pem(ca_cert, "--ca-cert")})
+    if opts.json:
+        return out.emit_json(c)
+    _say_uploaded(c)
+    out.say(f"Next: hd hyperdrive update ID --ca-certificate-id {c['name']} --sslmode verify-full")
+
+
+@cert_upload.command("mtls-certificate")
+@click.option("--cert", "cert_file", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="PEM file with the client certificate (then any intermediates).")
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="PEM file with its private key (unencrypted; stored encrypted).")
+@click.option("--name", required=True, metavar="NAME", help="Name of the certificate.")
+@common_options
+def cert_upload_mtls(opts: Opts, cert_file: str, key_file: str, name: str) -> None:
+    """Upload a client certificate and its key, presented to origins that ask for one."""
+    c = opts.client().post("/v1/certificates", {"name": name, "kind": "mtls-certificate",
+                                                "cert_pem": _read_pem(cert_file, "--cert"),
+                                                "key_pem": _read_pem(key_file, "--key")})
+    if opts.json:
+        return out.emit_json(c)
+    _say_uploaded(c)
+    out.say(f"Next: hd hyperdrive update ID --mtls-certificate-id {c['name']}")
+
+
+@cert.command("list")
+@common_options
+def cert_list(opts: Opts) -> None:
+    """List certificates (never private keys)."""
+    certs = opts.client().get("/v1/certificates")
+    if opts.json:
+        return out.emit_json(certs)
+    if not certs:
+        out.say("No certificates yet.")
+        out.say("Next: hd cert upload certificate-authority --ca-cert FILE --name NAME")
+        return
+    rows = [[c["id"], c["name"], c["kind"], c["subject"], out.fmt_time(c.get("expires_on"))] for c in certs]
+    out.say(out.table(["ID", "NAME", "KIND", "SUBJECT", "EXPIRES"], rows))
+
+
+@cert.command("delete")
+@click.argument("name")
+@common_options
+def cert_delete(opts: Opts, name: str) -> None:
+    """Delete a certificate (refused while a Hyperdrive config uses it)."""
+    c = opts.client().delete(f"/v1/certificates/{quote(name)}")
+    if opts.json:
+        return out.emit_json(c)
+    out.say(f"Deleted {c['kind']} {c['name']} ({c['id']}).")
 
 
 # --- entry point ----------------------------------------------------------------------------

@@ -32,6 +32,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def fields(pairs: Iterable[tuple[str, Any]], *, indent: int = 0) -> str:
+    """'key:  value' lines with the values aligned."""
+    pairs = [(str(k) + ":", "-" if v is None else str(v)) for k, v in pairs]
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join((" " * indent + k.ljust(width) + "  " + v).rstrip() for k, v in pairs)
+
+
 def fmt_time(value: Any, *, now: float | None = None) -> str:
     """A timestamp (epoch seconds or ISO 8601) as 'YYYY-MM-DD HH:MM:SS UTC (5m ago)'."""
     if value is None or value == "":

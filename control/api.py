@@ -2,9 +2,12 @@
 
 Every route needs `Authorization: Bearer <admin token>` except `/openapi.json`, `/healthz` and
 the Access JWKS at `/cdn-cgi/access/certs` (public keys only). Errors are `{"error": "message"}`
-with 400/401/404/405/409 (500 only for bugs). Secrets and tokens are never logged: a tunnel token
-appears only in the body of `/token` and `POST /v1/tunnels` responses, a service-token secret only
-in the responses that create or rotate it (the store keeps a keyed hash).
+with 400/401/404/405/409/503 (500 only for bugs); a failed origin test of a Hyperdrive config adds
+`"code"` (2008–2016) and `"hint"`. Secrets and tokens are never logged: a tunnel token appears only
+in the body of `/token` and `POST /v1/tunnels` responses, a service-token secret only in the
+responses that create or rotate it (the store keeps a keyed hash); a Hyperdrive config's origin
+password and access secret are never returned, its connection string (which holds the generated
+client password) only on create and on `GET …?connection_string=1`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from control.store import (
     DEFAULT_CONNECT_TIMEOUT,
     ACCESS_LOG_MAX_ROWS,
     AccessApp,
+    Certificate,
     ConflictError,
+    HyperdriveConfig,
     NotFoundError,
     Route,
     ServiceToken,
@@ -39,13 +44,45 @@ from control.store import (
     ValidationError,
     normalize_hostname,
 )
+from proxy.configs import (
+    DEFAULT_PG_LISTEN,
+    check_origin_flags,
+    connection_string,
+    origin_spec,
+    parse_connection_string,
+)
+from proxy.errors import GENERIC, OriginError
 from tunnel.token import TunnelToken
 
 log = logging.getLogger("hd.api")
 
 JWKS_PATH = "/cdn-cgi/access/certs"
 PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz", JWKS_PATH})
-EDGE_INFO_KEYS = ("api_url", "tunnel_url", "tunnel_address", "cert_pin", "issuer")
+EDGE_INFO_KEYS = ("api_url", "tunnel_url", "tunnel_address", "cert_pin", "issuer", "pg_listen", "mysql_listen")
+DEFAULT_MYSQL_LISTEN = "127.0.0.1:3307"
+PROBE_TIMEOUT = 60.0  # a guard only: the proxy's own connect timeout (15 s) comes first
+
+# POST/PATCH /v1/hyperdrive/configs fields (named as the wrangler flags) -> store fields
+HYPERDRIVE_BODY_FIELDS = {
+    "name": "name",
+    "origin_scheme": "scheme",
+    "origin_host": "host",
+    "origin_port": "port",
+    "database": "database",
+    "origin_user": "user",
+    "origin_password": "password",
+    "access_client_id": "access_client_id",
+    "access_client_secret": "access_client_secret",
+    "sslmode": "sslmode",
+    "ca_certificate_id": "ca_certificate_id",
+    "mtls_certificate_id": "mtls_certificate_id",
+    "caching_disabled": "caching_disabled",
+    "max_age": "max_age",
+    "swr": "swr",
+    "origin_connection_limit": "origin_connection_limit",
+}
+HYPERDRIVE_BODY = frozenset(HYPERDRIVE_BODY_FIELDS) | {"connection_string"}
+_CLEARABLE = ("access_client_id", "access_client_secret", "ca_certificate_id", "mtls_certificate_id")
 
 DEFAULT_TOKEN_DURATION = 8760 * 3600.0  # one year, as Cloudflare's API
 DEFAULT_ROTATE_GRACE = 86400.0
@@ -61,6 +98,14 @@ class Relay(Protocol):
     def access_changed(self) -> None: ...
     def keys_rotated(self) -> None: ...
     def flush_access_logs(self) -> Any: ...
+
+
+class Proxy(Protocol):
+    """The database proxy as the control plane uses it (proxy/service.py)."""
+
+    async def probe(self, spec: Any) -> None: ...  # connect + run ";"; raises proxy.errors.OriginError
+    def config_changed(self, config_id: str) -> None: ...  # new connections use the new settings
+    def config_deleted(self, config_id: str) -> None: ...
 
 
 def iso_time(ts: float) -> str:
@@ -115,6 +160,43 @@ def token_json(t: ServiceToken, now: float) -> dict:
     }
 
 
+def hyperdrive_json(c: HyperdriveConfig) -> dict:
+    """A Hyperdrive config as the API shows it: never the origin password nor the access secret
+    (the connection string, with the client password, is added only where documented)."""
+    return {
+        "id": c.id,
+        "name": c.name,
+        "origin": {
+            "scheme": c.scheme,
+            "host": c.host,
+            "port": c.port,
+            "database": c.database,
+            "user": c.user,
+            "access_client_id": c.access_client_id,
+        },
+        "caching": {"disabled": c.caching_disabled, "max_age": c.max_age, "stale_while_revalidate": c.swr},
+        "sslmode": c.sslmode,
+        "ca_certificate_id": c.ca_certificate_id,
+        "mtls_certificate_id": c.mtls_certificate_id,
+        "origin_connection_limit": c.origin_connection_limit,
+        "created_at": iso_time(c.created_at),
+        "updated_at": iso_time(c.updated_at),
+    }
+
+
+def certificate_json(c: Certificate) -> dict:
+    """An origin certificate as listed: never its private key."""
+    return {
+        "id": c.id,
+        "name": c.name,
+        "kind": c.kind,
+        "subject": c.subject,
+        "issuer": c.issuer,
+        "expires_on": iso_time(c.expires_on),
+        "created_at": iso_time(c.created_at),
+    }
+
+
 def log_json(entry: dict) -> dict:
     return {**entry, "time": iso_time(entry["time"])}
 
@@ -144,9 +226,11 @@ def error(status: int, message: str, headers: dict | None = None) -> web.Respons
 
 
 class _Api:
-    def __init__(self, store: Store, relay: Relay, admin_token: str, edge_info: dict, hash_key: bytes) -> None:
+    def __init__(self, store: Store, relay: Relay, admin_token: str, edge_info: dict, hash_key: bytes,
+                 proxy: Proxy | None = None) -> None:
         self.store = store
         self.relay = relay
+        self.proxy = proxy
         self.admin_token = admin_token.encode()
         # Kept by reference: `run_edge` fills in the API address after binding port 0.
         self.edge_info = edge_info
@@ -478,15 +562,187 @@ class _Api:
         return web.json_response(self._jwks_cache[1], headers={"Cache-Control": "public, max-age=60"})
 
 
+    # --- Hyperdrive configs -------------------------------------------------------------------
+    def _listen_for(self, c: HyperdriveConfig) -> str:
+        if c.scheme == "mysql":
+            return self.edge_info.get("mysql_listen") or DEFAULT_MYSQL_LISTEN
+        return self.edge_info.get("pg_listen") or DEFAULT_PG_LISTEN
+
+    def _with_connection_string(self, c: HyperdriveConfig) -> dict:
+        return {**hyperdrive_json(c), "connection_string": connection_string(c, self._listen_for(c))}
+
+    @staticmethod
+    def _hyperdrive_fields(body: dict, *, creating: bool) -> dict:
+        """Store fields from a create/update body, after the conflicting-settings checks."""
+        try:
+            check_origin_flags(body, creating=creating)
+        except ValueError as e:
+            raise ValidationError(str(e)) from None
+        fields: dict[str, Any] = {}
+        for key, store_key in HYPERDRIVE_BODY_FIELDS.items():
+            if key not in body:
+                continue
+            value = body[key]
+            if key in _CLEARABLE and value == "":
+                value = None  # "" clears, as null does
+            if value is None and key not in _CLEARABLE and key != "origin_port":
+                if not creating:
+                    raise ValidationError(f"{key} cannot be null (leave it out to keep the current value)")
+                continue
+            fields[store_key] = value
+        url = body.get("connection_string")
+        if url is not None:
+            try:
+                parsed = parse_connection_string(url)
+            except ValueError as e:
+                raise ValidationError(f"connection_string: {e}") from None
+            if parsed["port"] is not None and fields.get("access_client_id"):
+                raise ValidationError(
+                    "the connection string's port conflicts with access_client_id: an origin reached through a"
+                    " tunnel has no port (the tunnel route's service decides it); leave the port out"
+                )
+            url_sslmode = parsed.pop("sslmode", None)
+            if url_sslmode is not None:
+                if fields.get("sslmode") not in (None, url_sslmode):
+                    raise ValidationError(
+                        f"sslmode {fields['sslmode']!r} conflicts with the connection string's sslmode={url_sslmode}"
+                    )
+                fields["sslmode"] = url_sslmode
+            if parsed["password"] is None and not creating:
+                parsed.pop("password")  # keep the current password
+            fields.update(parsed)
+        if creating:
+            if "name" not in body:
+                raise ValidationError("missing field: name")
+            if url is None:
+                for key in ("origin_host", "database", "origin_user"):
+                    if body.get(key) is None:
+                        raise ValidationError(f"missing field: {key} (or give connection_string)")
+                if body.get("origin_password") is None:
+                    raise ValidationError("missing field: origin_password (or give connection_string)")
+        return fields
+
+    async def _probe(self, config: HyperdriveConfig) -> web.Response | None:
+        """Test the origin as the proxy will use it; an error response, or None when it works."""
+        if self.proxy is None:
+            return error(503, "the database proxy is not running in this edge, so the origin cannot be tested;"
+                              " restart hd edge")
+        if config.scheme == "mysql" and not getattr(self.proxy, "supports_mysql", False):
+            raise ValidationError("mysql origins are not supported by this edge yet (origin_scheme postgresql)")
+        try:
+            spec = origin_spec(config, self.store)
+        except ValueError as e:  # a setting the origin connector refuses (OriginSpec checks)
+            raise ValidationError(str(e)) from None
+        try:
+            result = self.proxy.probe(spec)
+            if inspect.isawaitable(result):
+                await asyncio.wait_for(result, PROBE_TIMEOUT)
+        except OriginError as e:
+            log.info("origin test of Hyperdrive config %s failed: [%s] %s", config.name, e.code, e.message)
+            return web.json_response({"error": e.message, "code": e.code, "hint": e.hint}, status=400)
+        except asyncio.TimeoutError:
+            return web.json_response(
+                {"error": f"testing the origin did not finish within {PROBE_TIMEOUT:g}s", "code": GENERIC,
+                 "hint": "check that the origin database answers, then try again"},
+                status=400,
+            )
+        return None
+
+    def _proxy_notify(self, fn_name: str, config_id: str) -> None:
+        # committed already: a proxy hiccup must not turn the change into an error
+        if self.proxy is None:
+            return
+        try:
+            getattr(self.proxy, fn_name)(config_id)
+        except Exception:
+            log.exception("proxy.%s(%s) failed", fn_name, config_id)
+
+    async def create_hyperdrive(self, request: web.Request) -> web.Response:
+        body = await self._body(request, set(HYPERDRIVE_BODY))
+        fields = self._hyperdrive_fields(body, creating=True)
+        candidate = self.store.new_hyperdrive(**fields)
+        failed = await self._probe(candidate)
+        if failed is not None:
+            return failed
+        config = self.store.insert_hyperdrive(candidate)
+        log.info("Hyperdrive config created: %s (%s) -> %s", config.name, config.id, config.host)
+        self._proxy_notify("config_changed", config.id)
+        return web.json_response(self._with_connection_string(config), status=201)
+
+    async def update_hyperdrive(self, request: web.Request) -> web.Response:
+        body = await self._body(request, set(HYPERDRIVE_BODY))
+        key = request.match_info["id_or_name"]
+        fields = self._hyperdrive_fields(body, creating=False)
+        merged = self.store.merged_hyperdrive(key, **fields)
+        failed = await self._probe(merged)
+        if failed is not None:
+            return failed  # the stored config is unchanged
+        config = self.store.update_hyperdrive(merged.id, **fields)
+        log.info("Hyperdrive config updated: %s (%s)", config.name, config.id)
+        self._proxy_notify("config_changed", config.id)  # the proxy decides; pools and cache are kept
+        return web.json_response(hyperdrive_json(config))
+
+    async def list_hyperdrives(self, request: web.Request) -> web.Response:
+        return web.json_response([hyperdrive_json(c) for c in self.store.list_hyperdrives()])
+
+    async def get_hyperdrive(self, request: web.Request) -> web.Response:
+        config = self.store.require_hyperdrive(request.match_info["id_or_name"])
+        flag = request.query.get("connection_string", "").strip().lower()
+        if flag in ("1", "true", "yes"):
+            return web.json_response(self._with_connection_string(config))
+        if flag not in ("", "0", "false", "no"):
+            raise ValidationError("connection_string must be 1 or 0")
+        return web.json_response(hyperdrive_json(config))
+
+    async def delete_hyperdrive(self, request: web.Request) -> web.Response:
+        await self._body(request, set())
+        key = request.match_info["id_or_name"]
+        config = self.store.delete_hyperdrive(key)
+        if config is None:
+            raise NotFoundError(f"no Hyperdrive config named or with id {key!r}")
+        log.info("Hyperdrive config deleted: %s (%s)", config.name, config.id)
+        self._proxy_notify("config_deleted", config.id)
+        return web.json_response({**hyperdrive_json(config), "deleted": True})
+
+    # --- origin certificates ----------------------------------------------------------------
+    async def add_certificate(self, request: web.Request) -> web.Response:
+        body = await self._body(request, {"name", "kind", "cert_pem", "key_pem"})
+        for key in ("name", "kind", "cert_pem"):
+            if key not in body:
+                raise ValidationError(f"missing field: {key}")
+        for key in ("cert_pem", "key_pem"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise ValidationError(f"{key} must be PEM text")
+        cert = self.store.add_certificate(body["name"], body["kind"], body["cert_pem"], body.get("key_pem"))
+        log.info("certificate uploaded: %s (%s, %s)", cert.name, cert.id, cert.kind)
+        return web.json_response(certificate_json(cert), status=201)
+
+    async def list_certificates(self, request: web.Request) -> web.Response:
+        return web.json_response([certificate_json(c) for c in self.store.list_certificates()])
+
+    async def delete_certificate(self, request: web.Request) -> web.Response:
+        await self._body(request, set())
+        key = request.match_info["id_or_name"]
+        cert = self.store.delete_certificate(key)
+        if cert is None:
+            raise NotFoundError(f"no certificate named or with id {key!r}")
+        log.info("certificate deleted: %s (%s)", cert.name, cert.id)
+        return web.json_response({**certificate_json(cert), "deleted": True})
+
+
 def make_app(
-    store: Store, relay: Relay, *, admin_token: str, edge_info: dict, hash_key: bytes | None = None
+    store: Store, relay: Relay, *, admin_token: str, edge_info: dict, hash_key: bytes | None = None,
+    proxy: Proxy | None = None,
 ) -> web.Application:
     """The control API. `hash_key` keys the service-token secret hashes and must be the relay's
-    (default: `store.service_token_hash_key()`, derived from secret.key)."""
+    (default: `store.service_token_hash_key()`, derived from secret.key). `proxy` tests the origins
+    of Hyperdrive configs and hears about their changes (without it, creating or updating one is
+    refused with 503). `edge_info["pg_listen"]` is the address put in connection strings."""
     if not admin_token:
         raise ValueError("admin_token must not be empty")
-    api = _Api(store, relay, admin_token, edge_info, hash_key or store.service_token_hash_key())
-    app = web.Application(middlewares=[api.middleware], client_max_size=64 * 1024)
+    api = _Api(store, relay, admin_token, edge_info, hash_key or store.service_token_hash_key(), proxy)
+    # 1 MiB: a CA bundle can be a few hundred KiB
+    app = web.Application(middlewares=[api.middleware], client_max_size=1024 * 1024)
     r = app.router
     r.add_get("/openapi.json", api.openapi, allow_head=False)
     r.add_get("/healthz", api.healthz, allow_head=False)
@@ -510,4 +766,12 @@ def make_app(
     r.add_get("/v1/access/logs", api.access_logs, allow_head=False)
     r.add_post("/v1/access/keys/rotate", api.rotate_keys)
     r.add_get(JWKS_PATH, api.jwks, allow_head=False)
+    r.add_post("/v1/hyperdrive/configs", api.create_hyperdrive)
+    r.add_get("/v1/hyperdrive/configs", api.list_hyperdrives, allow_head=False)
+    r.add_get("/v1/hyperdrive/configs/{id_or_name}", api.get_hyperdrive, allow_head=False)
+    r.add_patch("/v1/hyperdrive/configs/{id_or_name}", api.update_hyperdrive)
+    r.add_delete("/v1/hyperdrive/configs/{id_or_name}", api.delete_hyperdrive)
+    r.add_post("/v1/certificates", api.add_certificate)
+    r.add_get("/v1/certificates", api.list_certificates, allow_head=False)
+    r.add_delete("/v1/certificates/{id_or_name}", api.delete_certificate)
     return app

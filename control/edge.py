@@ -38,6 +38,7 @@ log = logging.getLogger("hd.edge")
 
 DEFAULT_API_LISTEN = "127.0.0.1:8787"
 DEFAULT_TUNNEL_LISTEN = "127.0.0.1:7844"
+DEFAULT_PG_LISTEN = "127.0.0.1:6432"
 EDGE_JSON = "edge.json"
 ADMIN_TOKEN_FILE = "admin-token"
 DB_FILE = "state.db"
@@ -46,6 +47,9 @@ KEY_CHECK_INTERVAL = 600.0
 
 # relay_factory(store, ssl_context, hash_key=...) -> the relay (relay.server.Relay)
 RelayFactory = Callable[..., Any]
+# proxy_factory(store, relay) -> the database proxy the control API uses (control.api.Proxy:
+# probe, config_changed, config_deleted)
+ProxyFactory = Callable[..., Any]
 
 
 class EdgeError(Exception):
@@ -129,6 +133,7 @@ async def run_edge(
     pg_listen: str | None = None,
     mysql_listen: str | None = None,
     relay_factory: RelayFactory | None = None,
+    proxy_factory: ProxyFactory | None = None,
     stop_event: asyncio.Event | None = None,
     key_rotation: float = DEFAULT_KEY_ROTATION,
     key_check_interval: float = KEY_CHECK_INTERVAL,
@@ -137,6 +142,8 @@ async def run_edge(
 
     `ready_callback(info)` is called with the edge.json contents once everything listens.
     `relay_factory(store, ssl_context, hash_key=...)` defaults to `relay.server.Relay`.
+    `proxy_factory(store, relay)` makes the database proxy handed to the control API (it tests the
+    origins of Hyperdrive configs); `pg_listen` goes into edge.json and connection strings.
     `key_rotation`: the age (seconds) at which the Access signing key is replaced, checked at
     start and every `key_check_interval` seconds.
     """
@@ -183,6 +190,7 @@ async def run_edge(
     relay: Any = None
     rotation_task: asyncio.Task | None = None
     runner: web.AppRunner | None = None
+    proxy: Any = None
     relay_started = False
     loop = asyncio.get_running_loop()
     stop = stop_event or asyncio.Event()
@@ -213,8 +221,27 @@ async def run_edge(
             "cert_pin": pin,
             "issuer": issuer,
         }
+        if pg_listen:
+            edge_info["pg_listen"] = pg_listen  # the address put in Hyperdrive connection strings
+        if mysql_listen:
+            edge_info["mysql_listen"] = mysql_listen
+        if proxy_factory is None and pg_listen:
+            proxy_factory = _default_proxy_factory(
+                f"wss://{join_hostport(_reachable_host(tun_host), bound_tun_port)}", pin,
+                server_ssl_context(cert, key))
+        proxy = proxy_factory(store, relay) if proxy_factory is not None else None
+        if proxy is not None and pg_listen and hasattr(proxy, "start"):
+            try:
+                pg_host, pg_port = parse_hostport(pg_listen, what="--pg-listen")
+                await proxy.start(pg_host, pg_port)
+            except ValueError as e:
+                raise EdgeError(str(e)) from None
+            except OSError as e:
+                raise EdgeError(f"cannot listen for Postgres clients on {pg_listen}: {e.strerror or e}") from None
+            edge_info["pg_listen"] = join_hostport(_reachable_host(pg_host), proxy.port)
 
-        app = make_app(store, relay, admin_token=admin_token, edge_info=edge_info, hash_key=hash_key)
+        app = make_app(store, relay, admin_token=admin_token, edge_info=edge_info, hash_key=hash_key,
+                       proxy=proxy)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -230,10 +257,6 @@ async def run_edge(
         )
 
         info = {**edge_info, "pid": os.getpid()}
-        if pg_listen:
-            info["pg_listen"] = pg_listen
-        if mysql_listen:
-            info["mysql_listen"] = mysql_listen
         write_private_file(state_dir / EDGE_JSON, (json.dumps(info, indent=2) + "\n").encode())
 
         _say(f"hd edge: control API listening on http://{join_hostport(api_host, bound_api_port)}")
@@ -258,6 +281,11 @@ async def run_edge(
                 pass
         if runner is not None:
             await runner.cleanup()
+        if proxy is not None and hasattr(proxy, "close"):
+            try:
+                await proxy.close()
+            except Exception:
+                log.exception("error while closing the proxy")
         if relay is not None:
             try:
                 await relay.close()  # also after a failed start: it may hold half-opened sockets
@@ -265,6 +293,18 @@ async def run_edge(
                 if relay_started:
                     log.exception("error while closing the relay")
         store.close()
+
+
+def _default_proxy_factory(tunnel_url: str, pin: str, client_tls: Any) -> ProxyFactory:
+    """The Postgres proxy, reaching tunnel origins through this edge's own relay."""
+
+    def make(store: Any, relay: Any) -> Any:
+        from proxy.service import ProxyService
+        from tunnel.client import Endpoint
+
+        return ProxyService(store, edge=Endpoint(tunnel_url, pin), ssl_context=client_tls)
+
+    return make
 
 
 def _say(line: str) -> None:

@@ -43,6 +43,55 @@ _DURATION = {
     "description": "seconds, or a duration such as 24h or 8760h",
 }
 _TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+_HD_PARAM = {
+    "name": "id_or_name",
+    "in": "path",
+    "required": True,
+    "description": "Hyperdrive config id or name",
+    "schema": {"type": "string"},
+}
+_CERT_PARAM = {
+    "name": "id_or_name",
+    "in": "path",
+    "required": True,
+    "description": "certificate id or name",
+    "schema": {"type": "string"},
+}
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"}
+_CLEARABLE_STR = {"type": ["string", "null"]}
+_HD_SETTINGS: dict[str, Any] = {
+    "connection_string": {
+        "type": "string",
+        "description": "postgresql://USER:PASSWORD@HOST[:PORT]/DATABASE (or postgres://, mysql://); conflicts "
+        "with origin_scheme, origin_host, origin_port, origin_user, origin_password and database",
+    },
+    "origin_scheme": {"enum": ["postgresql", "postgres", "mysql"], "default": "postgresql"},
+    "origin_host": {"type": "string", "description": "DNS name or IP; the tunnel hostname when access "
+                    "credentials are given"},
+    "origin_port": {"type": ["integer", "null"], "minimum": 1, "maximum": 65535,
+                    "description": "direct origins only (default 5432 / 3306); conflicts with access_client_id"},
+    "database": {"type": "string", "maxLength": 63, "description": "at most 63 bytes"},
+    "origin_user": {"type": "string", "maxLength": 63, "description": "at most 63 bytes"},
+    "origin_password": {"type": "string", "description": "never returned"},
+    "access_client_id": {**_CLEARABLE_STR, "description": "service token client id: reach the origin through "
+                         "a tunnel; null or \"\" clears (update)"},
+    "access_client_secret": {**_CLEARABLE_STR, "description": "service token secret; never returned"},
+    "sslmode": {"enum": ["require", "verify-ca", "verify-full", "disable"], "default": "require",
+                "description": "require: encrypt; verify-ca / verify-full: also check the certificate (against "
+                "ca_certificate_id, else the system's CAs); disable: no TLS (only a direct origin on a loopback "
+                "address, for local development)"},
+    "ca_certificate_id": {**_CLEARABLE_STR, "description": "id or name of a certificate-authority the "
+                          "origin's certificate must chain to (as in libpq, also checked with sslmode require)"},
+    "mtls_certificate_id": {**_CLEARABLE_STR, "description": "id or name of an mtls-certificate (client "
+                            "certificate)"},
+    "caching_disabled": {"type": "boolean", "default": False},
+    "max_age": {"type": "integer", "minimum": 1, "maximum": 3600, "default": 60},
+    "swr": {"type": "integer", "minimum": 0, "maximum": 86400, "default": 15,
+            "description": "stale-while-revalidate, seconds"},
+    "origin_connection_limit": {"type": "integer", "minimum": 5, "maximum": 1000, "default": 20,
+                                "description": "soft limit of origin connections"},
+}
+_PROBE_ERR = _json(_ref("OriginError"), "invalid settings, or the origin test failed (then with code and hint)")
 _HOST_PARAM = {
     "name": "hostname",
     "in": "path",
@@ -70,7 +119,7 @@ OPENAPI: dict[str, Any] = {
     "info": {
         "title": "hd edge control API",
         "version": "1",
-        "description": "Tunnels, routes and Access of a self-hosted edge. Every operation needs the admin "
+        "description": "Tunnels, routes, Access and Hyperdrive configs of a self-hosted edge. Every operation needs the admin "
         "token (STATE_DIR/admin-token) as a bearer token, except /openapi.json, /healthz and the JWKS at "
         '/cdn-cgi/access/certs. Errors are `{"error": "message"}`. A service-token secret is returned only '
         "when the token is created or rotated.",
@@ -274,6 +323,85 @@ OPENAPI: dict[str, Any] = {
                 )},
             )
         },
+        "/v1/hyperdrive/configs": {
+            "post": _op(
+                "Create a Hyperdrive config; its origin is tested first (connect and run ';'), and nothing is "
+                "stored when that fails",
+                {"201": _json(_ref("HyperdriveConfigWithConnectionString"), "the config and its connection string"),
+                 "400": _PROBE_ERR, "404": _ERR, "409": _ERR, "503": _ERR},
+                body={
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {"name": _NAME, **_HD_SETTINGS},
+                },
+            ),
+            "get": _op(
+                "List Hyperdrive configs (never a password, secret or connection string)",
+                {"200": _json({"type": "array", "items": _ref("HyperdriveConfig")}, "all configs")},
+            ),
+        },
+        "/v1/hyperdrive/configs/{id_or_name}": {
+            "get": _op(
+                "A Hyperdrive config",
+                {"200": _json(_ref("HyperdriveConfigWithConnectionString"), "the config"), "400": _ERR,
+                 "404": _ERR},
+                params=[_HD_PARAM, {
+                    "name": "connection_string",
+                    "in": "query",
+                    "required": False,
+                    "description": "1: include the connection string (it holds the client password)",
+                    "schema": {"enum": ["1", "0", "true", "false"]},
+                }],
+            ),
+            "patch": _op(
+                "Change the given settings; the merged config's origin is tested first and nothing changes when "
+                "that fails. Neither purges the cache nor tears down the pool: new connections use the new "
+                "settings. The client credentials never change",
+                {"200": _json(_ref("HyperdriveConfig"), "the updated config"), "400": _PROBE_ERR, "404": _ERR,
+                 "409": _ERR, "503": _ERR},
+                params=[_HD_PARAM],
+                body={
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"name": _NAME, **_HD_SETTINGS},
+                },
+            ),
+            "delete": _op(
+                "Delete a Hyperdrive config",
+                {"200": _json(_ref("HyperdriveConfig"), "the deleted config"), "404": _ERR},
+                params=[_HD_PARAM],
+            ),
+        },
+        "/v1/certificates": {
+            "post": _op(
+                "Upload a certificate for origin TLS: a certificate-authority (cert_pem only) or an "
+                "mtls-certificate (cert_pem and its key_pem; the key is encrypted at rest and never returned)",
+                {"201": _json(_ref("Certificate"), "the certificate"), "400": _ERR, "409": _ERR},
+                body={
+                    "type": "object",
+                    "required": ["name", "kind", "cert_pem"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": _NAME,
+                        "kind": {"enum": ["certificate-authority", "mtls-certificate"]},
+                        "cert_pem": {"type": "string", "description": "PEM certificate(s)"},
+                        "key_pem": {"type": ["string", "null"], "description": "PEM private key (mTLS only)"},
+                    },
+                },
+            ),
+            "get": _op(
+                "List certificates (never a private key)",
+                {"200": _json({"type": "array", "items": _ref("Certificate")}, "all certificates")},
+            ),
+        },
+        "/v1/certificates/{id_or_name}": {
+            "delete": _op(
+                "Delete a certificate (refused with 409 while a Hyperdrive config uses it)",
+                {"200": _json(_ref("Certificate"), "the deleted certificate"), "404": _ERR, "409": _ERR},
+                params=[_CERT_PARAM],
+            )
+        },
         "/cdn-cgi/access/certs": {
             "get": _op(
                 "JWKS of the Access signing keys (current first, then the previous one); public keys only",
@@ -295,6 +423,8 @@ OPENAPI: dict[str, Any] = {
                     "tunnel_address": {"type": "string", "description": "host:port put in tunnel tokens"},
                     "cert_pin": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
                     "issuer": {"type": "string", "description": "iss of Access assertions (https://host:port)"},
+                    "pg_listen": {"type": "string", "description": "host:port of the Postgres proxy"},
+                    "mysql_listen": {"type": "string", "description": "host:port of the MySQL proxy"},
                 },
             },
             "Tunnel": {
@@ -446,6 +576,72 @@ OPENAPI: dict[str, Any] = {
                     "keys": {"type": "array", "items": {"type": "object"}},
                     "public_cert": {"type": ["object", "null"]},
                     "public_certs": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+            "OriginError": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {"type": "string"},
+                    "code": {"type": "integer", "minimum": 2008, "maximum": 2016,
+                             "description": "present when the origin test failed: 2008 bad hostname, 2009 not a "
+                             "public IP, 2010 cannot connect, 2011 connection refused, 2012 TLS not supported, "
+                             "2013 invalid credentials, 2014 database does not exist, 2015 other, 2016 test query "
+                             "failed"},
+                    "hint": {"type": ["string", "null"]},
+                },
+            },
+            "HyperdriveConfig": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                    "name": {"type": "string"},
+                    "origin": {
+                        "type": "object",
+                        "properties": {
+                            "scheme": {"enum": ["postgresql", "mysql"]},
+                            "host": {"type": "string"},
+                            "port": {"type": ["integer", "null"], "description": "null through a tunnel"},
+                            "database": {"type": "string"},
+                            "user": {"type": "string"},
+                            "access_client_id": {"type": ["string", "null"]},
+                        },
+                    },
+                    "caching": {
+                        "type": "object",
+                        "properties": {
+                            "disabled": {"type": "boolean"},
+                            "max_age": {"type": "integer"},
+                            "stale_while_revalidate": {"type": "integer"},
+                        },
+                    },
+                    "sslmode": {"type": "string"},
+                    "ca_certificate_id": {"type": ["string", "null"]},
+                    "mtls_certificate_id": {"type": ["string", "null"]},
+                    "origin_connection_limit": {"type": "integer"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "updated_at": {"type": "string", "format": "date-time"},
+                    "deleted": {"type": "boolean"},
+                },
+            },
+            "HyperdriveConfigWithConnectionString": {
+                "allOf": [_ref("HyperdriveConfig"), {"type": "object", "properties": {"connection_string": {
+                    "type": "string",
+                    "description": "postgresql://CLIENT_USER:CLIENT_PASSWORD@PROXY/DATABASE?sslmode=require; "
+                    "only on create and with ?connection_string=1",
+                }}}]
+            },
+            "Certificate": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "name": {"type": "string"},
+                    "kind": {"enum": ["certificate-authority", "mtls-certificate"]},
+                    "subject": {"type": "string"},
+                    "issuer": {"type": "string"},
+                    "expires_on": {"type": "string", "format": "date-time"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "deleted": {"type": "boolean"},
                 },
             },
             "Deleted": {

@@ -443,13 +443,15 @@ def _normalize_hyperdrive(v: dict) -> dict:
     sslmode = sslmode.strip().lower()
     out["sslmode"] = "require" if sslmode == "prefer" else sslmode  # as Hyperdrive: prefer means require
     ca, mtls = v["ca_certificate_id"] or None, v["mtls_certificate_id"] or None
-    if ca is not None and out["sslmode"] in ("require", "disable"):
-        raise ValidationError(
-            f"ca_certificate_id needs sslmode verify-ca or verify-full (sslmode {out['sslmode']} does not check"
-            " the origin's certificate); set sslmode, or clear ca_certificate_id"
-        )
-    if mtls is not None and out["sslmode"] == "disable":
-        raise ValidationError("mtls_certificate_id needs TLS to the origin: sslmode disable conflicts with it")
+    if out["sslmode"] == "disable":
+        if cid is not None or not _is_loopback(out["host"]):
+            raise ValidationError(
+                "sslmode disable (no TLS) is only allowed for a direct origin on a loopback address (local"
+                " development); use require, verify-ca or verify-full"
+            )
+        if ca is not None or mtls is not None:
+            raise ValidationError("sslmode disable conflicts with ca_certificate_id / mtls_certificate_id:"
+                                  " certificates need TLS to the origin")
     out["ca_certificate_id"], out["mtls_certificate_id"] = ca, mtls
 
     if not isinstance(v["caching_disabled"], bool):
@@ -464,30 +466,22 @@ def _normalize_hyperdrive(v: dict) -> dict:
     return out
 
 
-SCRAM_ITERATIONS = 4096
-
-
 def scram_secret(password: str) -> str:
-    """The SCRAM-SHA-256 secret of `password`, in Postgres' rolpassword format
-    (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, base64), which the proxy's
-    SCRAM server (proxy.pg.auth.ScramSecret) reads."""
-    try:
-        from proxy.pg.auth import ScramSecret  # the proxy's own builder, when it is installed
-    except ImportError:
-        ScramSecret = None
-    if ScramSecret is not None:
-        return ScramSecret.from_password(password).to_string()
-    import base64
-    import hashlib
-    import hmac as _hmac
+    """The SCRAM-SHA-256 secret of `password` in Postgres' rolpassword format
+    (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`), made by the proxy's own
+    SCRAM module, which verifies client logins against it."""
+    from proxy.pg.auth import ScramSecret  # imported late: the store stands without the proxy otherwise
 
-    salt = secrets.token_bytes(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, SCRAM_ITERATIONS)
-    client_key = _hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = _hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return f"SCRAM-SHA-256${SCRAM_ITERATIONS}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+    return ScramSecret.from_password(password).to_string()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _pem_bytes(value: object, what: str) -> bytes:
@@ -1398,10 +1392,12 @@ class Store:
         with self._lock:
             current = self.require_hyperdrive(id_or_name)
             values = {k: getattr(current, k) for k in HYPERDRIVE_FIELDS}
-            if "access_client_id" in changes and "port" not in changes:
-                values["port"] = None  # the port belongs to the old mode (direct or through a tunnel)
-            if changes.get("access_client_id", "") is None and "access_client_secret" not in changes:
-                values["access_client_secret"] = None  # clearing the id clears its secret
+            if "access_client_id" in changes:
+                via_tunnel = changes["access_client_id"] not in (None, "")
+                if via_tunnel != current.via_tunnel and "port" not in changes:
+                    values["port"] = None  # the port belonged to the old mode (direct or through a tunnel)
+                if not via_tunnel and "access_client_secret" not in changes:
+                    values["access_client_secret"] = None  # clearing the id clears its secret
             values.update(changes)
             v = self._checked(values)
             self._check_name_free(v["name"], current.id)

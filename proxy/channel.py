@@ -139,7 +139,8 @@ class ByteChannel:
         return self._write_paused
 
     def set_write_flow(self, on_pause: FlowCallback | None, on_resume: FlowCallback | None) -> None:
-        """Callbacks for write-side transitions (backed up / drained). If the channel is already
+        """Callbacks for write-side transitions (backed up / drained); one pair per channel
+        (a channel wrapped by a `TlsChannel` belongs to the wrapper). If the channel is already
         backed up, `on_pause` is called at once so the producer's state is consistent."""
         self._on_pause_writing = on_pause
         self._on_resume_writing = on_resume
@@ -422,6 +423,8 @@ class StreamChannel(ByteChannel):
         self._received(data)
 
     def stream_eof(self) -> None:
+        if self._finished:  # we closed first and the peer has now answered with its FIN
+            self._cancel_linger()
         self._ended(None)
 
     def stream_reset(self, code: int, reason: str) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import struct
 from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 from proxy.pg.statements import ServerStatements, Statement, StatementRegistry
 

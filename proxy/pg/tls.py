@@ -137,8 +137,9 @@ class TlsCore:
             except ssl.SSLEOFError:
                 self.peer_closed = True
                 break
-            if not chunk:
+            if not chunk:  # b"" is how SSLObject reports the peer's close_notify
                 self.peer_closed = True
+                self.clean_close = True
                 break
             chunks.append(chunk)
         if self._pending and self.handshake_done:

@@ -88,7 +88,9 @@ class EdgeProc:
             return self
         self._generation += 1
         argv = hd_argv("edge", "--state-dir", self.state_dir, "--api-listen", self.api_listen,
-                       "--tunnel-listen", self.tunnel_listen, *self.extra_args)
+                       "--tunnel-listen", self.tunnel_listen,
+                       *([] if "--pg-listen" in self.extra_args else ["--pg-listen", "127.0.0.1:0"]),
+                       *self.extra_args)
         env = {**self.env}
         self.proc = Proc(argv, env=env, name=f"edge{self._generation}", log_dir=self.state_dir / "logs",
                          cwd=self.state_dir, drop_env=_API_ENV + ("HD_STATE_DIR",))

@@ -613,3 +613,273 @@ async def test_make_app_hash_key_defaults_to_the_store_derived_key(tmp_path) -> 
         assert not SecretHasher(store.service_token_hash_key()).matches(t["client_secret"], stored.secret_hash)
     finally:
         store.close()
+
+
+# --- Hyperdrive configs ---------------------------------------------------------------------
+from proxy.errors import OriginError  # noqa: E402
+from tests.unit.test_hyperdrive_configs import make_ca, make_leaf  # noqa: E402
+
+TOKEN_ID = "0123456789abcdef0123456789abcdef.access"
+
+
+class FakeProxy:
+    """Stands in for proxy.service: its probe succeeds, or raises `self.fail_with`."""
+
+    def __init__(self) -> None:
+        self.probes: list = []
+        self.events: list[tuple[str, str]] = []
+        self.fail_with: OriginError | None = None
+
+    async def probe(self, spec) -> dict:
+        self.probes.append(spec)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return {"server_version": "15.0"}
+
+    def config_changed(self, config_id: str) -> None:
+        self.events.append(("config_changed", config_id))
+
+    def config_deleted(self, config_id: str) -> None:
+        self.events.append(("config_deleted", config_id))
+
+
+BAD_PASSWORD = OriginError(2013, "invalid credentials for user app: password authentication failed",
+                           "check --origin-user and --origin-password")
+
+
+@pytest.fixture
+async def hd_env(tmp_path):
+    store = Store(tmp_path / "state.db", SecretBox(os.urandom(32)))
+    proxy = FakeProxy()
+    app = make_app(store, FakeRelay(), admin_token=ADMIN, edge_info={**EDGE_INFO, "pg_listen": "0.0.0.0:6543"},
+                   proxy=proxy)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield client, store, proxy
+    finally:
+        await client.close()
+        store.close()
+
+
+DIRECT = {"origin_host": "db.example", "origin_port": 5432, "database": "app", "origin_user": "app",
+          "origin_password": "origin-pw-1"}
+
+
+async def test_create_hyperdrive_probes_then_stores_and_returns_the_connection_string(hd_env) -> None:
+    client, store, proxy = hd_env
+    status, c = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "my-db", **DIRECT, "max_age": 30})
+    assert status == 201, c
+    stored = store.get_hyperdrive("my-db")
+    assert c["id"] == stored.id and c["name"] == "my-db"
+    assert c["origin"] == {"scheme": "postgresql", "host": "db.example", "port": 5432, "database": "app",
+                           "user": "app", "access_client_id": None}
+    assert c["caching"] == {"disabled": False, "max_age": 30, "stale_while_revalidate": 15}
+    assert (c["sslmode"], c["ca_certificate_id"], c["mtls_certificate_id"], c["origin_connection_limit"]) == (
+        "require", None, None, 20)
+    assert c["connection_string"] == (f"postgresql://{stored.client_user}:{stored.client_password}"
+                                      "@127.0.0.1:6543/app?sslmode=require")
+    assert "origin-pw-1" not in str(c)
+    [spec] = proxy.probes
+    assert (spec.host, spec.port, spec.user, spec.password, spec.database) == (
+        "db.example", 5432, "app", "origin-pw-1", "app")
+    assert proxy.events == [("config_changed", stored.id)]
+    # list and get never show the connection string (it holds the client password) unless asked
+    status, listed = await call(client, "GET", "/v1/hyperdrive/configs")
+    assert status == 200 and [x["name"] for x in listed] == ["my-db"]
+    assert "connection_string" not in listed[0] and stored.client_password not in str(listed)
+    status, got = await call(client, "GET", f"/v1/hyperdrive/configs/{stored.id}")
+    assert status == 200 and "connection_string" not in got and got["name"] == "my-db"
+    status, got = await call(client, "GET", "/v1/hyperdrive/configs/my-db?connection_string=1")
+    assert status == 200 and got["connection_string"] == c["connection_string"]
+    status, body = await call(client, "GET", "/v1/hyperdrive/configs/my-db?connection_string=maybe")
+    assert status == 400
+
+
+async def test_create_through_a_tunnel_with_a_connection_string(hd_env) -> None:
+    client, store, proxy = hd_env
+    status, c = await call(client, "POST", "/v1/hyperdrive/configs", {
+        "name": "t", "connection_string": "postgres://app:p%40ss@db.internal.example/app?sslmode=verify-full",
+        "access_client_id": TOKEN_ID, "access_client_secret": "tok-secret"})
+    assert status == 201, c
+    assert c["origin"] == {"scheme": "postgresql", "host": "db.internal.example", "port": None, "database": "app",
+                           "user": "app", "access_client_id": TOKEN_ID}
+    assert c["sslmode"] == "verify-full" and "tok-secret" not in str(c)
+    spec = proxy.probes[-1]
+    assert (spec.port, spec.password, spec.access_client_id, spec.access_client_secret) == (
+        None, "p@ss", TOKEN_ID, "tok-secret")
+
+
+async def test_a_failed_probe_stores_nothing_and_reports_code_and_hint(hd_env) -> None:
+    client, store, proxy = hd_env
+    proxy.fail_with = BAD_PASSWORD
+    status, body = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "my-db", **DIRECT})
+    assert status == 400
+    assert body == {"error": "invalid credentials for user app: password authentication failed", "code": 2013,
+                    "hint": "check --origin-user and --origin-password"}
+    assert store.list_hyperdrives() == [] and proxy.events == []
+
+
+async def test_update_probes_the_merged_config_and_keeps_the_old_one_on_failure(hd_env) -> None:
+    client, store, proxy = hd_env
+    _, c = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "my-db", **DIRECT})
+    before = store.get_hyperdrive("my-db")
+    proxy.events.clear()
+    proxy.fail_with = BAD_PASSWORD
+    status, body = await call(client, "PATCH", "/v1/hyperdrive/configs/my-db",
+                              {"origin_password": "wrong", "max_age": 5})
+    assert status == 400 and body["code"] == 2013
+    assert proxy.probes[-1].password == "wrong" and proxy.probes[-1].host == "db.example"  # the merged config
+    assert store.get_hyperdrive("my-db") == before and proxy.events == []
+    proxy.fail_with = None
+    status, u = await call(client, "PATCH", f"/v1/hyperdrive/configs/{c['id']}",
+                           {"origin_password": "right", "max_age": 5, "caching_disabled": True})
+    assert status == 200, u
+    assert u["caching"] == {"disabled": True, "max_age": 5, "stale_while_revalidate": 15}
+    assert "connection_string" not in u
+    after = store.get_hyperdrive("my-db")
+    assert after.password == "right" and after.origin_connection_limit == 20
+    assert (after.client_user, after.client_password) == (before.client_user, before.client_password)
+    assert proxy.events == [("config_changed", c["id"])]  # notified; the proxy keeps its pools
+    # switching to a tunnel drops the port; an explicit port with access credentials is a conflict
+    status, u = await call(client, "PATCH", "/v1/hyperdrive/configs/my-db",
+                           {"access_client_id": TOKEN_ID, "access_client_secret": "s"})
+    assert status == 200 and u["origin"]["port"] is None
+    status, body = await call(client, "PATCH", "/v1/hyperdrive/configs/my-db", {"origin_port": 5432})
+    assert status == 400 and "origin_port conflicts with access_client_id" in body["error"]
+    status, u = await call(client, "PATCH", "/v1/hyperdrive/configs/my-db",
+                           {"access_client_id": "", "origin_port": 6000})
+    assert status == 200 and u["origin"]["port"] == 6000 and u["origin"]["access_client_id"] is None
+    status, body = await call(client, "PATCH", "/v1/hyperdrive/configs/my-db", {"max_age": None})
+    assert status == 400 and "max_age cannot be null" in body["error"]
+    status, body = await call(client, "PATCH", "/v1/hyperdrive/configs/missing", {"max_age": 5})
+    assert status == 404
+
+
+async def test_delete_hyperdrive_notifies_the_proxy(hd_env) -> None:
+    client, store, proxy = hd_env
+    _, c = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "my-db", **DIRECT})
+    status, d = await call(client, "DELETE", "/v1/hyperdrive/configs/my-db")
+    assert status == 200 and d["deleted"] is True and d["id"] == c["id"]
+    assert proxy.events[-1] == ("config_deleted", c["id"]) and store.list_hyperdrives() == []
+    status, body = await call(client, "DELETE", "/v1/hyperdrive/configs/my-db")
+    assert status == 404 and "no Hyperdrive config" in body["error"]
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({**DIRECT, "connection_string": "postgres://a:b@h/d"}, "connection_string conflicts with origin_host, origin_port,"
+     " origin_user, origin_password, database"),
+    ({"connection_string": "postgres://a:b@h/d", "origin_scheme": "mysql"}, "conflicts with origin_scheme"),
+    ({**DIRECT, "access_client_id": TOKEN_ID, "access_client_secret": "s"},
+     "origin_port conflicts with access_client_id"),
+    ({"connection_string": "postgres://a:b@h:5432/d", "access_client_id": TOKEN_ID, "access_client_secret": "s"},
+     "the connection string's port conflicts with access_client_id"),
+    ({**DIRECT, "origin_port": None, "access_client_id": TOKEN_ID}, "access_client_id needs access_client_secret"),
+    ({**DIRECT, "access_client_secret": "s"}, "access_client_secret needs access_client_id"),
+    ({**DIRECT, "origin_connection_limit": 4}, "origin_connection_limit must be from 5"),
+    ({**DIRECT, "max_age": 3601}, "max_age (seconds) must be from 1 to 3600"),
+    ({**DIRECT, "origin_user": "u" * 64}, "longer than 63 bytes"),
+    ({**DIRECT, "database": "d" * 64}, "longer than 63 bytes"),
+    ({"connection_string": "mysql:/nope"}, "connection_string: the connection string is not a URL"),
+    ({"connection_string": "postgres://a:b@h/d?sslmode=verify-ca", "sslmode": "require"},
+     "sslmode 'require' conflicts with the connection string's sslmode=verify-ca"),
+    ({"origin_host": "h", "database": "d", "origin_password": "p"}, "missing field: origin_user"),
+    ({"origin_host": "h", "database": "d", "origin_user": "u"}, "missing field: origin_password"),
+    ({**DIRECT, "ca_certificate_id": "nope"}, "no certificate named or with id 'nope'"),
+    ({**DIRECT, "colour": "red"}, "unknown field(s): colour"),
+])
+async def test_hyperdrive_create_errors(hd_env, payload, message) -> None:
+    client, store, proxy = hd_env
+    status, body = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "db", **payload})
+    assert status in (400, 404), body
+    assert message in body["error"], body
+    assert store.list_hyperdrives() == [] and proxy.probes == []  # refused before testing the origin
+
+
+async def test_mysql_origins_wait_for_a_proxy_that_speaks_mysql(hd_env) -> None:
+    client, store, proxy = hd_env
+    body = {"name": "shop", "connection_string": "mysql://root:pw@db.example/shop"}
+    status, err = await call(client, "POST", "/v1/hyperdrive/configs", body)
+    assert status == 400 and "mysql origins are not supported" in err["error"] and proxy.probes == []
+    proxy.supports_mysql = True
+    status, c = await call(client, "POST", "/v1/hyperdrive/configs", body)
+    assert status == 201 and c["origin"]["port"] == 3306
+    assert c["connection_string"].startswith("mysql://hd_") and c["connection_string"].endswith("@127.0.0.1:3307/shop")
+
+
+async def test_hyperdrive_without_a_proxy_is_refused(env) -> None:
+    client, store, _ = env
+    status, body = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "db", **DIRECT})
+    assert status == 503 and "proxy is not running" in body["error"]
+    assert store.list_hyperdrives() == []
+
+
+async def test_hyperdrive_proxy_notification_failures_do_not_fail_the_change(hd_env) -> None:
+    client, store, proxy = hd_env
+
+    def boom(config_id: str) -> None:
+        raise RuntimeError("proxy down")
+
+    proxy.config_changed = boom  # type: ignore[method-assign]
+    status, _ = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "db", **DIRECT})
+    assert status == 201 and store.get_hyperdrive("db") is not None
+
+
+async def test_hyperdrive_secrets_never_reach_the_log(hd_env, caplog) -> None:
+    client, store, proxy = hd_env
+    caplog.set_level(logging.DEBUG)
+    _, c = await call(client, "POST", "/v1/hyperdrive/configs", {
+        "name": "db", "origin_host": "db.example", "database": "app", "origin_user": "app",
+        "origin_password": "ORIGIN-PW-123", "access_client_id": TOKEN_ID, "access_client_secret": "ACCESS-SECRET-9"})
+    proxy.fail_with = BAD_PASSWORD
+    await call(client, "PATCH", "/v1/hyperdrive/configs/db", {"origin_password": "NEW-PW-456"})
+    text = caplog.text
+    assert "Hyperdrive config created" in text
+    for needle in ("ORIGIN-PW-123", "ACCESS-SECRET-9", "NEW-PW-456", store.get_hyperdrive("db").client_password):
+        assert needle not in text
+
+
+# --- origin certificates --------------------------------------------------------------------
+
+async def test_certificates_crud_and_use(hd_env) -> None:
+    client, store, proxy = hd_env
+    ca_pem, _, ca, ca_key = make_ca("Origin CA")
+    leaf_pem, leaf_key = make_leaf(ca, ca_key, "client-1")
+    status, a = await call(client, "POST", "/v1/certificates",
+                           {"name": "ca", "kind": "certificate-authority", "cert_pem": ca_pem.decode()})
+    assert status == 201, a
+    assert set(a) == {"id", "name", "kind", "subject", "issuer", "expires_on", "created_at"}
+    assert a["subject"] == "CN=Origin CA" and a["expires_on"].endswith("Z")
+    status, m = await call(client, "POST", "/v1/certificates", {"name": "client", "kind": "mtls-certificate",
+                                                                "cert_pem": leaf_pem.decode(),
+                                                                "key_pem": leaf_key.decode()})
+    assert status == 201 and "key" not in str(m).lower().replace("kind", "")
+    status, listed = await call(client, "GET", "/v1/certificates")
+    assert [x["name"] for x in listed] == ["ca", "client"] and "PRIVATE" not in str(listed)
+    status, c = await call(client, "POST", "/v1/hyperdrive/configs", {
+        "name": "db", **DIRECT, "sslmode": "verify-full", "ca_certificate_id": "ca", "mtls_certificate_id": m["id"]})
+    assert status == 201, c
+    assert (c["ca_certificate_id"], c["mtls_certificate_id"]) == (a["id"], m["id"])
+    spec = proxy.probes[-1]
+    assert spec.ca_pem == ca_pem and spec.client_cert_pem == leaf_pem and spec.client_key_pem == leaf_key
+    status, body = await call(client, "DELETE", "/v1/certificates/ca")
+    assert status == 409 and "used by Hyperdrive config(s) db" in body["error"]
+    status, _ = await call(client, "PATCH", "/v1/hyperdrive/configs/db", {"ca_certificate_id": None})
+    assert status == 200
+    status, d = await call(client, "DELETE", "/v1/certificates/ca")
+    assert status == 200 and d["deleted"] is True
+    status, body = await call(client, "DELETE", "/v1/certificates/ca")
+    assert status == 404
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"kind": "certificate-authority", "cert_pem": "nope"}, "is not PEM"),
+    ({"kind": "mtls-certificate", "cert_pem": "CERT"}, "is not PEM"),
+    ({"kind": "other", "cert_pem": "x"}, "invalid certificate kind"),
+    ({"cert_pem": "x"}, "missing field: kind"),
+    ({"kind": "certificate-authority", "cert_pem": 5}, "cert_pem must be PEM text"),
+])
+async def test_certificate_errors(hd_env, payload, message) -> None:
+    client, _, _ = hd_env
+    status, body = await call(client, "POST", "/v1/certificates", {"name": "c", **payload})
+    assert status == 400 and message in body["error"], body

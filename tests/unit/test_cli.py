@@ -77,6 +77,28 @@ class FakeRelay:
         self.events.append(("flush_access_logs", ""))
 
 
+class FakeProxy:
+    """Stands in for proxy.service: its origin test succeeds, or raises `fail_with`."""
+
+    def __init__(self, store: Store, relay: FakeRelay) -> None:
+        self.store, self.relay = store, relay
+        self.probes: list = []
+        self.events: list[tuple[str, str]] = []
+        self.fail_with: Exception | None = None
+
+    async def probe(self, spec) -> dict:
+        self.probes.append(spec)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return {}
+
+    def config_changed(self, config_id: str) -> None:
+        self.events.append(("config_changed", config_id))
+
+    def config_deleted(self, config_id: str) -> None:
+        self.events.append(("config_deleted", config_id))
+
+
 class EdgeThread:
     """`run_edge` on its own loop in a thread, stopped through its stop_event."""
 
@@ -86,11 +108,16 @@ class EdgeThread:
         self.info: dict | None = None
         self.error: BaseException | None = None
         self.relay: FakeRelay | None = None
+        self.proxy: FakeProxy | None = None
         self.stop = asyncio.Event()
 
     def _factory(self, store, ctx, **kw) -> FakeRelay:
         self.relay = FakeRelay(store, ctx, **kw)
         return self.relay
+
+    def _proxy_factory(self, store, relay) -> FakeProxy:
+        self.proxy = FakeProxy(store, relay)
+        return self.proxy
 
     def _ready(self, info: dict) -> None:
         self.info = info
@@ -101,7 +128,7 @@ class EdgeThread:
         try:
             self.loop.run_until_complete(
                 run_edge(self.state_dir, "127.0.0.1:0", "127.0.0.1:0", self._ready,
-                         relay_factory=self._factory, stop_event=self.stop)
+                         relay_factory=self._factory, proxy_factory=self._proxy_factory, stop_event=self.stop)
             )
         except BaseException as e:  # surfaced by start()
             self.error = e
@@ -133,7 +160,7 @@ def edge(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
     for var in ("HD_API_URL", "HD_API_TOKEN", "HD_STATE_DIR", "HD_EDGE_URL", "HD_EDGE_PIN",
-                "HD_SERVICE_TOKEN_ID", "HD_SERVICE_TOKEN_SECRET"):
+                "HD_SERVICE_TOKEN_ID", "HD_SERVICE_TOKEN_SECRET", "HD_ORIGIN_PASSWORD", "HD_ACCESS_CLIENT_SECRET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # never touch the real ~/.hd
 
@@ -656,4 +683,184 @@ def test_hd_edge_process_end_to_end(tmp_path) -> None:
     assert proc.returncode == 0, err
     assert json.loads(out)["api_url"].startswith("http://127.0.0.1:")  # one JSON document on stdout
     assert "control API listening" in err and "tunnel relay listening" in err
-    assert "--pg-listen 127.0.0.1:0: the database proxy is not yet available" in err
+    assert "not yet available" not in err  # the Postgres proxy is part of the edge now
+    assert "pg_listen" in json.loads(out)
+
+
+# --- hd hyperdrive / hd cert ------------------------------------------------------------------
+from proxy.errors import OriginError  # noqa: E402
+from tests.unit.test_hyperdrive_configs import make_ca, make_leaf  # noqa: E402
+
+TOKEN_ID = "0123456789abcdef0123456789abcdef.access"
+DIRECT_FLAGS = ["--origin-host", "db.example", "--origin-port", "5432", "--database", "app", "--origin-user", "app"]
+
+
+@pytest.fixture
+def proxy(edge):
+    edge.proxy.fail_with = None
+    edge.proxy.probes.clear()
+    edge.proxy.events.clear()
+    yield edge.proxy
+    edge.proxy.fail_with = None
+
+
+def _store(edge) -> Store:
+    return Store(edge.state_dir / "state.db", SecretBox.load_or_create(edge.state_dir / "secret.key"))
+
+
+def test_hyperdrive_create_get_update_list_delete(edge, proxy, capsys) -> None:
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "create", "hd-one", *DIRECT_FLAGS, "--origin-password", "pw1",
+                         "--max-age", "30", "--caching-disabled", "--json")
+    assert rc == 0 and err == "", err
+    c = one_json(out)
+    assert {"id", "name", "connection_string", "origin", "caching"} <= set(c) and c["name"] == "hd-one"
+    assert c["caching"] == {"disabled": True, "max_age": 30, "stale_while_revalidate": 15}
+    store = _store(edge)
+    try:
+        stored = store.get_hyperdrive("hd-one")
+    finally:
+        store.close()
+    assert c["connection_string"] == (f"postgresql://{stored.client_user}:{stored.client_password}"
+                                      "@127.0.0.1:6432/app?sslmode=require")
+    assert proxy.probes[-1].password == "pw1" and proxy.events == [("config_changed", c["id"])]
+    # get --connection-string prints the string alone: psql "$(hd hyperdrive get hd-one --connection-string)"
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "get", "hd-one", "--connection-string")
+    assert rc == 0 and out == c["connection_string"] + "\n" and err == ""
+    rc, out, _ = hd_in(capsys, edge, "hyperdrive", "get", c["id"], "--json")
+    got = one_json(out)
+    assert got["id"] == c["id"] and "connection_string" not in got
+    rc, out, _ = hd_in(capsys, edge, "hyperdrive", "get", "hd-one")
+    assert rc == 0 and "Hyperdrive config hd-one" in out and "postgresql://app@db.example:5432/app" in out
+    assert stored.client_password not in out and 'Next: psql "$(hd hyperdrive get hd-one --connection-string)"' in out
+    # update: only the given settings
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "update", "hd-one", "--caching-disabled", "false", "--swr", "7",
+                         "--json")
+    assert rc == 0, err
+    u = one_json(out)
+    assert u["caching"] == {"disabled": False, "max_age": 30, "stale_while_revalidate": 7}
+    assert "connection_string" not in u and proxy.events[-1] == ("config_changed", c["id"])
+    rc, out, _ = hd_in(capsys, edge, "hyperdrive", "update", "hd-one", "--origin-connection-limit", "50")
+    assert rc == 0 and "Updated Hyperdrive config hd-one" in out and "pool and the cache were kept" in out
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "update", "hd-one")
+    one_line_error(rc, out, err, "nothing to change")
+    # list
+    rc, out, _ = hd_in(capsys, edge, "hyperdrive", "list", "--json")
+    assert [x["name"] for x in one_json(out) if x["name"] == "hd-one"] == ["hd-one"]
+    rc, out, _ = hd_in(capsys, edge, "hyperdrive", "list")
+    assert rc == 0 and out.splitlines()[0].split() == ["ID", "NAME", "ORIGIN", "CACHING", "SSLMODE", "CREATED"]
+    assert "hd-one" in out and "app@db.example:5432/app" in out
+    # delete
+    rc, out, _ = hd_in(capsys, edge, "hyperdrive", "delete", "hd-one", "--json")
+    assert rc == 0 and one_json(out)["deleted"] is True
+    assert proxy.events[-1] == ("config_deleted", c["id"])
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "get", "hd-one")
+    one_line_error(rc, out, err, "no Hyperdrive config named or with id 'hd-one'")
+
+
+def test_hyperdrive_create_for_people_shows_the_connection_string(edge, proxy, capsys) -> None:
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "create", "hd-people", "--connection-string",
+                         "postgres://app:pw@db.example/app")
+    assert rc == 0, err
+    assert "Created Hyperdrive config hd-people" in out and "postgresql://hd_" in out
+    assert 'Next: psql "$(hd hyperdrive get hd-people --connection-string)"' in out
+    hd_in(capsys, edge, "hyperdrive", "delete", "hd-people")
+
+
+def test_hyperdrive_probe_errors_are_one_line_with_the_code(edge, proxy, capsys) -> None:
+    proxy.fail_with = OriginError(2013, "invalid credentials for user app: password authentication failed",
+                                  "check --origin-user and --origin-password")
+    for extra in ([], ["--json"]):
+        rc, out, err = hd_in(capsys, edge, "hyperdrive", "create", "hd-bad", *DIRECT_FLAGS, "--origin-password",
+                             "wrong", *extra)
+        one_line_error(rc, out, err, "")
+        assert rc == 1
+        assert err == ("hd: error: [2013] invalid credentials for user app: password authentication failed"
+                       " (hint: check --origin-user and --origin-password)\n")
+    rc, out, _ = hd_in(capsys, edge, "hyperdrive", "get", "hd-bad")
+    assert rc == 1  # nothing was stored
+
+
+def test_hyperdrive_passwords_from_the_environment(edge, proxy, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HD_ORIGIN_PASSWORD", "from-env-pw")
+    monkeypatch.setenv("HD_ACCESS_CLIENT_SECRET", "from-env-secret")
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "create", "hd-env", "--origin-host", "db.internal.example",
+                         "--database", "app", "--origin-user", "app", "--access-client-id", TOKEN_ID, "--json")
+    assert rc == 0, err
+    c = one_json(out)
+    assert c["origin"]["port"] is None and c["origin"]["access_client_id"] == TOKEN_ID
+    spec = proxy.probes[-1]
+    assert (spec.password, spec.access_client_secret) == ("from-env-pw", "from-env-secret")
+    # a connection string carries its own password: the environment's gives way; so does an access
+    # secret from the environment without --access-client-id
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "create", "hd-env2", "--connection-string",
+                         "postgres://app:url-pw@db.example/app", "--json")
+    assert rc == 0, err
+    assert proxy.probes[-1].password == "url-pw" and proxy.probes[-1].access_client_id is None
+    for name in ("hd-env", "hd-env2"):
+        hd_in(capsys, edge, "hyperdrive", "delete", name)
+
+
+@pytest.mark.parametrize(
+    "args, needle, code",
+    [
+        (["--connection-string", "postgres://a:b@h/d", "--origin-host", "x"],
+         "--connection-string conflicts with --origin-host", 2),
+        (["--connection-string", "postgres://a:b@h/d", "--database", "x", "--origin-password", "p"],
+         "--connection-string conflicts with --origin-password, --database", 2),
+        ([*DIRECT_FLAGS, "--origin-password", "p", "--access-client-id", TOKEN_ID, "--access-client-secret", "s"],
+         "--origin-port conflicts with --access-client-id", 2),
+        (["--origin-host", "h", "--database", "d", "--origin-user", "u", "--origin-password", "p",
+          "--access-client-id", TOKEN_ID], "--access-client-id needs --access-client-secret", 2),
+        (["--origin-host", "h", "--database", "d", "--origin-user", "u"], "give --origin-password", 2),
+        (["--origin-host", "h"], "give --connection-string, or --database, --origin-user", 2),
+        ([*DIRECT_FLAGS, "--origin-password", "p", "--origin-connection-limit", "4"], "4 is not in the range", 2),
+        ([*DIRECT_FLAGS, "--origin-password", "p", "--max-age", "3601"], "3601 is not in the range", 2),
+        ([*DIRECT_FLAGS, "--origin-password", "p", "--sslmode", "allow"], "'allow' is not one of", 2),
+        ([*DIRECT_FLAGS, "--origin-password", "p", "--origin-user", "u" * 64], "longer than 63 bytes", 1),
+        (["--connection-string", "mysql:/x"], "the connection string is not a URL", 1),
+        ([*DIRECT_FLAGS, "--origin-password", "p", "--ca-certificate-id", "ghost"], "no certificate named", 1),
+    ],
+)
+def test_hyperdrive_mistakes_are_one_line(edge, proxy, capsys, args, needle, code) -> None:
+    for extra in ([], ["--json"]):
+        rc, out, err = hd_in(capsys, edge, "hyperdrive", "create", "hd-mistake", *args, *extra)
+        one_line_error(rc, out, err, needle)
+        assert rc == code
+    assert proxy.probes == []
+
+
+def test_cert_upload_list_delete(edge, proxy, capsys, tmp_path) -> None:
+    ca_pem, _, ca, ca_key = make_ca("CLI CA")
+    leaf_pem, leaf_key = make_leaf(ca, ca_key, "cli-client")
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    (tmp_path / "client.pem").write_bytes(leaf_pem)
+    (tmp_path / "client.key").write_bytes(leaf_key)
+    rc, out, err = hd_in(capsys, edge, "cert", "upload", "certificate-authority", "--ca-cert",
+                         str(tmp_path / "ca.pem"), "--name", "cli-ca", "--json")
+    assert rc == 0, err
+    a = one_json(out)
+    assert a["kind"] == "certificate-authority" and a["subject"] == "CN=CLI CA"
+    rc, out, err = hd_in(capsys, edge, "cert", "upload", "mtls-certificate", "--cert", str(tmp_path / "client.pem"),
+                         "--key", str(tmp_path / "client.key"), "--name", "cli-client")
+    assert rc == 0, err
+    assert "Uploaded mtls-certificate cli-client" in out and "Next: hd hyperdrive update ID --mtls-certificate-id" in out
+    rc, out, _ = hd_in(capsys, edge, "cert", "list")
+    assert out.splitlines()[0].split() == ["ID", "NAME", "KIND", "SUBJECT", "EXPIRES"]
+    assert "cli-ca" in out and "cli-client" in out and "PRIVATE" not in out
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "create", "hd-tls", *DIRECT_FLAGS, "--origin-password", "p",
+                         "--sslmode", "verify-full", "--ca-certificate-id", "cli-ca", "--mtls-certificate-id",
+                         "cli-client", "--json")
+    assert rc == 0, err
+    assert proxy.probes[-1].ca_pem == ca_pem and proxy.probes[-1].client_key_pem == leaf_key
+    rc, out, err = hd_in(capsys, edge, "cert", "delete", "cli-ca")
+    one_line_error(rc, out, err, "certificate 'cli-ca' is used by Hyperdrive config(s) hd-tls")
+    hd_in(capsys, edge, "hyperdrive", "delete", "hd-tls")
+    rc, out, _ = hd_in(capsys, edge, "cert", "delete", "cli-ca", "--json")
+    assert rc == 0 and one_json(out)["deleted"] is True
+    rc, out, err = hd_in(capsys, edge, "cert", "upload", "mtls-certificate", "--cert", str(tmp_path / "client.pem"),
+                         "--key", str(tmp_path / "ca.pem"), "--name", "bad")
+    one_line_error(rc, out, err, "the private key is not a valid PEM private key")
+    rc, out, err = hd_in(capsys, edge, "cert", "upload", "certificate-authority", "--ca-cert",
+                         str(tmp_path / "missing.pem"), "--name", "x")
+    one_line_error(rc, out, err, "cannot read --ca-cert")
+    hd_in(capsys, edge, "cert", "delete", "cli-client")

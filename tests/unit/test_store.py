@@ -13,7 +13,9 @@ import control.store as store_mod
 from control.store import (
     MIGRATIONS,
     AccessApp,
+    Certificate,
     ConflictError,
+    HyperdriveConfig,
     NotFoundError,
     Route,
     ServiceToken,
@@ -119,7 +121,7 @@ def test_tunnel_secret_is_encrypted_at_rest_and_survives_reopen(tmp_path, box) -
 def test_schema_is_versioned_and_refuses_a_newer_one(tmp_path, box) -> None:
     s = Store(tmp_path / "state.db", box)
     assert stat.S_IMODE(os.stat(tmp_path / "state.db").st_mode) == 0o600
-    assert s.schema_version == 2
+    assert s.schema_version == 3 == len(MIGRATIONS)
     assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
     db = sqlite3.connect(tmp_path / "state.db")
@@ -295,7 +297,7 @@ def test_ingress_config_orders_rules_and_ends_with_catch_all(store: Store) -> No
 
 # --- schema migration -----------------------------------------------------------------------
 
-def test_a_version_1_database_migrates_to_version_2_keeping_its_data(tmp_path, box) -> None:
+def test_a_version_1_database_migrates_to_the_latest_keeping_its_data(tmp_path, box) -> None:
     db = sqlite3.connect(tmp_path / "state.db")
     db.executescript(MIGRATIONS[0])
     db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
@@ -309,7 +311,7 @@ def test_a_version_1_database_migrates_to_version_2_keeping_its_data(tmp_path, b
     db.close()
     s = Store(tmp_path / "state.db", box)
     try:
-        assert s.schema_version == 2
+        assert s.schema_version == len(MIGRATIONS)
         assert s.get_tunnel("old").config_version == 3
         assert s.list_service_tokens() == [] and s.list_apps() == [] and s.signing_keys() == []
     finally:
@@ -577,3 +579,275 @@ def test_access_log_keeps_only_the_newest_rows(store: Store, monkeypatch) -> Non
     assert len(rows) == 10 and [r["reason"] for r in rows] == [f"r{i}" for i in range(13, 3, -1)]
     store.add_access_logs([_entry(14)])
     assert [r["reason"] for r in store.access_logs(1000)][-1] == "r5"
+
+
+# --- Hyperdrive configs ---------------------------------------------------------------------
+from tests.unit.test_hyperdrive_configs import make_ca, make_leaf  # noqa: E402
+
+TOKEN_ID = "0123456789abcdef0123456789abcdef.access"
+ORIGIN = {"host": "db.example", "database": "app", "user": "app", "password": "origin-pw-1"}
+
+
+def test_a_version_2_database_migrates_to_version_3(tmp_path, box) -> None:
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.executescript(MIGRATIONS[0] + MIGRATIONS[1])
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (2)")
+    db.commit()
+    db.close()
+    s = Store(tmp_path / "state.db", box)
+    try:
+        assert s.schema_version == 3
+        assert s.list_hyperdrives() == [] and s.list_certificates() == []
+        s.create_hyperdrive(name="db", **ORIGIN)
+    finally:
+        s.close()
+
+
+def test_create_hyperdrive_defaults_and_generated_credentials(store: Store) -> None:
+    from proxy.pg.auth import ScramSecret
+
+    c = store.create_hyperdrive(name="my-db", **ORIGIN)
+    assert isinstance(c, HyperdriveConfig)
+    assert len(c.id) == 32 and int(c.id, 16) >= 0
+    assert (c.scheme, c.host, c.port, c.database, c.user, c.password) == (
+        "postgresql", "db.example", 5432, "app", "app", "origin-pw-1")
+    assert (c.access_client_id, c.access_client_secret, c.sslmode) == (None, None, "require")
+    assert (c.ca_certificate_id, c.mtls_certificate_id) == (None, None)
+    assert (c.caching_disabled, c.max_age, c.swr, c.origin_connection_limit) == (False, 60, 15, 20)
+    assert c.client_user.startswith("hd_") and len(c.client_user) == 15 and int(c.client_user[3:], 16) >= 0
+    assert len(c.client_password) == 32
+    assert ScramSecret.from_string(c.client_scram).verify_password(c.client_password)
+    assert c.created_at == c.updated_at
+    assert "origin-pw-1" not in repr(c) and c.client_password not in repr(c)
+    assert store.get_hyperdrive("my-db") == c == store.get_hyperdrive(c.id)
+    assert store.hyperdrive_by_client_user(c.client_user) == c
+    assert store.hyperdrive_by_client_user("hd_000000000000") is None
+    other = store.create_hyperdrive(name="other", **ORIGIN)
+    assert other.client_user != c.client_user and other.client_password != c.client_password
+    assert [x.name for x in store.list_hyperdrives()] == ["my-db", "other"]
+    assert store.delete_hyperdrive("my-db") == c
+    assert store.get_hyperdrive(c.id) is None and store.delete_hyperdrive("my-db") is None
+    assert store.hyperdrive_by_client_user(c.client_user) is None
+
+
+def test_create_hyperdrive_through_a_tunnel_and_all_settings(store: Store) -> None:
+    c = store.create_hyperdrive(name="t", scheme="postgres", host="DB.Internal.Example.", database="app",
+                                user="app", password="", access_client_id=TOKEN_ID,
+                                access_client_secret="sec", caching_disabled=True, max_age=3600, swr=0,
+                                origin_connection_limit=5, sslmode="prefer")
+    assert (c.scheme, c.host, c.port, c.password) == ("postgresql", "db.internal.example", None, "")
+    assert (c.access_client_id, c.access_client_secret, c.via_tunnel) == (TOKEN_ID, "sec", True)
+    assert (c.caching_disabled, c.max_age, c.swr, c.origin_connection_limit, c.sslmode) == (
+        True, 3600, 0, 5, "require")
+    m = store.create_hyperdrive(name="m", scheme="mysql", host="[::1]", database="shop", user="root", password="x")
+    assert (m.scheme, m.host, m.port) == ("mysql", "::1", 3306)
+
+
+def test_hyperdrive_names_are_unique_and_not_id_like(store: Store) -> None:
+    store.create_hyperdrive(name="db", **ORIGIN)
+    with pytest.raises(ConflictError, match="already exists"):
+        store.create_hyperdrive(name="db", **ORIGIN)
+    with pytest.raises(ValidationError, match="must not look like a config id"):
+        store.create_hyperdrive(name="0123456789abcdef0123456789abcdef", **ORIGIN)
+    with pytest.raises(ValidationError, match="invalid Hyperdrive config name"):
+        store.create_hyperdrive(name="no spaces", **ORIGIN)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"port": 0}, "origin port must be from 1 to 65535"),
+    ({"port": 5432, "access_client_id": TOKEN_ID, "access_client_secret": "s"},
+     "origin_port conflicts with access_client_id"),
+    ({"access_client_id": TOKEN_ID}, "access_client_id and access_client_secret go together"),
+    ({"access_client_secret": "s"}, "access_client_id and access_client_secret go together"),
+    ({"access_client_id": "nope", "access_client_secret": "s"}, "invalid access_client_id"),
+    ({"user": "u" * 64}, "longer than 63 bytes"),
+    ({"database": "é" * 32}, "longer than 63 bytes"),
+    ({"database": ""}, "database name must not be empty"),
+    ({"user": "a\x00b"}, "NUL"),
+    ({"host": "postgres://db.example"}, "without a scheme"),
+    ({"host": "db.example:5432"}, "just the host name"),
+    ({"host": "bad host"}, "invalid origin host"),
+    ({"scheme": "oracle"}, "unsupported origin scheme"),
+    ({"sslmode": "allow"}, "invalid sslmode"),
+    ({"sslmode": "disable"}, "only allowed for a direct origin on a loopback address"),
+    ({"max_age": 3601}, "max_age (seconds) must be from 1 to 3600"),
+    ({"max_age": 0}, "max_age (seconds) must be from 1 to 3600"),
+    ({"max_age": "60"}, "must be a whole number"),
+    ({"swr": -1}, "swr (stale-while-revalidate seconds) must be from 0"),
+    ({"origin_connection_limit": 4}, "origin_connection_limit must be from 5"),
+    ({"caching_disabled": "yes"}, "caching_disabled must be true or false"),
+    ({"password": None}, "origin password is missing"),
+    ({"ca_certificate_id": "missing"}, "no certificate named or with id 'missing'"),
+    ({"color": "blue"}, "unknown Hyperdrive field(s): color"),
+])
+def test_hyperdrive_validation(store: Store, changes: dict, message: str) -> None:
+    fields = {"name": "db", **ORIGIN, **changes}
+    if changes.get("password", "") is None:
+        del fields["password"]
+    with pytest.raises((ValidationError, NotFoundError)) as e:
+        store.create_hyperdrive(**fields)
+    assert message in str(e.value)
+    assert store.list_hyperdrives() == []
+
+
+def test_sslmode_disable_only_for_a_direct_loopback_origin(store: Store) -> None:
+    c = store.create_hyperdrive(name="local", host="127.0.0.1", port=5433, database="app", user="app",
+                                password="pw", sslmode="disable")
+    assert c.sslmode == "disable"
+    with pytest.raises(ValidationError, match="loopback"):
+        store.update_hyperdrive("local", host="db.example")
+    ca_pem, _, _, _ = make_ca()
+    store.add_certificate("ca", "certificate-authority", ca_pem)
+    with pytest.raises(ValidationError, match="certificates need TLS"):
+        store.update_hyperdrive("local", ca_certificate_id="ca")
+
+
+def test_update_changes_only_the_given_fields_and_never_the_client_credentials(store: Store) -> None:
+    c = store.create_hyperdrive(name="db", **ORIGIN)
+    u = store.update_hyperdrive("db", max_age=120, password="new-pw", name="renamed")
+    assert (u.max_age, u.password, u.name) == (120, "new-pw", "renamed")
+    assert (u.id, u.client_user, u.client_password, u.client_scram, u.created_at) == (
+        c.id, c.client_user, c.client_password, c.client_scram, c.created_at)
+    assert u.updated_at > c.updated_at
+    assert (u.host, u.port, u.database, u.user, u.swr, u.sslmode) == (c.host, c.port, c.database, c.user, 15, "require")
+    assert store.get_hyperdrive(c.id) == u and store.get_hyperdrive("db") is None
+    with pytest.raises(ValidationError, match="unknown Hyperdrive field"):
+        store.update_hyperdrive(c.id, client_password="x")
+    with pytest.raises(NotFoundError):
+        store.update_hyperdrive("missing", max_age=5)
+    store.create_hyperdrive(name="other", **ORIGIN)
+    with pytest.raises(ConflictError):
+        store.update_hyperdrive(c.id, name="other")
+    assert store.get_hyperdrive(c.id) == u  # failed updates change nothing
+
+
+def test_update_switches_between_direct_and_tunnel(store: Store) -> None:
+    c = store.create_hyperdrive(name="db", port=6543, **ORIGIN)
+    # clearing credentials that are not there changes no port
+    assert store.update_hyperdrive("db", access_client_id=None, max_age=9).port == 6543
+    # access credentials without a port: the direct port goes
+    t = store.update_hyperdrive("db", access_client_id=TOKEN_ID, access_client_secret="s1")
+    assert (t.port, t.access_client_id, t.access_client_secret) == (None, TOKEN_ID, "s1")
+    # rotating the secret alone
+    assert store.update_hyperdrive("db", access_client_secret="s2").access_client_secret == "s2"
+    # another token, still through the tunnel
+    t2 = store.update_hyperdrive("db", access_client_id="f" * 32 + ".access", access_client_secret="s3")
+    assert (t2.port, t2.access_client_secret) == (None, "s3")
+    # a port while the credentials stay: refused, nothing changes
+    with pytest.raises(ValidationError, match="origin_port conflicts with access_client_id"):
+        store.update_hyperdrive("db", port=5432)
+    # clearing the id clears its secret and brings back the default port
+    d = store.update_hyperdrive("db", access_client_id=None)
+    assert (d.port, d.access_client_id, d.access_client_secret) == (5432, None, None)
+    assert store.merged_hyperdrive("db", port=7000).port == 7000
+    assert store.get_hyperdrive("db").port == 5432  # merged_hyperdrive stores nothing
+    assert c.client_user == d.client_user
+
+
+def test_new_hyperdrive_is_not_stored_until_inserted(store: Store) -> None:
+    candidate = store.new_hyperdrive(name="db", **ORIGIN)
+    assert store.get_hyperdrive("db") is None
+    stored = store.insert_hyperdrive(candidate)
+    assert stored == candidate
+    with pytest.raises(ConflictError):
+        store.insert_hyperdrive(candidate)
+
+
+def test_hyperdrive_secrets_are_encrypted_at_rest(tmp_path, box) -> None:
+    s = Store(tmp_path / "state.db", box)
+    ca_pem, _, ca, ca_key = make_ca()
+    leaf_pem, leaf_key = make_leaf(ca, ca_key)
+    s.add_certificate("client", "mtls-certificate", leaf_pem, leaf_key)
+    c = s.create_hyperdrive(name="db", host="db.example", database="app", user="app",
+                            password="ORIGIN-PASSWORD-7f3a", access_client_id=TOKEN_ID,
+                            access_client_secret="ACCESS-SECRET-91bc", mtls_certificate_id="client")
+    s.update_hyperdrive("db", password="ORIGIN-PASSWORD-8e2d")
+    s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    s.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("state.db"))
+    key_body = b"".join(leaf_key.splitlines()[1:-1])
+    for needle in (b"ORIGIN-PASSWORD-7f3a", b"ORIGIN-PASSWORD-8e2d", b"ACCESS-SECRET-91bc",
+                   c.client_password.encode(), key_body[:40], b"PRIVATE KEY"):
+        assert needle not in raw, needle
+    assert c.client_user.encode() in raw  # (the lookup key is not secret)
+    s2 = Store(tmp_path / "state.db", box)
+    got = s2.get_hyperdrive("db")
+    assert (got.password, got.access_client_secret, got.client_password) == (
+        "ORIGIN-PASSWORD-8e2d", "ACCESS-SECRET-91bc", c.client_password)
+    assert s2.get_certificate("client").key_pem == leaf_key
+    s2.close()
+    wrong = Store(tmp_path / "state.db", SecretBox(os.urandom(32)))
+    with pytest.raises(SecretBoxError):
+        wrong.get_hyperdrive("db")
+    wrong.close()
+    # a ciphertext moved to another config does not decrypt (the aad names the config and field)
+    s3 = Store(tmp_path / "state.db", box)
+    other = s3.create_hyperdrive(name="other", **ORIGIN)
+    s3._db.execute("UPDATE hyperdrive_configs SET origin_password = (SELECT origin_password FROM hyperdrive_configs"
+                   " WHERE name = 'db') WHERE id = ?", (other.id,))
+    with pytest.raises(SecretBoxError):
+        s3.get_hyperdrive("other")
+    s3.close()
+
+
+# --- origin certificates --------------------------------------------------------------------
+
+def test_certificates_add_get_list_delete(store: Store) -> None:
+    ca_pem, _, ca, ca_key = make_ca("Origin CA")
+    ca2_pem, _, _, _ = make_ca("Second CA")
+    leaf_pem, leaf_key = make_leaf(ca, ca_key, "client-1")
+    a = store.add_certificate("ca", "certificate-authority", (ca_pem + ca2_pem).decode())  # a bundle, as text
+    assert isinstance(a, Certificate) and a.kind == "certificate-authority" and a.key_pem is None
+    assert a.subject == "CN=Origin CA" == a.issuer and a.expires_on > a.created_at
+    m = store.add_certificate("client", "mtls-certificate", leaf_pem + ca_pem, leaf_key)  # leaf then chain
+    assert m.subject == "CN=client-1" and m.issuer == "CN=Origin CA" and m.key_pem == leaf_key
+    assert "PRIVATE" not in repr(m)
+    assert store.get_certificate("ca") == a == store.get_certificate(a.id)
+    assert [c.name for c in store.list_certificates()] == ["ca", "client"]
+    with pytest.raises(ConflictError, match="already exists"):
+        store.add_certificate("ca", "certificate-authority", ca_pem)
+    c1 = store.create_hyperdrive(name="db1", sslmode="verify-full", ca_certificate_id="ca", **ORIGIN)
+    assert c1.ca_certificate_id == a.id
+    store.create_hyperdrive(name="db2", mtls_certificate_id=m.id, **ORIGIN)
+    store.create_hyperdrive(name="db3", ca_certificate_id=a.id, mtls_certificate_id="client", **ORIGIN)
+    with pytest.raises(ConflictError, match="used by Hyperdrive config\\(s\\) db1, db3"):
+        store.delete_certificate("ca")
+    with pytest.raises(ValidationError, match="is a certificate-authority, not a mtls-certificate"):
+        store.create_hyperdrive(name="db4", mtls_certificate_id="ca", **ORIGIN)
+    with pytest.raises(ValidationError, match="is a mtls-certificate, not a certificate-authority"):
+        store.create_hyperdrive(name="db4", ca_certificate_id="client", **ORIGIN)
+    store.update_hyperdrive("db1", ca_certificate_id=None)
+    store.delete_hyperdrive("db3")
+    assert store.delete_certificate("ca") == a
+    assert store.get_certificate("ca") is None and store.delete_certificate("ca") is None
+
+
+def test_certificate_errors(store: Store) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_pem, ca_key_pem, ca, ca_key = make_ca()
+    leaf_pem, leaf_key = make_leaf(ca, ca_key)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    encrypted = other_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.BestAvailableEncryption(b"pass"))
+    cases = [
+        (("x", "certificate-authority", b""), "must not be empty"),
+        (("x", "certificate-authority", b"hello"), "is not PEM"),
+        (("x", "certificate-authority", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+         "not a valid PEM certificate"),
+        (("x", "certificate-authority", ca_pem + ca_key_pem), "contains a private key"),
+        (("x", "certificate-authority", ca_pem, ca_key_pem), "without a private key"),
+        (("x", "client-cert", ca_pem), "invalid certificate kind"),
+        (("x", "mtls-certificate", leaf_pem), "needs its private key"),
+        (("x", "mtls-certificate", leaf_pem, b"junk"), "the private key is not PEM"),
+        (("x", "mtls-certificate", leaf_pem, ca_key_pem), "does not match the certificate"),
+        (("x", "mtls-certificate", leaf_pem, encrypted), "encrypted with a passphrase"),
+        (("bad name", "certificate-authority", ca_pem), "invalid certificate name"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValidationError) as e:
+            store.add_certificate(*args)
+        assert message in str(e.value), (args[1:2], str(e.value))
+    assert store.list_certificates() == []

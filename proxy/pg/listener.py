@@ -1,0 +1,246 @@
+"""The Postgres listener: one port for every config.
+
+Per connection: SSLRequest → TLS with the edge certificate (or a configured one), startup
+packet, SCRAM-SHA-256 against the config's generated credentials (the username names the
+config), then ParameterStatus/BackendKeyData/ReadyForQuery and hand-over to a
+`ClientSession`. CancelRequests are matched to the session by the proxy-generated key and
+forwarded to the origin connection that session holds at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from proxy.pg import protocol as pgp
+from proxy.pg.auth import AuthFailed, ScramSecret, ScramServer
+from proxy.pg.pooling import ClientCore, error_message
+from proxy.pg.session import ClientSession
+
+if TYPE_CHECKING:
+    from proxy.service import ProxyService
+
+log = logging.getLogger("proxy.listener")
+
+STARTUP_TIMEOUT = 15.0
+MAX_NAME = 63  # bytes, as PostgreSQL's NAMEDATALEN - 1
+# Startup parameters a client may set; they are applied with SET (quoted) on each server it gets.
+APPLIED_SETTINGS = {"application_name", "client_encoding", "datestyle", "timezone", "intervalstyle",
+                    "extra_float_digits", "search_path", "statement_timeout", "lock_timeout",
+                    "idle_in_transaction_session_timeout", "bytea_output", "standard_conforming_strings"}
+IGNORED = {"user", "database", "replication", "options", "_pq_.", "client_min_messages"}
+
+
+class StartupProtocol(asyncio.Protocol):
+    """From accept to the first ReadyForQuery; then the session takes the transport."""
+
+    def __init__(self, service: ProxyService, ssl_context: ssl.SSLContext | None) -> None:
+        self.service = service
+        self.ssl_context = ssl_context
+        self.transport: Any = None
+        self.reader = pgp.StartupReader()
+        self.stage = "startup"
+        self.tls = False
+        self.session: ClientSession | None = None
+        self._scram: ScramServer | None = None
+        self._config: Any = None
+        self._params: dict[str, str] = {}
+        self._buf = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ transport events
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self._timer = asyncio.get_running_loop().call_later(STARTUP_TIMEOUT, self._timeout)
+
+    def _timeout(self) -> None:
+        if self.session is None:
+            self._fatal("08006", "startup took too long")
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.data_received(data)
+            return
+        try:
+            if self.stage == "startup":
+                self._startup(data)
+            elif self.stage == "auth":
+                self._auth(data)
+        except pgp.PgProtocolError as exc:
+            self._fatal("08P01", f"invalid startup packet: {exc}")
+
+    def eof_received(self) -> bool | None:
+        if self.session is not None:
+            return self.session.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.session is not None:
+            self.session.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.resume_writing()
+
+    # ------------------------------------------------------------------ startup
+    def _startup(self, data: bytes) -> None:
+        event = self.reader.feed(data)
+        if event is None:
+            return
+        if isinstance(event, pgp.SslRequest):
+            if self.tls or self.ssl_context is None:
+                self.transport.write(b"N")
+                self._restart_reader()
+                return
+            self.transport.write(b"S")
+            rest = self.reader.rest()
+            if rest:  # a client must wait for 'S' before its ClientHello
+                self._fatal("08P01", "data received after SSLRequest before the TLS handshake")
+                return
+            asyncio.get_running_loop().create_task(self._start_tls())
+            return
+        if isinstance(event, pgp.GssEncRequest):
+            self.transport.write(b"N")
+            self._restart_reader()
+            return
+        if isinstance(event, pgp.CancelRequest):
+            self.service.cancel(event.pid, event.key)
+            self.transport.close()
+            return
+        self._begin_auth(event.params)
+
+    def _restart_reader(self) -> None:
+        rest = self.reader.rest()
+        self.reader = pgp.StartupReader()
+        if rest:
+            self._startup(rest)
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport = await loop.start_tls(self.transport, self, self.ssl_context, server_side=True)
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            log.info("TLS handshake with a client failed: %s", exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self.tls = True
+        self.reader = pgp.StartupReader()
+
+    def _begin_auth(self, params: dict[str, str]) -> None:
+        user = params.get("user", "")
+        database = params.get("database") or user
+        if len(user.encode()) > MAX_NAME or len(database.encode()) > MAX_NAME:
+            self._fatal("42622", f"user and database names are limited to {MAX_NAME} bytes")
+            return
+        config = self.service.config_for_user(user)
+        if config is None:
+            self._fatal("28000", f"no Hyperdrive configuration has the user {user!r}",
+                        hint="use the connection string from `hd hyperdrive get NAME --connection-string`")
+            return
+        if database not in (config.database, user):
+            self._fatal("3D000", f"this configuration serves database {config.database!r}, not {database!r}")
+            return
+        self._config = config
+        self._params = params
+        self._scram = ScramServer(ScramSecret.from_string(config.client_scram))
+        self.transport.write(pgp.authentication_sasl(self._scram.mechanisms))
+        self.stage = "auth"
+
+    def _auth(self, data: bytes) -> None:
+        self._buf += data
+        while len(self._buf) >= 5:
+            length = int.from_bytes(self._buf[1:5], "big")
+            if len(self._buf) < 1 + length:
+                return
+            kind = self._buf[0]
+            payload = bytes(self._buf[5:1 + length])
+            del self._buf[:1 + length]
+            if kind != ord("p"):
+                self._fatal("08P01", "expected a SASL authentication message")
+                return
+            assert self._scram is not None
+            try:
+                if self.stage == "auth" and not getattr(self, "_sasl_started", False):
+                    mechanism, _, first = _sasl_initial(payload)
+                    if mechanism != "SCRAM-SHA-256":
+                        raise AuthFailed(f"unsupported SASL mechanism {mechanism!r}")
+                    self._sasl_started = True
+                    self.transport.write(pgp.authentication_sasl_continue(self._scram.first(first)))
+                else:
+                    final = self._scram.final(payload)
+                    self.transport.write(pgp.authentication_sasl_final(final))
+                    self._authenticated()
+                    return
+            except AuthFailed as exc:
+                log.info("client authentication failed for %s: %s", self._params.get("user"), exc)
+                self._fatal("28P01", f"password authentication failed for user \"{self._params.get('user')}\"")
+                return
+
+    def _authenticated(self) -> None:
+        self.stage = "ready"
+        if self._timer is not None:
+            self._timer.cancel()
+        asyncio.get_running_loop().create_task(self._welcome())
+
+    async def _welcome(self) -> None:
+        config = self._config
+        try:
+            pool = self.service.pool_for(config)
+            parameters = await self.service.server_parameters(config)
+        except Exception as exc:
+            msg = getattr(exc, "message", None) or str(exc)
+            self._fatal("58000", f"Server connection attempt failed: {msg}")
+            return
+        settings = {}
+        for key, value in self._params.items():
+            k = key.lower()
+            if k in APPLIED_SETTINGS:
+                settings[k] = value
+        out = bytearray(pgp.authentication_ok())
+        shown = dict(parameters)
+        for key, value in settings.items():
+            canonical = {"datestyle": "DateStyle", "timezone": "TimeZone", "intervalstyle": "IntervalStyle"}.get(key, key)
+            if canonical in shown:
+                shown[canonical] = value
+        for key, value in shown.items():
+            out += pgp.parameter_status(key, value)
+        pid = secrets.randbits(31)
+        key = secrets.token_bytes(4)
+        out += pgp.backend_key_data(pid, key)
+        out += pgp.ready_for_query("I")
+        if self.transport.is_closing():
+            return
+        core = ClientCore(self.service.registry_for(config), settings=settings)
+        session = ClientSession(self.transport, pool, core, on_close=self.service.session_closed)
+        session.cancel_key = (pid, key)
+        self.session = session
+        self.service.session_opened(session)
+        self.transport.write(bytes(out))
+        leftover = bytes(self._buf)
+        self._buf.clear()
+        if leftover:
+            session.data_received(leftover)
+
+    def _fatal(self, sqlstate: str, text: str, hint: str | None = None) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(error_message(sqlstate, text, severity="FATAL", hint=hint))
+        self.transport.close()
+
+
+def _sasl_initial(payload: bytes) -> tuple[str, int, bytes]:
+    end = payload.index(b"\x00")
+    mechanism = payload[:end].decode()
+    length = int.from_bytes(payload[end + 1:end + 5], "big", signed=True)
+    data = payload[end + 5:] if length >= 0 else b""
+    return mechanism, length, data
