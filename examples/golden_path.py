@@ -87,7 +87,7 @@ def main() -> int:
             from tests.harness.pg import PgCluster
 
             say("# starting a throwaway PostgreSQL (pass --pg URL to use your own)")
-            cluster = PgCluster(auth="scram-sha-256").start()
+            cluster = PgCluster(auth="scram-sha-256", tls=True).start()  # Hyperdrive origins use TLS
             cluster.create_user("app", "app-password")
             cluster.create_database("app", "app")
             pg_host, pg_port, user, password, db = "127.0.0.1", cluster.port, "app", "app-password", "app"
@@ -103,7 +103,12 @@ def main() -> int:
 
         tunnel = run([tool("hd"), "tunnel", "create", "vpc-01", "--json"], env, show="hd tunnel create vpc-01")
         print(f"tunnel {tunnel['id']} created")
-        run([tool("hd"), "tunnel", "route", "vpc-01", HOSTNAME, "--service", f"tcp://{pg_host}:{pg_port}", "--public"], env)
+        run([tool("hd"), "tunnel", "route", "vpc-01", HOSTNAME, "--service", f"tcp://{pg_host}:{pg_port}"], env)
+        token = run([tool("hd"), "access", "service-token", "create", "hyperdrive-vpc-01", "--json"], env,
+                    show="hd access service-token create hyperdrive-vpc-01")
+        print(f"client id {token['client_id']} (the secret is shown once; kept for the next step)")
+        run([tool("hd"), "access", "app", "create", "vpc-01-db", "--domain", HOSTNAME,
+             "--service-token", "hyperdrive-vpc-01"], env)
 
         token_file = work / "tunnel.token"
         token_file.touch(mode=0o600)
@@ -121,37 +126,27 @@ def main() -> int:
         wait(connected, 30, "the connector to register", procs)
         run([tool("hd"), "tunnel", "info", "vpc-01"], env)
 
-        local = free_port()
-        say(f"$ hd access tcp --hostname {HOSTNAME} --url 127.0.0.1:{local} &")
-        access_log = open(work / "access.log", "wb")
-        procs.append(subprocess.Popen(
-            [tool("hd"), "access", "tcp", "--hostname", HOSTNAME, "--url", f"127.0.0.1:{local}"],
-            env=env, stdout=access_log, stderr=subprocess.STDOUT))
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", local), timeout=0.5).close()
-                return True
-            except OSError:
-                return False
-
-        wait(listening, 30, "hd access tcp to listen", procs)
-        dsn = f"host=127.0.0.1 port={local} user={user} dbname={db}"
+        # The origin password and access secret go through the environment, not the command line.
+        run([tool("hd"), "hyperdrive", "create", "my-db", "--origin-host", HOSTNAME, "--database", db,
+             "--origin-user", user, "--access-client-id", token["client_id"]],
+            dict(env, HD_ORIGIN_PASSWORD=password, HD_ACCESS_CLIENT_SECRET=token["client_secret"]),
+            show=f"hd hyperdrive create my-db --origin-host {HOSTNAME} --database {db} --origin-user {user} "
+                 f"--origin-password … --access-client-id {token['client_id']} --access-client-secret …")
+        conn_string = run([tool("hd"), "hyperdrive", "get", "my-db", "--connection-string"], env).strip()
+        query = "select 'hello through the proxy and the tunnel' as greeting, current_database(), current_user"
         psql = shutil.which("psql")
-        query = "select 'hello through the tunnel' as greeting, current_database(), version()"
         if psql:
-            say(f'$ psql "{dsn}" -c "{query}"')
-            out = subprocess.run([psql, dsn, "-c", query], env=dict(env, PGPASSWORD=password),
+            say(f'$ psql "$(hd hyperdrive get my-db --connection-string)" -c "{query}"')
+            out = subprocess.run([psql, conn_string, "-c", query], env=env,
                                  capture_output=True, text=True, timeout=60)
             print(out.stdout or out.stderr, end="")
             if out.returncode != 0:
-                raise SystemExit("psql through the tunnel failed")
+                raise SystemExit("psql through the proxy failed")
         else:
             import psycopg
 
-            with psycopg.connect(dsn, password=password, connect_timeout=15) as conn:
+            with psycopg.connect(conn_string, connect_timeout=15) as conn:
                 print(conn.execute(query).fetchone())
-        say("# the hyperdrive proxy and access service tokens join this path in the next issues")
         say("golden path OK")
         if args.keep:
             say(f"everything is running (state in {state}); Ctrl-C to stop")
