@@ -225,6 +225,7 @@ class Pool:
 
     async def _reset_then_release(self, conn: ServerConn, rollback: bool) -> None:
         self.stats["resets"] += 1
+        log.debug("resetting an origin connection (dirty=%s rollback=%s)", conn.state.dirty, rollback)
         try:
             await conn.reset(rollback)
         except (ConnectionError, asyncio.TimeoutError, OSError) as exc:
