@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.pg import protocol as pgp
 from proxy.pg.auth import AuthFailed, ScramSecret, ScramServer
-from proxy.pg.pooling import ClientCore, error_message
+from proxy.pg.pooling import _GUC_NAME, FORBIDDEN_SETTINGS, ClientCore, error_message
 from proxy.pg.session import ClientSession
 
 if TYPE_CHECKING:
@@ -27,11 +27,12 @@ log = logging.getLogger("proxy.listener")
 
 STARTUP_TIMEOUT = 15.0
 MAX_NAME = 63  # bytes, as PostgreSQL's NAMEDATALEN - 1
-# Startup parameters a client may set; they are applied with SET (quoted) on each server it gets.
+# Startup parameters that are session settings: applied with SET (quoted) on each server the
+# client gets. Others than these are protocol-level (user, database, …) or refused.
 APPLIED_SETTINGS = {"application_name", "client_encoding", "datestyle", "timezone", "intervalstyle",
                     "extra_float_digits", "search_path", "statement_timeout", "lock_timeout",
                     "idle_in_transaction_session_timeout", "bytea_output", "standard_conforming_strings"}
-IGNORED = {"user", "database", "replication", "options", "_pq_.", "client_min_messages"}
+PROTOCOL_PARAMS = {"user", "database", "replication", "options", "client_encoding"}
 
 
 class StartupProtocol(asyncio.Protocol):
@@ -50,6 +51,7 @@ class StartupProtocol(asyncio.Protocol):
         self._params: dict[str, str] = {}
         self._buf = bytearray()
         self._timer: asyncio.TimerHandle | None = None
+        self._sasl_started = False
 
     # ------------------------------------------------------------------ transport events
     def connection_made(self, transport: Any) -> None:
@@ -150,6 +152,16 @@ class StartupProtocol(asyncio.Protocol):
         if database not in (config.database, user):
             self._fatal("3D000", f"this configuration serves database {config.database!r}, not {database!r}")
             return
+        encoding = params.get("client_encoding", "UTF8").strip().strip("'").replace("-", "").lower()
+        if encoding not in ("utf8", "unicode"):
+            self._fatal("22023", f"client_encoding {params.get('client_encoding')!r} is not supported; use UTF8")
+            return
+        try:
+            extra = parse_options(params.get("options", ""))
+        except ValueError as exc:
+            self._fatal("0A000", str(exc))
+            return
+        params = {**params, **extra}
         self._config = config
         self._params = params
         self._scram = ScramServer(ScramSecret.from_string(config.client_scram))
@@ -170,7 +182,7 @@ class StartupProtocol(asyncio.Protocol):
                 return
             assert self._scram is not None
             try:
-                if self.stage == "auth" and not getattr(self, "_sasl_started", False):
+                if not self._sasl_started:
                     mechanism, _, first = _sasl_initial(payload)
                     if mechanism != "SCRAM-SHA-256":
                         raise AuthFailed(f"unsupported SASL mechanism {mechanism!r}")
@@ -204,7 +216,7 @@ class StartupProtocol(asyncio.Protocol):
         settings = {}
         for key, value in self._params.items():
             k = key.lower()
-            if k in APPLIED_SETTINGS:
+            if k in APPLIED_SETTINGS or (k not in PROTOCOL_PARAMS and _GUC_NAME.match(k)):
                 settings[k] = value
         out = bytearray(pgp.authentication_ok())
         shown = dict(parameters)
@@ -236,6 +248,36 @@ class StartupProtocol(asyncio.Protocol):
             return
         self.transport.write(error_message(sqlstate, text, severity="FATAL", hint=hint))
         self.transport.close()
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """The `-c name=value` / `--name=value` settings of a startup `options` string.
+
+    Only settings the proxy can re-apply per server connection are taken; anything else is
+    refused rather than ignored, so a client never silently runs with settings it did not get.
+    """
+    out: dict[str, str] = {}
+    words = options.replace("\\ ", "\x00").split()
+    i = 0
+    while i < len(words):
+        word = words[i].replace("\x00", " ")
+        if word == "-c" and i + 1 < len(words):
+            item = words[i + 1].replace("\x00", " ")
+            i += 2
+        elif word.startswith("-c"):
+            item = word[2:]
+            i += 1
+        elif word.startswith("--"):
+            item = word[2:]
+            i += 1
+        else:
+            raise ValueError(f"startup option {word!r} is not supported by the proxy")
+        name, sep, value = item.partition("=")
+        name = name.strip().lower().replace("-", "_")
+        if not sep or not _GUC_NAME.match(name) or name in FORBIDDEN_SETTINGS:
+            raise ValueError(f"startup option {item!r} is not supported by the proxy")
+        out[name] = value
+    return out
 
 
 def _sasl_initial(payload: bytes) -> tuple[str, int, bytes]:

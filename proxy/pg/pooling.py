@@ -75,8 +75,9 @@ def ready_for_query(status: bytes) -> bytes:
     return message(b"Z", status)
 
 
-def encode_parse(name: str, query: str, param_oids: tuple[int, ...]) -> bytes:
-    payload = name.encode() + b"\x00" + query.encode() + b"\x00" + _I16.pack(len(param_oids))
+def encode_parse(name: str, query: str | bytes, param_oids: tuple[int, ...]) -> bytes:
+    q = query.encode() if isinstance(query, str) else query
+    payload = name.encode() + b"\x00" + q + b"\x00" + _I16.pack(len(param_oids))
     payload += b"".join(_I32.pack(o) for o in param_oids)
     return message(b"P", payload)
 
@@ -114,6 +115,9 @@ def quote_literal(value: str) -> str:
 
 
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# Settings a client may not carry into pooled connections through startup parameters.
+FORBIDDEN_SETTINGS = frozenset({"session_authorization", "role", "transaction_isolation",
+                                "transaction_read_only", "transaction_deferrable"})
 
 
 class ClientCore:
@@ -136,7 +140,8 @@ class ClientCore:
         self._unsynced = False
         self.terminated = False
         # Session settings the client asked for at startup, applied on every server it gets.
-        self.settings = {k: v for k, v in (settings or {}).items() if _GUC_NAME.match(k)}
+        self.settings = {k.lower(): v for k, v in (settings or {}).items()
+                         if _GUC_NAME.match(k) and k.lower() not in FORBIDDEN_SETTINGS}
         self.queries = 0
 
     # ------------------------------------------------------------------ state queries
@@ -152,12 +157,18 @@ class ClientCore:
     # ------------------------------------------------------------------ linking
     def attach(self, server: ServerState) -> None:
         self.server = server
-        diff = [(k, v) for k, v in self.settings.items() if server.params.get(k) != v]
-        if diff:
-            sql = "".join(f"SET {k} = {quote_literal(v)};" for k, v in diff)
+        # Make the server's session settings exactly this client's: SET what differs, RESET
+        # what a previous client had set and this one did not (no leak between clients).
+        sql = "".join(f"SET {k} = {quote_literal(v)};" for k, v in self.settings.items()
+                      if server.params.get(k) != v)
+        stale = [k for k in server.params if k not in self.settings]
+        sql += "".join(f"RESET {k};" for k in stale)
+        if sql:
             self.to_server += encode_query(sql)
             self.expect.append([QUERY, SKIP, None, None])
-            server.params.update(diff)
+            for k in stale:
+                del server.params[k]
+            server.params.update(self.settings)
         queued, self._queued = self._queued, []
         for kind, raw in queued:
             self._client_message(kind, raw)
@@ -226,7 +237,7 @@ class ClientCore:
         if kind == 0x42:  # 'B' Bind
             name, _ = cstring(raw, raw.index(b"\x00", 5) + 1)
             if name:
-                st = self.statements.get(name.decode())
+                st = self.statements.get(name.decode("utf-8", "surrogateescape"))
                 if st is not None:
                     self._ensure_prepared(st)
                     portal_end = raw.index(b"\x00", 5) + 1
@@ -256,7 +267,7 @@ class ClientCore:
             what = raw[5:6]
             name = raw[6:-1]
             if what == b"S" and name:
-                st = self.statements.get(name.decode())
+                st = self.statements.get(name.decode("utf-8", "surrogateescape"))
                 if st is not None:
                     self._ensure_prepared(st)
                     raw = message(b"D", b"S" + st.server_name.encode() + b"\x00")
@@ -269,7 +280,7 @@ class ClientCore:
             name = raw[6:-1]
             if what == b"S" and name:
                 # Statements stay prepared on the servers (shared); only the client's name goes.
-                self.statements.pop(name.decode(), None)
+                self.statements.pop(name.decode("utf-8", "surrogateescape"), None)
                 expect.append([CLOSE, FAKE, CLOSE_COMPLETE, None])
             else:
                 out += raw
@@ -298,8 +309,9 @@ class ClientCore:
         query_b, off = cstring(raw, off)
         (count,) = _I16.unpack_from(raw, off)
         oids = tuple(_I32.unpack_from(raw, off + 2 + 4 * i)[0] for i in range(count))
-        st = self.registry.get(query_b.decode(), oids, encode_parse)
-        self.statements[name_b.decode()] = st
+        # Query text stays bytes: no decoding on the hot path, and no failure on odd encodings.
+        st = self.registry.get(query_b, oids, encode_parse)
+        self.statements[name_b.decode("utf-8", "surrogateescape")] = st
         server = self.server
         assert server is not None
         if server.statements.has(st.server_name):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True, slots=True)
 class Statement:
     server_name: str
-    query: str
+    query: bytes
     param_oids: tuple[int, ...]
     parse_payload: bytes  # Parse payload under server_name, ready to inject
 
@@ -24,11 +25,12 @@ class StatementRegistry:
     """Proxy-wide: one server name per distinct (query, parameter types)."""
 
     def __init__(self, prefix: str = "hd_") -> None:
-        self._by_key: dict[tuple[str, tuple[int, ...]], Statement] = {}
+        self._by_key: dict[tuple[bytes, tuple[int, ...]], Statement] = {}
         self._prefix = prefix
         self._next = 0
 
-    def get(self, query: str, param_oids: tuple[int, ...], encode_parse: "EncodeParse") -> Statement:
+    def get(self, query: bytes, param_oids: tuple[int, ...],
+            encode_parse: Callable[[str, bytes, tuple[int, ...]], bytes]) -> Statement:
         key = (query, param_oids)
         st = self._by_key.get(key)
         if st is None:
@@ -40,10 +42,6 @@ class StatementRegistry:
 
     def __len__(self) -> int:
         return len(self._by_key)
-
-
-class EncodeParse:
-    def __call__(self, name: str, query: str, param_oids: tuple[int, ...]) -> bytes: ...
 
 
 class ServerStatements:

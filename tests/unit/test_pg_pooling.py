@@ -257,3 +257,19 @@ def test_unsupported_session_features_are_refused_clearly(core, sql, text):
 def test_terminate_does_not_reach_the_server(core):
     core.feed_client(message(b"X", b""))
     assert core.terminated and not core.to_server
+
+
+def test_settings_of_one_client_never_leak_to_the_next():
+    reg = StatementRegistry()
+    server = ServerState()
+    a = ClientCore(reg, settings={"search_path": "tenant_a", "application_name": "a"})
+    a.feed_client(q("select 1"))
+    a.attach(server)
+    assert split(take(a.to_server))[0] == q("SET search_path = 'tenant_a';SET application_name = 'a';")
+    a.feed_server(done("SET") + done("SET") + rfq() + done("SELECT 1") + rfq())
+    a.detach()
+    b = ClientCore(reg, settings={"application_name": "b", "role": "postgres"})  # role: refused
+    b.feed_client(q("select 1"))
+    b.attach(server)
+    assert split(take(b.to_server))[0] == q("SET application_name = 'b';RESET search_path;")
+    assert server.params == {"application_name": "b"}
