@@ -88,6 +88,7 @@ class ProxyService:
         spec = origin_spec(config, self.store)
         params = dict(spec.startup_params)
         params.setdefault("application_name", "hd-proxy")
+        params["client_encoding"] = "UTF8"  # clients are held to UTF8 too (see listener)
         params.setdefault("options", f"-c statement_timeout={self.statement_timeout_ms}")
         return _replace(spec, startup_params=params, connect_timeout=self.connect_timeout)
 
