@@ -124,10 +124,17 @@ def hd(as_json: bool, state_dir: str | None, api_url: str | None, api_token: str
 @click.option("--advertise", metavar="H:P", help="Tunnel address put in tokens (default: the bound address).")
 @click.option("--key-rotation", type=Duration(), default="1008h", show_default=True,
               help="Rotate the Access signing key when it is this old (the JWKS keeps the previous one).")
+@click.option("--connect-timeout", type=Duration(), default="15s", show_default=True,
+              help="Proxy: bound on opening an origin connection, and on a client's wait for one.")
+@click.option("--idle-timeout", type=Duration(), default="10m", show_default=True,
+              help="Proxy: idle origin connections are closed after this.")
+@click.option("--statement-timeout", type=Duration(), default="60s", show_default=True,
+              help="Proxy: statement_timeout set on every origin connection.")
 @click.option("--json", "as_json", is_flag=True, help="Print the edge's endpoints as one JSON object once ready.")
 def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_listen: str | None,
-             mysql_listen: str | None, advertise: str | None, key_rotation: float, as_json: bool) -> None:
-    """Run the edge in the foreground: control API and tunnel relay."""
+             mysql_listen: str | None, advertise: str | None, key_rotation: float, connect_timeout: float,
+             idle_timeout: float, statement_timeout: float, as_json: bool) -> None:
+    """Run the edge in the foreground: control API, tunnel relay and the Postgres proxy."""
     from control.edge import EdgeError, run_edge
 
     as_json = as_json or bool(click.get_current_context().find_root().params.get("as_json"))
@@ -153,7 +160,9 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
 
     try:
         run_async(run_edge(sdir, api_listen, tunnel_listen, ready, advertise=advertise,
-                           pg_listen=pg_listen, mysql_listen=mysql_listen, key_rotation=key_rotation),
+                           pg_listen=pg_listen, mysql_listen=mysql_listen, key_rotation=key_rotation,
+                           proxy_options={"connect_timeout": connect_timeout, "idle_timeout": idle_timeout,
+                                          "statement_timeout_ms": int(statement_timeout * 1000)}),
                   fast_loop=True)
     except EdgeError as e:
         raise CliError(str(e)) from None

@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import signal
-import ssl
 import sqlite3
 import sys
 import time
@@ -137,6 +136,7 @@ async def run_edge(
     stop_event: asyncio.Event | None = None,
     key_rotation: float = DEFAULT_KEY_ROTATION,
     key_check_interval: float = KEY_CHECK_INTERVAL,
+    proxy_options: dict[str, Any] | None = None,
 ) -> None:
     """Run the edge until SIGINT/SIGTERM (or `stop_event`, for embedding and tests).
 
@@ -228,7 +228,7 @@ async def run_edge(
         if proxy_factory is None and pg_listen:
             proxy_factory = _default_proxy_factory(
                 f"wss://{join_hostport(_reachable_host(tun_host), bound_tun_port)}", pin,
-                server_ssl_context(cert, key))
+                server_ssl_context(cert, key), proxy_options or {})
         proxy = proxy_factory(store, relay) if proxy_factory is not None else None
         if proxy is not None and pg_listen and hasattr(proxy, "start"):
             try:
@@ -295,14 +295,14 @@ async def run_edge(
         store.close()
 
 
-def _default_proxy_factory(tunnel_url: str, pin: str, client_tls: Any) -> ProxyFactory:
+def _default_proxy_factory(tunnel_url: str, pin: str, client_tls: Any, options: dict[str, Any]) -> ProxyFactory:
     """The Postgres proxy, reaching tunnel origins through this edge's own relay."""
 
     def make(store: Any, relay: Any) -> Any:
         from proxy.service import ProxyService
         from tunnel.client import Endpoint
 
-        return ProxyService(store, edge=Endpoint(tunnel_url, pin), ssl_context=client_tls)
+        return ProxyService(store, edge=Endpoint(tunnel_url, pin), ssl_context=client_tls, **options)
 
     return make
 

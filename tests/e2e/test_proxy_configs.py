@@ -61,7 +61,7 @@ def tls_pg():
         cluster.create_user(CERT_USER)
         for user in (MD5_USER, PW_USER, CERT_USER):
             cluster.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
-                sql.Identifier(DB), sql.Identifier(user)).as_string(None))
+                sql.Identifier(DB), sql.Identifier(user)))
         yield cluster
     finally:
         cluster.stop()
@@ -408,7 +408,7 @@ def test_update_password_keeps_connections_and_pool(medge, tls_pg):
     role, old_pw, new_pw = "rotating", "old-pw-1", "new-pw-2"
     tls_pg.create_user(role, old_pw)
     tls_pg.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(DB), sql.Identifier(role))
-                   .as_string(None))
+                   )
     c = medge.hd("hyperdrive", "create", "rotate", *origin_args(tls_pg, role), "--origin-connection-limit", "10")
     url = c["connection_string"]
     clients = [connect(url) for _ in range(3)]
