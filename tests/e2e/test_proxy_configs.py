@@ -231,6 +231,10 @@ class FailingTestQueryOrigin:
         return self
 
     def __exit__(self, *exc) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self.sock.close()
         self._thread.join(5)
 

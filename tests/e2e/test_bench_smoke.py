@@ -1,0 +1,21 @@
+"""The benchmarks must keep running: a short smoke run of each (figures are not asserted —
+benchmarks are measurements, not timed tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_tunnel_bench_quick_run(tmp_path):
+    out = tmp_path / "tunnel.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.tunnel_bench", "--quick", "--no-pg", "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {"direct", "tunnel"} <= set(doc["paths"])
+    assert doc["summary"]["targets"]["rps_100"]["value"] > 0
