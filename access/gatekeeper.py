@@ -90,6 +90,13 @@ class FailureLimiter:
         self._failures.setdefault(source, deque()).append(now)
 
 
+def _limit_keys(source: str, creds: tuple[str, str] | None) -> list[str]:
+    ip = source.rsplit(":", 1)[0]
+    if creds is not None and is_client_id(creds[0]):
+        return [ip, f"{ip}|{creds[0]}"]
+    return [ip]
+
+
 class Gatekeeper:
     def __init__(self, store: AccessStore, hasher: SecretHasher, minter: AssertionMinter | None, *,
                  clock: Callable[[], float] = time.time, cache_ttl: float = 1.0,
@@ -152,9 +159,10 @@ class Gatekeeper:
     def check(self, route: RouteLike, headers: dict[str, str], source: str) -> Verdict:
         now = self._clock()
         host = route.hostname
-        source_ip = source.rsplit(":", 1)[0]
-        wait = self.limiter.retry_after(source_ip)
+        creds = credentials_from_headers(headers)
+        wait = max(self.limiter.retry_after(k) for k in _limit_keys(source, creds))
         if wait > 0:
+            source_ip = source.rsplit(":", 1)[0]
             return self._deny(429, "rate_limited",
                               f"too many failed credential checks from {source_ip}; retry in {wait:.0f}s",
                               host, source, None, None)
@@ -165,7 +173,6 @@ class Gatekeeper:
             return self._deny(403, "access_denied",
                               f"{host} is not covered by any Access application (create one with "
                               "`hd access app create`, or route it with --public)", host, source, None, None)
-        creds = credentials_from_headers(headers)
         if creds is None or not creds[0] or not creds[1]:
             return self._fail(401, "missing_credentials",
                               f"{host} requires a service token: send CF-Access-Client-Id and "
@@ -206,7 +213,11 @@ class Gatekeeper:
 
     def _fail(self, status: int, code: str, reason: str, host: str, source: str, app: Any,
               token: Any, client_id: str | None) -> Verdict:
-        self.limiter.failure(source.rsplit(":", 1)[0])
+        # Wrong secrets for a real token count against (source, token): one bad config behind a
+        # shared source (the in-process proxy, a NAT) cannot lock out the others. Unknown or
+        # missing ids count against the source itself.
+        key = _limit_keys(source, (client_id or "", ""))[-1] if token is not None else _limit_keys(source, None)[0]
+        self.limiter.failure(key)
         # A client id is not a secret, but an arbitrary header value might be: log only well-formed ids.
         shown = client_id if client_id and is_client_id(client_id) else None
         return self._deny(status, code, reason, host, source, app, token, shown)

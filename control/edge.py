@@ -302,7 +302,10 @@ def _default_proxy_factory(tunnel_url: str, pin: str, client_tls: Any, options: 
         from proxy.service import ProxyService
         from tunnel.client import Endpoint
 
-        return ProxyService(store, edge=Endpoint(tunnel_url, pin), ssl_context=client_tls, **options)
+        # Tunnel origins go through the relay in this same process: an in-memory link, no TLS.
+        connect = getattr(relay, "connect_local_client", None)
+        return ProxyService(store, edge=Endpoint(tunnel_url, pin), ssl_context=client_tls,
+                            edge_connect=connect, **options)
 
     return make
 

@@ -28,6 +28,7 @@ from access.gatekeeper import Gatekeeper
 from access.tokens import SecretHasher
 from relay.registry import ConnectorConnection, Registry
 from tunnel.link import MuxLink, StreamInbox, refuse
+from tunnel.memlink import MemorySocket
 from tunnel.messages import (
     RST_PROTOCOL,
     RST_SHUTDOWN,
@@ -350,6 +351,12 @@ class Relay:
                 log.info("connector %s conn %d unregistered (draining)", conn.connector_id, conn.conn_index)
 
     # ------------------------------------------------------------------ clients
+    async def connect_local_client(self) -> Any:
+        """A client link from inside this process (the proxy): same protocol, no socket, no TLS."""
+        client, server = MemorySocket.pair()
+        self._spawn(self._serve_client(server))  # type: ignore[arg-type]
+        return client
+
     async def _serve_client(self, ws: ServerConnection) -> None:
         link = MuxLink(ws, client=False)
         link.on_stream = lambda stream: self._spawn(self._client_stream(StreamInbox(stream), _remote(ws)))

@@ -39,7 +39,7 @@ installed_ok() {
         .venv/bin/python - <<'PY' >/dev/null 2>&1
 import importlib.util, sys
 mods = ["pytest", "pytest_asyncio", "pytest_timeout", "hypothesis", "asyncssh", "psycopg",
-        "websockets", "aiohttp", "cryptography", "click", "yaml", "tunnel", "relay", "connector", "cli"]
+        "asyncpg", "pg8000", "sqlalchemy", "websockets", "aiohttp", "cryptography", "click", "yaml", "tunnel", "relay", "connector", "cli"]
 sys.exit(0 if all(importlib.util.find_spec(m) for m in mods) else 1)
 PY
 }
@@ -77,5 +77,20 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
     warn "PostgreSQL server binaries (initdb, postgres) not found: install postgresql-15 or set HD_PG_BIN; database tests will fail"
 fi
 
-# --- npm (JS drivers for end-to-end tests): added when those tests land -----------------------
+# --- npm: the JavaScript drivers of the end-to-end tests (tests/node) ---------------------------
+# `npm ci` when node_modules is missing or package-lock.json changed since the last install.
+NODE_DIR=tests/node
+NODE_STAMP="$NODE_DIR/node_modules/.hd-bootstrap-stamp"
+if [ -f "$NODE_DIR/package-lock.json" ]; then
+    if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+        LOCK_SUM="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"
+        if [ ! -d "$NODE_DIR/node_modules" ] || [ ! -f "$NODE_STAMP" ] || [ "$(cat "$NODE_STAMP")" != "$LOCK_SUM" ]; then
+            (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error) </dev/null >"$LOG" 2>&1 ||
+                fail "npm ci in $NODE_DIR"
+            echo "$LOCK_SUM" >"$NODE_STAMP"
+        fi
+    else
+        warn "node/npm not found: the JavaScript driver tests (tests/e2e/test_proxy_drivers.py) will fail; install Node.js >= 18"
+    fi
+fi
 exit 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from tunnel.dial import dial_edge
 from tunnel.link import MuxLink, StreamInbox
@@ -32,8 +32,10 @@ class StreamRefused(Exception):
 class EdgeSession:
     """The client's one link to the relay."""
 
-    def __init__(self, edge: Any) -> None:
+    def __init__(self, edge: Any, connect: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """`connect` replaces dialing (e.g. the relay's in-process endpoint)."""
         self.edge = edge
+        self._connect = connect
         self._link: MuxLink | None = None
         self._runner: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -41,7 +43,10 @@ class EdgeSession:
     async def link(self) -> MuxLink:
         async with self._lock:
             if self._link is None or self._link.is_closed:
-                ws = await dial_edge(self.edge.url, self.edge.pin, "/client")
+                if self._connect is not None:
+                    ws = await self._connect()
+                else:
+                    ws = await dial_edge(self.edge.url, self.edge.pin, "/client")
                 self._link = MuxLink(ws, client=True)
                 self._runner = asyncio.create_task(self._link.run())
             return self._link

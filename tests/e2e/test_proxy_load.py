@@ -109,7 +109,7 @@ async def bounded(coro, timeout: float = OP_TIMEOUT):
 
 async def test_200_clients_share_10_origin_connections(edge, origin):
     url, role = make_config(edge, origin, "load", "--origin-connection-limit", str(LIMIT))
-    clients, rounds = 200, 3
+    clients, rounds = 200, 5
     sampler = Sampler(origin, role)
     sampler.start()
     started = time.monotonic()

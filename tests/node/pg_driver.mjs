@@ -123,8 +123,8 @@ const cases = {
     const out = c.query(copyStreams.to(`copy (select n, s from drv_copy where driver = '${DRIVER}' order by n) to stdout`))
     await pipeline(out, new Writable({ write (chunk, _enc, cb) { chunks.push(chunk); cb() } }))
     const rows = Buffer.concat(chunks).toString('utf8').split('\n').filter(Boolean).map(l => l.split('\t'))
-    const after = (await c.query('select 1 as v')).rows[0].v
-    return { copied_in: copiedIn, out_rows: rows.length, sum: rows.reduce((s, r) => s + Number(r[0]), 0), last: rows.at(-1)?.[1], after }
+    const { v: after, pid } = (await c.query('select 1 as v, pg_backend_pid() as pid')).rows[0]
+    return { pid, copied_in: copiedIn, out_rows: rows.length, sum: rows.reduce((s, r) => s + Number(r[0]), 0), last: rows.at(-1)?.[1], after }
   }),
 
   cancel: () => withClient(async c => {

@@ -117,8 +117,8 @@ const cases = {
     const chunks = []
     for await (const chunk of readable) chunks.push(chunk)
     const rows = Buffer.concat(chunks).toString('utf8').split('\n').filter(Boolean).map(l => l.split('\t'))
-    const [{ v: after }] = await sql`select 1 as v`
-    return { copied_in: copiedIn, out_rows: rows.length, sum: rows.reduce((s, r) => s + Number(r[0]), 0), last: rows.at(-1)?.[1], after }
+    const [{ v: after, pid }] = await sql`select 1 as v, pg_backend_pid() as pid`
+    return { pid, copied_in: copiedIn, out_rows: rows.length, sum: rows.reduce((s, r) => s + Number(r[0]), 0), last: rows.at(-1)?.[1], after }
   }),
 
   cancel: () => withSql(async sql => {

@@ -184,12 +184,19 @@ def test_rotation_grace_keeps_the_old_secret_until_it_ends(world):
 
 
 def test_failed_checks_are_rate_limited_per_source(world):
-    gk, store, clock, tok, secret, *_ = world
+    gk, store, clock, tok, secret, other, other_secret = world
     for _ in range(5):
         assert gk.check(Route("db.example"), creds(tok, "wrong"), "10.0.0.9:1").decision.status == 401
     d = gk.check(Route("db.example"), creds(tok, secret), "10.0.0.9:2").decision
     assert (d.status, d.code) == (429, "rate_limited")  # even with the right secret, for now
     assert gk.check(Route("db.example"), creds(tok, secret), "10.0.0.8:1").decision.allowed  # others unaffected
+    # another token from the same source is not locked out by this token's failures
+    store.apps["db.example"] = replace(store.apps["db.example"], any_token=True)
+    gk.invalidate()
+    assert gk.check(Route("db.example"), creds(other, other_secret), "10.0.0.9:4").decision.allowed
+    for _ in range(5):  # but unknown ids spray the source itself
+        gk.check(Route("db.example"), creds(replace(tok, client_id=new_client_id()), "x"), "10.0.0.7:1")
+    assert gk.check(Route("db.example"), creds(other, other_secret), "10.0.0.7:2").decision.code == "rate_limited"
     clock.t += 61
     assert gk.check(Route("db.example"), creds(tok, secret), "10.0.0.9:3").decision.allowed
 
