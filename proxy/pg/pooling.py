@@ -44,6 +44,12 @@ CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 _DIRTY_TAGS = (b"SET", b"RESET", b"LISTEN", b"UNLISTEN", b"PREPARE", b"DEALLOCATE", b"DECLARE",
                b"LOAD", b"DISCARD", b"CREATE TABLE", b"SELECT INTO", b"CREATE TABLE AS")
 
+_DEALLOCATE = re.compile(rb'^\s*DEALLOCATE\s+(?:PREPARE\s+)?(?:(ALL)|"([^"]+)"|([A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*$',
+                         re.IGNORECASE)
+_DISCARD_ALL = re.compile(rb"^\s*DISCARD\s+ALL\s*;?\s*$", re.IGNORECASE)
+# Placeholder status in a faked ReadyForQuery: filled with the session's status when sent.
+_RFQ_CURRENT = b"Z\x00\x00\x00\x05?"
+
 _EXTENDED = frozenset(b"PBDECH")  # Parse, Bind, Describe, Execute, Close, Flush
 
 _UNSUPPORTED = re.compile(
@@ -257,7 +263,16 @@ class ClientCore:
             self._parse(raw)
         elif kind == 0x51:  # 'Q' Query
             self.queries += 1
-            refusal = self._refusal(raw[5:-1]) if self.txn == b"I" else None
+            sql = raw[5:-1]
+            dealloc = _DEALLOCATE.match(sql) if sql[:40].lstrip()[:10].upper() == b"DEALLOCATE" else None
+            if dealloc is not None:
+                # The client's statement names exist only here: answer for the server.
+                expect.append([QUERY, FAKE, self._deallocate(dealloc), None])
+                return
+            if _DISCARD_ALL.match(sql):
+                self.statements.clear()
+                self._unnamed_parse = None
+            refusal = self._refusal(sql) if self.txn == b"I" else None
             if refusal:
                 expect.append([QUERY, FAKE, error_message("0A000", refusal[0], hint=refusal[1]) + ready_for_query(b"I"), None])
                 return
@@ -343,10 +358,24 @@ class ClientCore:
             self.expect.append([PARSE, SKIP, None, None])
             server.unnamed_owner = self._unnamed_token
 
+    def _deallocate(self, m: re.Match[bytes]) -> bytes:
+        if m.group(1):
+            self.statements.clear()
+            return message(b"C", b"DEALLOCATE ALL\x00") + _RFQ_CURRENT
+        name = (m.group(2) or m.group(3)).decode("utf-8", "surrogateescape")
+        if m.group(3):
+            name = name.lower()  # unquoted identifiers fold to lower case, as in PostgreSQL
+        if self.statements.pop(name, None) is None:
+            return error_message("26000", f'prepared statement "{name}" does not exist') + _RFQ_CURRENT
+        return message(b"C", b"DEALLOCATE\x00") + _RFQ_CURRENT
+
     def _drain_fakes(self) -> None:
         expect = self.expect
         while expect and expect[0][1] == FAKE:
-            self.to_client += expect.popleft()[2]
+            data = expect.popleft()[2]
+            if data.endswith(_RFQ_CURRENT):
+                data = data[:-1] + self.txn
+            self.to_client += data
 
     # ------------------------------------------------------------------ server side
     def feed_server(self, data: bytes | bytearray | memoryview) -> None:
@@ -383,6 +412,9 @@ class ClientCore:
                     tag = bytes(buf[off + 5:end - 1])
                     if tag.startswith(_DIRTY_TAGS):
                         server.dirty = True
+                        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
+                            server.statements.clear()  # the server's prepared statements are gone
+                            server.unnamed_owner = None
             elif kind == 0x5A:  # 'Z' ReadyForQuery
                 self.txn = bytes(buf[off + 5:off + 6])
                 if len(expect) <= 1:  # the last outstanding request: nothing unsynced remains

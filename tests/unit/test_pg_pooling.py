@@ -273,3 +273,27 @@ def test_settings_of_one_client_never_leak_to_the_next():
     b.attach(server)
     assert split(take(b.to_server))[0] == q("SET application_name = 'b';RESET search_path;")
     assert server.params == {"application_name": "b"}
+
+
+def test_sql_deallocate_of_a_client_name_is_answered_by_the_proxy(core):
+    core.feed_client(parse("_pg3_0", "select 1") + SYNC)
+    core.attach(ServerState())
+    take(core.to_server)
+    core.feed_server(PARSE_OK + rfq())
+    take(core.to_client)
+    core.feed_client(q("DEALLOCATE _pg3_0") + q('deallocate "_pg3_0"'))
+    assert not core.to_server  # the server never knew that name
+    out = take(core.to_client)
+    assert out.startswith(done("DEALLOCATE") + rfq())
+    assert b"26000" in out and out.endswith(rfq())
+    assert "_pg3_0" not in core.statements
+
+
+def test_discard_all_forgets_prepared_statements_on_both_sides(core):
+    server = ServerState()
+    core.feed_client(parse("s", "select 1") + SYNC)
+    core.attach(server)
+    core.feed_server(PARSE_OK + rfq())
+    core.feed_client(q("DISCARD ALL"))
+    core.feed_server(done("DISCARD ALL") + rfq())
+    assert not core.statements and not server.statements.has("hd_1") and server.dirty
