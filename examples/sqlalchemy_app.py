@@ -39,7 +39,8 @@ def main() -> int:
     try:
         with engine.connect() as conn:
             print(f"connected to PostgreSQL {conn.execute(text('show server_version')).scalar()}")
-            print(f"1 + 1 = {conn.execute(text('select cast(:a as int) + cast(:b as int)'), {'a': 1, 'b': 1}).scalar()}")
+            two = conn.execute(text("select cast(:a as int) + cast(:b as int)"), {"a": 1, "b": 1}).scalar()
+            print(f"1 + 1 = {two}")
         # Creates the table only when it is missing (the other examples make the same one).
         Base.metadata.create_all(engine)
 

@@ -144,6 +144,7 @@ class ClientCore:
         # Extended-protocol messages run in an implicit transaction until Sync: the server
         # must stay with this client until the Sync's ReadyForQuery, even after a Flush.
         self._unsynced = False
+        self._sync_ignored = False
         self.terminated = False
         # Session settings the client asked for at startup, applied on every server it gets.
         self.settings = {k.lower(): v for k, v in (settings or {}).items()
@@ -258,7 +259,8 @@ class ClientCore:
             expect.append([EXECUTE, FORWARD, None, None])
         elif kind == 0x53:  # 'S' Sync
             out += raw
-            expect.append([SYNC, FORWARD, None, None])
+            if not self._sync_ignored:  # the server ignores Sync during an extended COPY IN
+                expect.append([SYNC, FORWARD, None, None])
         elif kind == 0x50:  # 'P' Parse
             self._parse(raw)
         elif kind == 0x51:  # 'Q' Query
@@ -308,6 +310,7 @@ class ClientCore:
         else:  # Flush, CopyData, CopyDone, CopyFail, … pass through
             if kind in (0x63, 0x66):  # 'c' CopyDone / 'f' CopyFail end the client's COPY
                 self.copy_in = False
+                self._sync_ignored = False
             out += raw
         del server
 
@@ -417,6 +420,7 @@ class ClientCore:
                             server.unnamed_owner = None
             elif kind == 0x5A:  # 'Z' ReadyForQuery
                 self.txn = bytes(buf[off + 5:off + 6])
+                self._sync_ignored = False
                 if len(expect) <= 1:  # the last outstanding request: nothing unsynced remains
                     self._unsynced = False
                 pop = head is not None
@@ -436,6 +440,7 @@ class ClientCore:
                 # client has no request to pair it with).
                 forward = not (head is not None and head[0] == QUERY and action == SKIP)
                 self.copy_in = False
+                self._sync_ignored = False
                 if head is not None and head[0] not in (QUERY, FUNCTION, SYNC):
                     self._fail_until_sync()
                     head = None
@@ -445,6 +450,14 @@ class ClientCore:
                     server.dirty = True
             elif kind == 0x47:  # 'G' CopyInResponse: the client now streams CopyData
                 self.copy_in = True
+                if head is not None and head[0] == EXECUTE:
+                    # COPY started by an Execute: the server ignores Syncs until CopyDone/CopyFail,
+                    # including any the client already sent after the Execute (pg8000 does).
+                    later = [e for e in list(expect)[1:] if e[0] != SYNC]
+                    expect.clear()
+                    expect.append(head)
+                    expect.extend(later)
+                    self._sync_ignored = True
             elif kind == 0x4E or kind == 0x41:  # Notice / Notification: always forwarded
                 forward = True
             if not forward:
@@ -472,4 +485,5 @@ class ClientCore:
     def server_lost(self) -> None:
         self.expect.clear()
         self.copy_in = False
+        self._sync_ignored = False
         self._unsynced = False

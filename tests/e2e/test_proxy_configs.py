@@ -386,7 +386,7 @@ def test_tls_modes_and_a_wrong_ca(medge, tls_pg, tmp_path):
                                 "--ca-certificate-id", wrong["id"])
         line = err.strip()
         assert rc != 0 and len(line.splitlines()) == 1 and "Traceback" not in err
-        assert "certificate" in line.lower() and "verif" in line.lower(), line
+        assert "[2015]" in line and "certificate" in line.lower() and "verif" in line.lower(), line
         assert "hint:" in line and "CA" in line
 
 

@@ -81,8 +81,8 @@ class Sampler(threading.Thread):
         try:
             with self.origin.connect() as conn:
                 while not self._halt.is_set():
-                    n = conn.execute("select count(*) from pg_stat_activity where usename = %s", (self.role,)).fetchone()[0]
-                    self.samples.append(n)
+                    cur = conn.execute("select count(*) from pg_stat_activity where usename = %s", (self.role,))
+                    self.samples.append(cur.fetchone()[0])
                     self._halt.wait(self.interval)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc

@@ -297,3 +297,16 @@ def test_discard_all_forgets_prepared_statements_on_both_sides(core):
     core.feed_client(q("DISCARD ALL"))
     core.feed_server(done("DISCARD ALL") + rfq())
     assert not core.statements and not server.statements.has("hd_1") and server.dirty
+
+
+def test_extended_copy_in_syncs_sent_during_copy_are_not_expected(core):
+    # pg8000: Bind, Execute, Sync, then CopyData, CopyDone, Sync. The server ignores the first
+    # Sync (it arrives in copy-in mode) and answers only the last one.
+    core.feed_client(parse("", "copy t from stdin") + SYNC)
+    core.attach(ServerState())
+    core.feed_server(PARSE_OK + rfq())
+    core.feed_client(bind("") + EXECUTE + SYNC)
+    core.feed_server(BIND_OK + message(b"G", b"\x00\x00\x00"))
+    core.feed_client(message(b"d", b"1\n") + message(b"c", b"") + SYNC)
+    core.feed_server(done("COPY 1") + rfq())
+    assert not core.expect and core.can_release
