@@ -71,6 +71,8 @@ class StartupProtocol(asyncio.Protocol):
                 self._startup(data)
             elif self.stage == "auth":
                 self._auth(data)
+            else:  # authenticated, session not set up yet: keep what the client pipelined
+                self._buf += data
         except pgp.PgProtocolError as exc:
             self._fatal("08P01", f"invalid startup packet: {exc}")
 
