@@ -35,8 +35,8 @@ Part 2, the Hyperdrive case: `bench/delay_forwarder.py` puts --delay-ms (default
 times (alternating): (a) directly to the far database through the forwarder (TCP, TLS, SCRAM,
 query: every round trip pays 50 ms), (b) to the proxy whose config `pb-far` reaches the database
 through the forwarder, its pool warm (one query first). p50/p99, ratio a/b; target b ≥ 4× faster.
-Also shown: the proxy with a local origin (the local connect floor), and psycopg's default mode
-(not autocommit: BEGIN, then select 1).
+Also shown: the local connect floor (proxy, PgBouncer and postgres with no delay), and psycopg's
+default mode (not autocommit: BEGIN, then select 1).
 
 CPU time of every process (utime+stime from /proc) is read around every phase as tunnel_bench does:
 µs of CPU per transaction per process, and `other` (box CPU not charged to these processes: other
@@ -419,6 +419,8 @@ def measure_hyperdrive(b: ProxyBench) -> dict[str, Any]:
         "far_direct": b.direct_dsn(fport),
         "far_proxy": far_dsn,
         "local_proxy": b.targets["proxy"]["dsn"] if "proxy" in b.targets else None,
+        "local_direct": b.direct_dsn(b.cluster.port),
+        "local_pgbouncer": b.direct_dsn(b.bouncer.port) if b.bouncer is not None else None,
         "far_direct_tx": b.direct_dsn(fport),
         "far_proxy_tx": far_dsn,
     }
@@ -426,7 +428,7 @@ def measure_hyperdrive(b: ProxyBench) -> dict[str, Any]:
     autocommit = {k: not k.endswith("_tx") for k in dsns}
     order = list(dsns)
     spec = {"dsns": dsns, "autocommit": autocommit, "order": order, "count": args.connects,
-            "warm": ["far_proxy"] + (["local_proxy"] if "local_proxy" in dsns else [])}
+            "warm": ["far_proxy"] + [k for k in ("local_proxy", "local_pgbouncer") if k in dsns]}
     timeout = 60.0 + args.connects * len(order) * 20.0
     before = b.stack.tracked.snapshot()
     try:
@@ -531,7 +533,9 @@ def print_report(res: dict[str, Any]) -> None:
         P("-" * 87)
         names = {"far_direct": "(a) direct to the far origin, autocommit",
                  "far_proxy": "(b) proxy (warm pool) → far origin, autocommit",
-                 "local_proxy": "    proxy → local origin (local connect floor)",
+                 "local_proxy": "    proxy (warm pool) → local origin",
+                 "local_pgbouncer": "    PgBouncer (warm pool) → local origin",
+                 "local_direct": "    direct to the local origin (no delay)",
                  "far_direct_tx": "    direct to the far origin, default (BEGIN; select)",
                  "far_proxy_tx": "    proxy → far origin, default (BEGIN; select)"}
         for k, label in names.items():

@@ -321,8 +321,13 @@ def _refusal_error(hostname: str, resp: Any) -> OriginError:
     if status == 502 and code == "origin_unreachable":
         return OriginError(CONNECTION_REFUSED, f"the connector could not connect to the database for {hostname}: {error}",
                            "check the route's service address and that the database listens there")
-    if status in (502, 503, 504):
-        return OriginError(CANNOT_CONNECT, f"cannot connect to {hostname} through the tunnel: {error} ({status} {code})")
+    if status == 504:
+        return OriginError(CANNOT_CONNECT, f"cannot connect to {hostname} through the tunnel: {error} ({status} {code})",
+                           "the connector could not reach the database in time: check the route's service "
+                           "address, that the database is up, and `hd tunnel route … --connect-timeout`")
+    if status in (502, 503):
+        return OriginError(CANNOT_CONNECT, f"cannot connect to {hostname} through the tunnel: {error} ({status} {code})",
+                           "check that a connector for this tunnel is running and can reach the database")
     return OriginError(GENERIC, f"the edge refused the stream to {hostname}: {status} {code}: {error}")
 
 
@@ -491,7 +496,12 @@ def _server_error(fields: dict[str, str], spec: OriginSpec) -> OriginError:
     if code == "3D000":
         return OriginError(DATABASE_NOT_FOUND, message, "check the database name of the configuration",
                            sqlstate=code)
-    return OriginError(GENERIC, message, fields.get("H"), sqlstate=code or None)
+    if code == "42501":  # e.g. no CONNECT privilege on the database: a permissions failure
+        return OriginError(TEST_QUERY_FAILED, message,
+                           fields.get("H") or f"grant the user what it needs, e.g. GRANT CONNECT ON DATABASE "
+                                              f"{spec.database} TO {spec.user}", sqlstate=code)
+    return OriginError(GENERIC, message, fields.get("H") or "see the database server's log for details",
+                       sqlstate=code or None)
 
 
 async def _negotiate_tls(spec: OriginSpec, channel: ByteChannel, attempt: _Attempt) -> ByteChannel:

@@ -145,6 +145,7 @@ class ClientCore:
         # must stay with this client until the Sync's ReadyForQuery, even after a Flush.
         self._unsynced = False
         self._sync_ignored = False
+        self.fatal_forwarded = False
         self.terminated = False
         # Session settings the client asked for at startup, applied on every server it gets.
         self.settings = {k.lower(): v for k, v in (settings or {}).items()
@@ -441,6 +442,11 @@ class ClientCore:
                 forward = not (head is not None and head[0] == QUERY and action == SKIP)
                 self.copy_in = False
                 self._sync_ignored = False
+                severity = bytes(buf[off + 5:off + 12])
+                if severity.startswith((b"SFATAL\x00", b"SPANIC\x00")):
+                    # The server ends the session and said why; the client must not get a
+                    # second FATAL from us when the connection then drops.
+                    self.fatal_forwarded = forward
                 if head is not None and head[0] not in (QUERY, FUNCTION, SYNC):
                     self._fail_until_sync()
                     head = None

@@ -65,6 +65,11 @@ class ClientSession:
 
     def server_lost(self, exc: Exception | None) -> None:
         self.server = None
+        if self.core.fatal_forwarded:  # the origin already told the client why (e.g. 57P01)
+            self.core.server_lost()
+            self._closed = True
+            self.transport.close()
+            return
         self.core.server_lost()
         reason = f": {exc}" if exc else ""
         self._fatal("58000", f"the connection to the origin database was lost{reason}",

@@ -174,6 +174,15 @@ def test_create_failure_codes_direct(medge, tls_pg, pg_cluster):
     assert "no_such_db" in line
 
 
+def test_create_without_connect_privilege(medge, tls_pg):
+    tls_pg.create_database("guarded")
+    tls_pg.execute("revoke connect on database guarded from public")
+    rc, err = medge.hd_fail("hyperdrive", "create", "guarded", *origin_args(tls_pg, MD5_USER, database="guarded"))
+    line = err.strip()
+    assert rc != 0 and len(line.splitlines()) == 1 and "permission denied" in line
+    assert ("[2016]" in line or "[2015]" in line) and "hint:" in line, line
+
+
 # --- failure codes, through a tunnel --------------------------------------------------------------
 
 def test_create_failure_codes_through_a_tunnel(medge, tunnel):
@@ -200,9 +209,6 @@ def test_create_failure_codes_through_a_tunnel(medge, tunnel):
         assert conn.execute("select current_user, current_database()").fetchone() == (OWNER, DB)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a 504 from the tunnel (origin_timeout) becomes [2010] without "
-                                       "a hint (proxy/pg/origin.py _refusal_error, the `status in (502, 503, 504)` "
-                                       "branch passes no hint)")
 def test_create_black_hole_through_a_tunnel(medge, tunnel):
     started = time.monotonic()
     line = create_fails(medge, 2010, *tunnel_args(tunnel["ok"], "hole.internal.example"))

@@ -245,16 +245,9 @@ async def test_origin_restart_mid_load(edge, origin):
         assert getattr(o.error, "sqlstate", None), f"{o.what} failed without an ErrorResponse: {o.error!r}"
     print(f"restart took {restart_done - restart_began:.1f}s; {len(failed)} operations failed during it "
           f"({sorted({str(getattr(o.error, 'sqlstate', None)) for o in failed})}), {len(after)} after it all succeeded")
-    if double_fatal:
-        pytest.xfail(f"{len(double_fatal)} COMMIT/BEGIN in flight got two FATAL ErrorResponses (psycopg: "
-                     f"{double_fatal[0].error}); product bug pinned by test_an_origin_fatal_reaches_the_client_once")
+    assert not double_fatal, f"{len(double_fatal)} operations got two FATAL ErrorResponses: {double_fatal[0].error}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: when the origin sends a FATAL ErrorResponse and closes (shutdown, pg_terminate_backend), the "
-    "proxy forwards it and then adds its own FATAL 58000 'the connection to the origin database was lost' "
-    "(proxy/pg/session.py ClientSession.server_lost). PostgreSQL sends one; libpq turns two into two results, "
-    "and psycopg's BEGIN/COMMIT then fail with InternalError('received 2 results') instead of the SQLSTATE"))
 def test_an_origin_fatal_reaches_the_client_once(edge, origin):
     url, role = make_config(edge, origin, "fatal")
     pgconn = psycopg.pq.PGconn.connect(url.encode())
