@@ -16,7 +16,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,16 @@ from bench.tunnel_bench import (  # noqa: F401  (re-exported)
     uses_uvloop,
 )
 from tests.harness.procs import Proc, free_port, wait_listening  # noqa: F401
+
+__all__ = [
+    # from bench.tunnel_bench
+    "HOST", "REPO_ROOT", "RESULTS_DIR", "BenchError", "Profiler", "Stack", "Tracked", "_children_map",
+    "cpu_delta", "log", "uses_uvloop",
+    # new here
+    "machine_info", "source_digest", "now_iso", "percentile", "pgbouncer_exe", "pgbouncer_version", "PgBouncer",
+    "pgbench_exe", "pgbench_env", "pgbench_argv", "parse_pgbench", "redact", "summarize_raw_profile",
+    "format_profile_summary",
+]
 
 # ------------------------------------------------------------------------------ machine
 
@@ -73,6 +82,23 @@ def machine_info() -> dict[str, Any]:
         except (OSError, subprocess.TimeoutExpired, IndexError):
             pass
     return info
+
+
+def source_digest(packages: tuple[str, ...] = ("proxy", "tunnel", "relay", "connector", "access", "control",
+                                                "cli")) -> dict[str, Any]:
+    """Which product code a run measured (others may be editing it; there is no git here):
+    sha256 over the product's .py files (path + content), their count and the newest mtime."""
+    import hashlib
+
+    h = hashlib.sha256()
+    newest = 0.0
+    files = sorted(f for pkg in packages for f in (REPO_ROOT / pkg).rglob("*.py"))
+    for f in files:
+        h.update(str(f.relative_to(REPO_ROOT)).encode() + b"\0")
+        h.update(f.read_bytes())
+        newest = max(newest, f.stat().st_mtime)
+    return {"sha256": h.hexdigest()[:16], "files": len(files),
+            "newest_mtime": datetime.datetime.fromtimestamp(newest, datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def now_iso() -> str:
@@ -315,7 +341,3 @@ def format_profile_summary(name: str, s: dict[str, Any]) -> str:
     lines.append("  innermost product frame (its own time + library calls it makes):")
     lines += [f"    {pct:5.1f}  {fn}" for fn, pct in s["product_self_incl_callees"]]
     return "\n".join(lines)
-
-
-def python_exe() -> str:
-    return sys.executable

@@ -78,6 +78,7 @@ from bench.common import (  # noqa: E402
     parse_pgbench,
     percentile,
     pgbench_argv,
+    source_digest,
     pgbench_env,
     pgbench_exe,
     redact,
@@ -561,7 +562,8 @@ def print_report(res: dict[str, Any]) -> None:
         P("CPU µs per transaction per process (median-run cells); other = box CPU not charged to these processes,")
         P("in % of the cell's wall time × CPUs (large = something else loaded the box)")
         cw = 9
-        P(f"{'cell':<26}" + "".join(f"{n[:cw]:>{cw + 1}}" for n in order) + f"{'other %':>{cw + 1}}")
+        short = {"connector": "conn", "connector-ha1": "conn-ha1", "pgbouncer": "pgbouncer"}
+        P(f"{'cell':<26}" + "".join(f"{short.get(n, n)[:cw]:>{cw + 1}}" for n in order) + f"{'other %':>{cw + 1}}")
         for key in res["pgbench"]["median_keys"]:
             c = next((x for x in cells if x.get("tag_key") == key), None)
             if not c or "cost" not in c["cpu"]:
@@ -661,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": now_iso(),
         "command": cmdline,
         "machine": machine_info(),
+        "product_source": source_digest(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "probe"},
         "goals": {"tps_vs_pgbouncer": GOALS, "hyperdrive_speedup_p50": HYPERDRIVE_GOAL},
         "descriptions": DESCRIPTIONS,

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from tunnel.client import OPEN_TIMEOUT, EdgeSession, Endpoint, StreamRefused
-from tunnel.dial import PinMismatch
+from tunnel.tls import PinMismatch
 from tunnel.link import StreamInbox
 from tunnel.messages import RST_CANCEL
 from tunnel.splice import TcpStreamSplice

@@ -16,14 +16,14 @@ import time
 import uuid
 from typing import Any, Callable
 
-from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
+from websockets.exceptions import InvalidHandshake, WebSocketException
 
 import aiohttp
 
 from access.assertion import AssertionRejected, AssertionVerifier, JwksCache
 from connector.backoff import Backoff
 from connector.ingress import EMPTY, IngressConfig, IngressError
-from tunnel.dial import PinMismatch, dial_edge
+from tunnel.wslink import PinMismatch, dial_link
 from tunnel.link import MuxLink, StreamInbox, refuse
 from tunnel.messages import RST_PROTOCOL, ConnectRequest, ConnectResponse, MessageError
 from tunnel.splice import TcpStreamSplice
@@ -184,12 +184,11 @@ class Supervisor:
 
     async def _connect_once(self, index: int, url: str, backoff: Backoff) -> None:
         try:
-            ws = await dial_edge(url, self.token.pin, "/tunnel")
+            link = await dial_link(url, self.token.pin, "/tunnel")
         except PinMismatch as exc:
             raise FatalError(f"the edge at {url} is not the one this token was issued by: {exc}") from None
-        except InvalidStatus as exc:
-            raise OSError(f"edge refused the WebSocket upgrade ({exc.response.status_code})") from None
-        link = MuxLink(ws, client=True)
+        except InvalidHandshake as exc:
+            raise OSError(f"the edge refused the WebSocket upgrade: {exc}") from None
         link.on_stream = lambda s: self._spawn(self._serve_stream(StreamInbox(s)))
         runner = asyncio.create_task(link.run())
         self.links[index] = link

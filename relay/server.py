@@ -19,8 +19,6 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-import websockets
-from websockets.asyncio.server import Server, ServerConnection
 from websockets.http11 import Request, Response
 
 from access.assertion import AssertionMinter, SigningKey, jwks_document
@@ -29,6 +27,7 @@ from access.tokens import SecretHasher
 from relay.registry import ConnectorConnection, Registry
 from tunnel.link import MuxLink, StreamInbox, refuse
 from tunnel.memlink import MemorySocket
+from tunnel.wslink import WsLinkProtocol, http_response
 from tunnel.messages import (
     RST_PROTOCOL,
     RST_SHUTDOWN,
@@ -46,21 +45,6 @@ log = logging.getLogger("relay")
 REGISTER_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 10.0  # client must send its ConnectRequest within this
 RESPONSE_MARGIN = 5.0  # connector answers within the route's connect timeout + this
-WS_MAX_MESSAGE = 2 * 1024 * 1024
-
-
-def ws_options() -> dict[str, Any]:
-    """WebSocket settings shared by both ends: no compression (18-40x slower on binary data,
-    see reference/python_stack.md 1b), our own flow control instead of websockets' queue."""
-    return {
-        "compression": None,
-        "max_size": WS_MAX_MESSAGE,
-        "max_queue": None,
-        "write_limit": 1024 * 1024,
-        "ping_interval": 10,
-        "ping_timeout": 20,
-        "close_timeout": 5,
-    }
 
 
 class Relay:
@@ -73,7 +57,7 @@ class Relay:
         self._issuer = issuer
         self._jwks: bytes = b'{"keys":[]}'
         self.keys_rotated()
-        self._server: Server | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._client_links: set[MuxLink] = set()
         self._pending_links: set[MuxLink] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -85,15 +69,10 @@ class Relay:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, host: str, port: int) -> None:
-        self._server = await websockets.serve(
-            self._handle,
-            host,
-            port,
-            ssl=self.ssl_context,
-            process_request=self._process_request,
-            server_header=None,
-            **ws_options(),
-        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: WsLinkProtocol(client=False, on_open=self._on_open, on_http=self._http),
+            host, port, ssl=self.ssl_context, ssl_handshake_timeout=15)
         self._spawn(self._flush_logs_periodically())
         log.info("relay listening on %s:%d", host, self.port)
 
@@ -108,6 +87,15 @@ class Relay:
         # Safe to call even when start() failed.
         if self._server is not None:
             self._server.close()
+            for conn in self.registry.all():
+                conn.link.close_reason = "relay shutting down"
+                proto = getattr(conn.link, "proto", None)
+                if proto is not None:
+                    proto.abort()
+            for link in list(self._client_links):
+                proto = getattr(link, "proto", None)
+                if proto is not None:
+                    proto.abort()
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 10)
             except asyncio.TimeoutError:
@@ -210,30 +198,24 @@ class Relay:
         }
 
     # ------------------------------------------------------------------ WebSocket entry
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _http(self, request: Request) -> Response | None:
+        """Plain HTTP on the tunnel port: the JWKS, or 404 for anything but the two upgrades."""
         if request.path == "/cdn-cgi/access/certs":
-            response = connection.respond(200, "")
-            del response.headers["Content-Type"]
-            del response.headers["Content-Length"]
-            response.headers["Content-Type"] = "application/json"
-            response.headers["Content-Length"] = str(len(self._jwks))
-            response.body = self._jwks
-            return response
+            return http_response(200, self._jwks, "application/json")
         if request.path not in ("/tunnel", "/client"):
-            return connection.respond(404, "not found: connect to /tunnel or /client\n")
+            return http_response(404, b"not found: connect to /tunnel or /client\n")
         return None
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        path = ws.request.path if ws.request is not None else ""
-        if path == "/tunnel":
-            await self._serve_connector(ws)
+    def _on_open(self, proto: WsLinkProtocol) -> None:
+        assert proto.link is not None and proto.request is not None
+        remote = f"{proto.remote_address[0]}:{proto.remote_address[1]}"
+        if proto.request.path == "/tunnel":
+            self._spawn(self._serve_connector(proto.link, remote))
         else:
-            await self._serve_client(ws)
+            self._spawn(self._serve_client(proto.link, remote))
 
     # ------------------------------------------------------------------ connectors
-    async def _serve_connector(self, ws: ServerConnection) -> None:
-        link = MuxLink(ws, client=False)
-        remote = _remote(ws)
+    async def _serve_connector(self, link: MuxLink, remote: str) -> None:
         registered: asyncio.Future[StreamInbox] = asyncio.get_running_loop().create_future()
 
         def on_stream(stream: Any) -> None:
@@ -354,12 +336,11 @@ class Relay:
     async def connect_local_client(self) -> Any:
         """A client link from inside this process (the proxy): same protocol, no socket, no TLS."""
         client, server = MemorySocket.pair()
-        self._spawn(self._serve_client(server))  # type: ignore[arg-type]
+        self._spawn(self._serve_client(MuxLink(server, client=False), "in-process:0"))
         return client
 
-    async def _serve_client(self, ws: ServerConnection) -> None:
-        link = MuxLink(ws, client=False)
-        link.on_stream = lambda stream: self._spawn(self._client_stream(StreamInbox(stream), _remote(ws)))
+    async def _serve_client(self, link: MuxLink, remote: str) -> None:
+        link.on_stream = lambda stream: self._spawn(self._client_stream(StreamInbox(stream), remote))
         self._client_links.add(link)
         try:
             await link.run()
@@ -442,11 +423,3 @@ class Relay:
         bridge = StreamBridge(inbox.stream, upstream, on_done=done)
         inbox.hand_over(bridge.end_a)
         up.hand_over(bridge.end_b)
-
-
-def _remote(ws: ServerConnection) -> str:
-    try:
-        host, port = ws.remote_address[:2]
-        return f"{host}:{port}"
-    except Exception:
-        return "?"

@@ -8,7 +8,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from tunnel.dial import dial_edge
+from tunnel.wslink import dial_link
 from tunnel.link import MuxLink, StreamInbox
 from tunnel.messages import RST_CANCEL, ConnectRequest, ConnectResponse, MessageError
 
@@ -44,10 +44,9 @@ class EdgeSession:
         async with self._lock:
             if self._link is None or self._link.is_closed:
                 if self._connect is not None:
-                    ws = await self._connect()
+                    self._link = MuxLink(await self._connect(), client=True)
                 else:
-                    ws = await dial_edge(self.edge.url, self.edge.pin, "/client")
-                self._link = MuxLink(ws, client=True)
+                    self._link = await dial_link(self.edge.url, self.edge.pin, "/client")
                 self._runner = asyncio.create_task(self._link.run())
             return self._link
 

@@ -265,7 +265,7 @@ class TunnelDialer:
 
     async def open(self, spec: OriginSpec) -> ByteChannel:
         from cli.access_client import StreamRefused
-        from tunnel.dial import PinMismatch
+        from tunnel.tls import PinMismatch
 
         headers: dict[str, str] = {}
         if spec.access_client_id is not None and spec.access_client_secret is not None:
