@@ -32,10 +32,11 @@ class ClientSession:
     def data_received(self, data: bytes) -> None:
         try:
             self.core.feed_client(data)
+            self._pump()
         except ClientProtocolError as exc:
             self._fatal("08P01", f"protocol violation: {exc}")
-            return
-        self._pump()
+        except Exception as exc:  # a proxy bug must reach the client as an error, not a cut
+            self._internal_error(exc)
 
     def eof_received(self) -> bool:
         return False
@@ -60,8 +61,19 @@ class ClientSession:
 
     # ------------------------------------------------------------------ server side
     def server_data(self, data: bytes) -> None:
-        self.core.feed_server(data)
-        self._pump()
+        try:
+            self.core.feed_server(data)
+            self._pump()
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> None:
+        log.exception("internal proxy error; closing the client's connection: %s", exc)
+        server, self.server = self.server, None
+        if server is not None:
+            server.session = None
+            server.close()  # its state is unknown: never reuse it
+        self._fatal("58000", f"Internal error in the proxy ({type(exc).__name__}); reconnect and retry")
 
     def server_lost(self, exc: Exception | None) -> None:
         self.server = None
