@@ -131,10 +131,13 @@ class ClientSession:
             return
         self.server = server
         server.session = self
-        self.core.attach(server.state)
-        if not self._closed:
-            self.transport.resume_reading()
-        self._pump()
+        try:
+            self.core.attach(server.state)
+            if not self._closed:
+                self.transport.resume_reading()
+            self._pump()
+        except Exception as exc:
+            self._internal_error(exc)
 
     def _give_back(self, server: ServerConn, client_gone: bool = False) -> None:
         core = self.core
