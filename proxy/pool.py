@@ -169,6 +169,14 @@ class Pool:
                 "waiting": len(self._waiters), "limit": self.limit, **self.stats}
 
     # ------------------------------------------------------------------ acquire / release
+    def try_acquire(self) -> ServerConn | None:
+        """An idle connection right now, or None (the common case needs no task, no wait)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
     async def acquire(self) -> ServerConn:
         while self._idle:
             conn = self._idle.pop()  # most recently used: warmest, most likely prepared

@@ -26,7 +26,7 @@ from access.gatekeeper import Gatekeeper
 from access.tokens import SecretHasher
 from relay.registry import ConnectorConnection, Registry
 from tunnel.link import MuxLink, StreamInbox, refuse
-from tunnel.memlink import MemorySocket
+from tunnel.memlink import MemoryLink
 from tunnel.wslink import WsLinkProtocol, http_response
 from tunnel.messages import (
     RST_PROTOCOL,
@@ -335,8 +335,8 @@ class Relay:
     # ------------------------------------------------------------------ clients
     async def connect_local_client(self) -> Any:
         """A client link from inside this process (the proxy): same protocol, no socket, no TLS."""
-        client, server = MemorySocket.pair()
-        self._spawn(self._serve_client(MuxLink(server, client=False), "in-process:0"))
+        client, server = MemoryLink.pair()
+        self._spawn(self._serve_client(server, "in-process:0"))
         return client
 
     async def _serve_client(self, link: MuxLink, remote: str) -> None:

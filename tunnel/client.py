@@ -44,7 +44,7 @@ class EdgeSession:
         async with self._lock:
             if self._link is None or self._link.is_closed:
                 if self._connect is not None:
-                    self._link = MuxLink(await self._connect(), client=True)
+                    self._link = await self._connect()  # an in-process link (tunnel.memlink)
                 else:
                     self._link = await dial_link(self.edge.url, self.edge.pin, "/client")
                 self._runner = asyncio.create_task(self._link.run())

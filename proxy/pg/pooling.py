@@ -50,7 +50,10 @@ _DISCARD_ALL = re.compile(rb"^\s*DISCARD\s+ALL\s*;?\s*$", re.IGNORECASE)
 # Placeholder status in a faked ReadyForQuery: filled with the session's status when sent.
 _RFQ_CURRENT = b"Z\x00\x00\x00\x05?"
 
-_EXTENDED = frozenset(b"PBDECH")  # Parse, Bind, Describe, Execute, Close, Flush
+_EXTENDED = frozenset(b"PBDECH")
+# Decisions per statement text: workloads repeat a small set of statements.
+_REFUSALS: dict[bytes, tuple[str, str] | None] = {}
+_MISSING = object()  # Parse, Bind, Describe, Execute, Close, Flush
 
 _UNSUPPORTED = re.compile(
     rb"^\s*(?:(LISTEN)\b|(PREPARE)\b|(EXECUTE)\b)|\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(",
@@ -165,6 +168,14 @@ class ClientCore:
     # ------------------------------------------------------------------ linking
     def attach(self, server: ServerState) -> None:
         self.server = server
+        if server.params != self.settings:
+            self._apply_settings(server)
+        queued, self._queued = self._queued, []
+        for kind, raw in queued:
+            self._client_message(kind, raw)
+        self._drain_fakes()
+
+    def _apply_settings(self, server: ServerState) -> None:
         # Make the server's session settings exactly this client's: SET what differs, RESET
         # what a previous client had set and this one did not (no leak between clients).
         sql = "".join(f"SET {k} = {quote_literal(v)};" for k, v in self.settings.items()
@@ -177,10 +188,6 @@ class ClientCore:
             for k in stale:
                 del server.params[k]
             server.params.update(self.settings)
-        queued, self._queued = self._queued, []
-        for kind, raw in queued:
-            self._client_message(kind, raw)
-        self._drain_fakes()
 
     def detach(self) -> ServerState:
         server = self.server
@@ -224,6 +231,17 @@ class ClientCore:
 
     @staticmethod
     def _refusal(sql: bytes) -> tuple[str, str] | None:
+        cached = _REFUSALS.get(sql, _MISSING)
+        if cached is not _MISSING:
+            return cached  # type: ignore[return-value]
+        verdict = ClientCore._judge(sql)
+        if len(_REFUSALS) > 4096:
+            _REFUSALS.clear()
+        _REFUSALS[sql] = verdict
+        return verdict
+
+    @staticmethod
+    def _judge(sql: bytes) -> tuple[str, str] | None:
         m = _UNSUPPORTED.search(sql[:4096])
         if m is None:
             return None

@@ -107,6 +107,10 @@ class ClientSession:
             core.detach()
             self._give_back(server)
         elif core.wants_server and not self._acquiring:
+            server = self.pool.try_acquire()
+            if server is not None:  # fast path: an idle connection, no task, no pause
+                self._attach(server)
+                return
             self._acquiring = True
             self.transport.pause_reading()
             asyncio.get_running_loop().create_task(self._acquire())
@@ -129,12 +133,15 @@ class ClientSession:
         if server.closed:
             self._error_and_drop_queue("Server connection attempt failed: the connection closed")
             return
+        if not self._closed:
+            self.transport.resume_reading()
+        self._attach(server)
+
+    def _attach(self, server: ServerConn) -> None:
         self.server = server
         server.session = self
         try:
             self.core.attach(server.state)
-            if not self._closed:
-                self.transport.resume_reading()
             self._pump()
         except Exception as exc:
             self._internal_error(exc)
