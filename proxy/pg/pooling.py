@@ -178,8 +178,11 @@ class ClientCore:
     def _apply_settings(self, server: ServerState) -> None:
         # Make the server's session settings exactly this client's: SET what differs, RESET
         # what a previous client had set and this one did not (no leak between clients).
-        sql = "".join(f"SET {k} = {quote_literal(v)};" for k, v in self.settings.items()
-                      if server.params.get(k) != v)
+        # set_config() parses the value as a startup parameter would be (lists such as
+        # search_path included), unlike SET with one quoted literal.
+        changed = [f"set_config({quote_literal(k)}, {quote_literal(v)}, false)"
+                   for k, v in self.settings.items() if server.params.get(k) != v]
+        sql = f"SELECT {', '.join(changed)};" if changed else ""
         stale = [k for k in server.params if k not in self.settings]
         sql += "".join(f"RESET {k};" for k in stale)
         if sql:

@@ -19,3 +19,13 @@ def test_tunnel_bench_quick_run(tmp_path):
     doc = json.loads(out.read_text())
     assert {"direct", "tunnel"} <= set(doc["paths"])
     assert doc["summary"]["targets"]["rps_100"]["value"] > 0
+
+
+@pytest.mark.slow
+def test_proxy_bench_quick_run(tmp_path):
+    out = tmp_path / "proxy.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.proxy_bench", "--quick", "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["hyperdrive"]["speedup_p50"] > 0

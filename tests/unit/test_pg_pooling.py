@@ -232,8 +232,9 @@ def test_startup_settings_are_applied_and_their_answers_hidden(core):
     c.feed_client(q("select 1"))
     c.attach(server)
     sent = split(take(c.to_server))
-    assert sent[0] == q("SET application_name = 'it''s me';")  # quoted; bad names dropped
-    c.feed_server(message(b"S", b"application_name\x00it's me\x00") + done("SET") + rfq() + done("SELECT 1") + rfq())
+    assert sent[0] == q("SELECT set_config('application_name', 'it''s me', false);")  # quoted; bad names dropped
+    c.feed_server(message(b"S", b"application_name\x00it's me\x00") + message(b"T", b"\x00\x00") + row(b"x")
+                  + done("SELECT 1") + rfq() + done("SELECT 1") + rfq())
     assert take(c.to_client) == message(b"S", b"application_name\x00it's me\x00") + done("SELECT 1") + rfq()
     assert not server.dirty  # our own SET is tracked, not a client's change
     c.detach()
@@ -265,13 +266,14 @@ def test_settings_of_one_client_never_leak_to_the_next():
     a = ClientCore(reg, settings={"search_path": "tenant_a", "application_name": "a"})
     a.feed_client(q("select 1"))
     a.attach(server)
-    assert split(take(a.to_server))[0] == q("SET search_path = 'tenant_a';SET application_name = 'a';")
-    a.feed_server(done("SET") + done("SET") + rfq() + done("SELECT 1") + rfq())
+    assert split(take(a.to_server))[0] == q(
+        "SELECT set_config('search_path', 'tenant_a', false), set_config('application_name', 'a', false);")
+    a.feed_server(done("SELECT 1") + rfq() + done("SELECT 1") + rfq())
     a.detach()
     b = ClientCore(reg, settings={"application_name": "b", "role": "postgres"})  # role: refused
     b.feed_client(q("select 1"))
     b.attach(server)
-    assert split(take(b.to_server))[0] == q("SET application_name = 'b';RESET search_path;")
+    assert split(take(b.to_server))[0] == q("SELECT set_config('application_name', 'b', false);RESET search_path;")
     assert server.params == {"application_name": "b"}
 
 
