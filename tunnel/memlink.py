@@ -20,7 +20,8 @@ class MemoryLink(MuxLink):
         super().__init__(None, client=client)
         self.peer: MemoryLink | None = None
         self.remote_address = (name, 0)
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()  # cached: get_running_loop() costs a getpid() syscall
+        self._done: asyncio.Future[None] = self._loop.create_future()
         self._flush_scheduled = False
 
     @classmethod
@@ -33,7 +34,7 @@ class MemoryLink(MuxLink):
     def kick(self) -> None:
         if not self._flush_scheduled and not self._closed:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -73,7 +73,8 @@ class WsLink(MuxLink):
     def __init__(self, proto: WsLinkProtocol, *, client: bool) -> None:
         super().__init__(None, client=client)
         self.proto = proto
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()  # cached: get_running_loop() costs a getpid() syscall
+        self._done: asyncio.Future[None] = self._loop.create_future()
         self._flush_scheduled = False
         self.remote_address = proto.remote_address
 
@@ -81,7 +82,7 @@ class WsLink(MuxLink):
     def kick(self) -> None:
         if not self._flush_scheduled and not self._closed:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
