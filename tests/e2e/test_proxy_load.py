@@ -29,7 +29,7 @@ from tests.harness.pg import PgCluster
 USER, PASSWORD, DB = "app", "load-pw-5e2a", "app"
 LIMIT = 10
 MARGIN = 2  # the limit is soft: a connection closing while another opens may overlap briefly
-ACQUIRE_TIMEOUT = 15.0  # the proxy's acquire timeout is its connect timeout (PRODUCT.md: 15 s)
+ACQUIRE_TIMEOUT = 3.0  # set with `hd edge --connect-timeout` (default 15 s, PRODUCT.md) for a short test
 OP_TIMEOUT = 20.0  # no single client operation may take longer than this (a hang is a failure)
 
 
@@ -338,7 +338,9 @@ async def test_connector_killed_with_queries_in_flight(edge, origin):
 
 # --- (d) a full pool ------------------------------------------------------------------------------
 
-async def test_full_pool_refuses_after_the_acquire_timeout(edge, origin):
+async def test_full_pool_refuses_after_the_acquire_timeout(edge_factory, origin):
+    # `hd edge --connect-timeout` bounds the wait for a pooled connection too; 3 s keeps this short.
+    edge = edge_factory(extra_args=["--connect-timeout", f"{ACQUIRE_TIMEOUT:g}s"])
     url, role = make_config(edge, origin, "small", "--origin-connection-limit", "5", "--caching-disabled")
     holders = [await aconnect(url) for _ in range(5)]
     waiter = await aconnect(url)
