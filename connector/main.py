@@ -24,10 +24,10 @@ def _fail(message: str) -> None:
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), help="File holding the tunnel token.")
 @click.option("--protocol", type=click.Choice(["auto", "quic", "websocket"]), default="auto", show_default=True)
 @click.option("--ha-connections", type=click.IntRange(1, 16), default=4, show_default=True)
-@click.option("--metrics", "metrics_addr", default=None, help="H:P for /metrics, /ready, /healthcheck (coming with issue 6).")
+@click.option("--metrics", "metrics_addr", default=None, help="H:P for /metrics, /ready, /healthcheck (not available yet).")
 @click.option("--grace-period", default="30s", show_default=True, help="Drain time on SIGTERM.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Local YAML ingress config (coming with issue 6).")
+              help="Local YAML ingress config (not available yet).")
 @click.option("--loglevel", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def main(token: str | None, token_file: Path | None, protocol: str, ha_connections: int,
          metrics_addr: str | None, grace_period: str, config_file: Path | None, loglevel: str) -> None:
