@@ -39,7 +39,7 @@ installed_ok() {
         .venv/bin/python - <<'PY' >/dev/null 2>&1
 import importlib.util, sys
 mods = ["pytest", "pytest_asyncio", "pytest_timeout", "hypothesis", "asyncssh", "psycopg",
-        "asyncpg", "pg8000", "sqlalchemy", "jwt", "websockets", "aiohttp", "cryptography", "click", "yaml", "tunnel", "relay", "connector", "cli"]
+        "asyncpg", "pg8000", "sqlalchemy", "jwt", "postgast", "websockets", "aiohttp", "cryptography", "click", "yaml", "tunnel", "relay", "connector", "cli"]
 sys.exit(0 if all(importlib.util.find_spec(m) for m in mods) else 1)
 PY
 }
