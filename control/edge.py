@@ -302,10 +302,15 @@ def _default_proxy_factory(tunnel_url: str, pin: str, client_tls: Any, options: 
         from proxy.service import ProxyService
         from tunnel.client import Endpoint
 
-        # Tunnel origins go through the relay in this same process: an in-memory link, no TLS.
-        connect = getattr(relay, "connect_local_client", None)
+        # Tunnel origins go through the relay in this same process: it hands the proxy the
+        # connector's streams directly (no socket, no TLS, no second mux).
+        session = None
+        if hasattr(relay, "open_local"):
+            from relay.server import LocalEdgeSession
+
+            session = LocalEdgeSession(relay)
         return ProxyService(store, edge=Endpoint(tunnel_url, pin), ssl_context=client_tls,
-                            edge_connect=connect, **options)
+                            edge_session=session, **options)
 
     return make
 

@@ -25,6 +25,7 @@ from access.assertion import AssertionMinter, SigningKey, jwks_document
 from access.gatekeeper import Gatekeeper
 from access.tokens import SecretHasher
 from relay.registry import ConnectorConnection, Registry
+from tunnel.client import StreamRefused
 from tunnel.link import MuxLink, StreamInbox, refuse
 from tunnel.memlink import MemoryLink
 from tunnel.wslink import WsLinkProtocol, http_response
@@ -347,6 +348,57 @@ class Relay:
         finally:
             self._client_links.discard(link)
 
+    async def open_local(self, hostname: str, headers: dict[str, str]) -> tuple[StreamInbox, ConnectResponse]:
+        """A stream to `hostname` for a client inside this process (the proxy): the same access
+        check and ConnectRequest, but the caller gets the connector's stream itself — no
+        in-memory link and no bridge in between. Raises StreamRefused like EdgeSession.open."""
+        req = ConnectRequest(hostname=hostname.lower().rstrip("."), headers=headers)
+        self.streams_total += 1
+        try:
+            return await self._open_upstream(req, "in-process:0")
+        except _Refused as r:
+            self.streams_failed += 1
+            log.info("stream to %s from the proxy refused: %d %s: %s", req.hostname, r.status, r.code, r.error)
+            raise StreamRefused(ConnectResponse.fail(r.status, r.code, r.error)) from None
+
+    async def _open_upstream(self, req: ConnectRequest, remote: str) -> tuple[StreamInbox, ConnectResponse]:
+        """Route, access decision, pick a connector connection, ConnectRequest → ConnectResponse."""
+        route = self._route(req.hostname)
+        if route is None:
+            raise _Refused(404, "no_route", f"no tunnel route for hostname {req.hostname}")
+        verdict = self.gatekeeper.check(route, req.headers, remote)
+        decision = verdict.decision
+        if not decision.allowed:
+            raise _Refused(decision.status, decision.code, decision.reason)
+        if route.service.startswith("http_status:"):
+            code = int(route.service.split(":", 1)[1])
+            raise _Refused(code, "http_status", f"{req.hostname} answers with status {code}")
+        conn = self.registry.pick(route.tunnel_id)
+        if conn is None:
+            raise _Refused(503, "no_connector", f"no connector is connected for the tunnel serving {req.hostname}")
+        try:
+            upstream = conn.link.open_stream()
+        except Exception as exc:  # link died between pick and open
+            raise _Refused(503, "no_connector", f"connector connection unavailable: {exc}") from None
+        conn.streams_total += 1
+        up = StreamInbox(upstream)
+        up.send_message(ConnectRequest(hostname=req.hostname, type=req.type, metadata={"src": remote},
+                                       assertion=verdict.assertion).to_dict())
+        try:
+            resp = ConnectResponse.from_dict(await up.read_message(route.connect_timeout + RESPONSE_MARGIN))
+        except (TimeoutError, asyncio.TimeoutError):
+            upstream.reset(RST_SHUTDOWN, "no ConnectResponse in time")
+            raise _Refused(504, "origin_timeout", f"the connector did not answer for {req.hostname} in time") from None
+        except (EOFError, ConnectionResetError, MessageError) as exc:
+            if not upstream.closed:
+                upstream.reset(RST_PROTOCOL, "bad ConnectResponse")
+            raise _Refused(502, "connector_error", f"the connector dropped the stream: {exc}") from None
+        if not resp.ok:
+            if not upstream.closed:
+                upstream.reset(RST_SHUTDOWN, "refused")
+            raise _Refused(resp.status, resp.code, resp.error)
+        return up, resp
+
     def _route(self, hostname: str) -> Route | None:
         try:
             return self._route_cache[hostname]
@@ -367,52 +419,17 @@ class Relay:
                 inbox.stream.reset(RST_PROTOCOL, f"expected a ConnectRequest: {exc}")
             return
 
-        def fail(status: int, code: str, error: str) -> None:
+        try:
+            up, resp = await self._open_upstream(req, remote)
+        except _Refused as r:
             self.streams_failed += 1
-            log.info("stream to %s from %s refused: %d %s: %s", req.hostname, remote, status, code, error)
-            refuse(inbox, ConnectResponse.fail(status, code, error).to_dict())
-
-        route = self._route(req.hostname)
-        if route is None:
-            return fail(404, "no_route", f"no tunnel route for hostname {req.hostname}")
-        verdict = self.gatekeeper.check(route, req.headers, remote)
-        decision = verdict.decision
-        if not decision.allowed:
-            return fail(decision.status, decision.code, decision.reason)
-        if route.service.startswith("http_status:"):
-            code = int(route.service.split(":", 1)[1])
-            return fail(code, "http_status", f"{req.hostname} answers with status {code}")
-        conn = self.registry.pick(route.tunnel_id)
-        if conn is None:
-            return fail(503, "no_connector", f"no connector is connected for the tunnel serving {req.hostname}")
-
-        try:
-            upstream = conn.link.open_stream()
-        except Exception as exc:  # link died between pick and open
-            return fail(503, "no_connector", f"connector connection unavailable: {exc}")
-        conn.streams_total += 1
-        up = StreamInbox(upstream)
-        up.send_message(
-            ConnectRequest(
-                hostname=req.hostname, type=req.type, metadata={"src": remote}, assertion=verdict.assertion
-            ).to_dict()
-        )
-        try:
-            resp = ConnectResponse.from_dict(await up.read_message(route.connect_timeout + RESPONSE_MARGIN))
-        except (TimeoutError, asyncio.TimeoutError):
-            upstream.reset(RST_SHUTDOWN, "no ConnectResponse in time")
-            return fail(504, "origin_timeout", f"the connector did not answer for {req.hostname} in time")
-        except (EOFError, ConnectionResetError, MessageError) as exc:
-            if not upstream.closed:
-                upstream.reset(RST_PROTOCOL, "bad ConnectResponse")
-            return fail(502, "connector_error", f"the connector dropped the stream: {exc}")
+            log.info("stream to %s from %s refused: %d %s: %s", req.hostname, remote, r.status, r.code, r.error)
+            refuse(inbox, ConnectResponse.fail(r.status, r.code, r.error).to_dict())
+            return
+        upstream = up.stream
         if inbox.stream.closed:  # client went away meanwhile
             upstream.reset(RST_SHUTDOWN, "client went away")
             return
-        if not resp.ok:
-            if not upstream.closed:
-                upstream.reset(RST_SHUTDOWN, "refused")
-            return fail(resp.status, resp.code, resp.error)
 
         inbox.send_message(resp.to_dict())
         self.bridges_active += 1
@@ -423,3 +440,22 @@ class Relay:
         bridge = StreamBridge(inbox.stream, upstream, on_done=done)
         inbox.hand_over(bridge.end_a)
         up.hand_over(bridge.end_b)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, error: str) -> None:
+        super().__init__(error)
+        self.status, self.code, self.error = status, code, error
+
+
+class LocalEdgeSession:
+    """What the in-process proxy uses instead of an EdgeSession: streams straight from the relay."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def open(self, hostname: str, headers: dict[str, str]) -> tuple[StreamInbox, ConnectResponse]:
+        return await self.relay.open_local(hostname, headers)
+
+    async def close(self) -> None:
+        pass
