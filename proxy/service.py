@@ -25,14 +25,14 @@ DEFAULT_STATEMENT_TIMEOUT_MS = 60_000
 
 class ProxyService:
     def __init__(self, store: Any, *, edge: Endpoint | None, ssl_context: ssl.SSLContext | None,
-                 edge_connect: Any = None, edge_session: Any = None,
+                 edge_session: Any = None,
                  statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS, idle_timeout: float = 600.0,
                  connect_timeout: float = 15.0) -> None:
         self.store = store
         self.ssl_context = ssl_context
         # Inside the edge the relay hands out connector streams directly (relay.server.LocalEdgeSession);
         # elsewhere one multiplexed EdgeSession to the relay carries every tunnel origin.
-        self.edge_session = edge_session or (EdgeSession(edge, edge_connect) if edge is not None or edge_connect else None)
+        self.edge_session = edge_session or (EdgeSession(edge) if edge is not None else None)
         self.statement_timeout_ms = statement_timeout_ms
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout

@@ -27,7 +27,6 @@ from access.tokens import SecretHasher
 from relay.registry import ConnectorConnection, Registry
 from tunnel.client import StreamRefused
 from tunnel.link import MuxLink, StreamInbox, refuse
-from tunnel.memlink import MemoryLink
 from tunnel.wslink import WsLinkProtocol, http_response
 from tunnel.messages import (
     RST_PROTOCOL,
@@ -334,12 +333,6 @@ class Relay:
                 log.info("connector %s conn %d unregistered (draining)", conn.connector_id, conn.conn_index)
 
     # ------------------------------------------------------------------ clients
-    async def connect_local_client(self) -> Any:
-        """A client link from inside this process (the proxy): same protocol, no socket, no TLS."""
-        client, server = MemoryLink.pair()
-        self._spawn(self._serve_client(server, "in-process:0"))
-        return client
-
     async def _serve_client(self, link: MuxLink, remote: str) -> None:
         link.on_stream = lambda stream: self._spawn(self._client_stream(StreamInbox(stream), remote))
         self._client_links.add(link)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from tunnel.wslink import dial_link
 from tunnel.link import MuxLink, StreamInbox
@@ -32,10 +32,8 @@ class StreamRefused(Exception):
 class EdgeSession:
     """The client's one link to the relay."""
 
-    def __init__(self, edge: Any, connect: Callable[[], Awaitable[Any]] | None = None) -> None:
-        """`connect` replaces dialing (e.g. the relay's in-process endpoint)."""
+    def __init__(self, edge: Any) -> None:
         self.edge = edge
-        self._connect = connect
         self._link: MuxLink | None = None
         self._runner: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -43,10 +41,7 @@ class EdgeSession:
     async def link(self) -> MuxLink:
         async with self._lock:
             if self._link is None or self._link.is_closed:
-                if self._connect is not None:
-                    self._link = await self._connect()  # an in-process link (tunnel.memlink)
-                else:
-                    self._link = await dial_link(self.edge.url, self.edge.pin, "/client")
+                self._link = await dial_link(self.edge.url, self.edge.pin, "/client")
                 self._runner = asyncio.create_task(self._link.run())
             return self._link
 
