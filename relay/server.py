@@ -209,23 +209,28 @@ class Relay:
     def _on_open(self, proto: WsLinkProtocol) -> None:
         assert proto.link is not None and proto.request is not None
         remote = f"{proto.remote_address[0]}:{proto.remote_address[1]}"
+        link = proto.link
+        # Handlers are attached now, synchronously: the peer's first frames may arrive in the
+        # same read as the end of the handshake, before any task would run.
         if proto.request.path == "/tunnel":
-            self._spawn(self._serve_connector(proto.link, remote))
+            registered: asyncio.Future[StreamInbox] = asyncio.get_running_loop().create_future()
+
+            def on_stream(stream: Any) -> None:
+                # The first stream a connector opens is its control stream; it opens no others.
+                if registered.done():
+                    stream.reset(RST_PROTOCOL, "connectors may open only the control stream")
+                    return
+                registered.set_result(StreamInbox(stream))
+
+            link.on_stream = on_stream
+            self._spawn(self._serve_connector(link, remote, registered))
         else:
-            self._spawn(self._serve_client(proto.link, remote))
+            link.on_stream = lambda stream: self._spawn(self._client_stream(StreamInbox(stream), remote))
+            self._spawn(self._serve_client(link, remote))
 
     # ------------------------------------------------------------------ connectors
-    async def _serve_connector(self, link: MuxLink, remote: str) -> None:
-        registered: asyncio.Future[StreamInbox] = asyncio.get_running_loop().create_future()
-
-        def on_stream(stream: Any) -> None:
-            # The first stream a connector opens is its control stream; it opens no others.
-            if registered.done():
-                stream.reset(RST_PROTOCOL, "connectors may open only the control stream")
-                return
-            registered.set_result(StreamInbox(stream))
-
-        link.on_stream = on_stream
+    async def _serve_connector(self, link: MuxLink, remote: str,
+                               registered: asyncio.Future[StreamInbox]) -> None:
         runner = asyncio.create_task(link.run())
         conn: ConnectorConnection | None = None
         try:
@@ -334,7 +339,6 @@ class Relay:
 
     # ------------------------------------------------------------------ clients
     async def _serve_client(self, link: MuxLink, remote: str) -> None:
-        link.on_stream = lambda stream: self._spawn(self._client_stream(StreamInbox(stream), remote))
         self._client_links.add(link)
         try:
             await link.run()

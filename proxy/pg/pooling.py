@@ -149,6 +149,7 @@ class ClientCore:
         self._unsynced = False
         self._sync_ignored = False
         self.fatal_forwarded = False
+        self.held_fatal: bytes | None = None
         self.terminated = False
         # Session settings the client asked for at startup, applied on every server it gets.
         self.settings = {k.lower(): v for k, v in (settings or {}).items()
@@ -465,6 +466,16 @@ class ClientCore:
                 self._sync_ignored = False
                 severity = bytes(buf[off + 5:off + 12])
                 if severity.startswith((b"SFATAL\x00", b"SPANIC\x00")):
+                    if head is None:
+                        # Unsolicited (e.g. 57P01 at an origin shutdown) while the client awaits
+                        # nothing: a driver cannot pair it with a request and reports a bare
+                        # "connection closed". Keep it; the session answers the client's next
+                        # request with it, so the client gets the SQLSTATE.
+                        out += buf[run_start:off]
+                        self.held_fatal = bytes(buf[off:end])
+                        run_start = end
+                        off = end
+                        continue
                     # The server ends the session and said why; the client must not get a
                     # second FATAL from us when the connection then drops.
                     self.fatal_forwarded = forward

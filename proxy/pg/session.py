@@ -27,9 +27,16 @@ class ClientSession:
         self._on_close = on_close
         self._server_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
+        self._held_fatal: bytes | None = None
 
     # ------------------------------------------------------------------ client transport
     def data_received(self, data: bytes) -> None:
+        if self._held_fatal is not None:
+            # The origin ended this session while the client was idle: answer now, then close.
+            self._closed = True
+            self.transport.write(self._held_fatal)
+            self.transport.close()
+            return
         try:
             self.core.feed_client(data)
             self._pump()
@@ -77,6 +84,20 @@ class ClientSession:
 
     def server_lost(self, exc: Exception | None) -> None:
         self.server = None
+        held = self.core.held_fatal
+        if held is not None:
+            awaiting = bool(self.core.expect)
+            self.core.server_lost()
+            if not awaiting:
+                # The client awaits nothing: keep its connection and answer its next request
+                # with the origin's FATAL (libpq cannot pair an unsolicited error with a request).
+                self._held_fatal = held
+                return
+            if not self._closed:  # a request went out meanwhile: this FATAL is its answer
+                self._closed = True
+                self.transport.write(held)
+                self.transport.close()
+            return
         if self.core.fatal_forwarded:  # the origin already told the client why (e.g. 57P01)
             self.core.server_lost()
             self._closed = True
