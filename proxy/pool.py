@@ -45,6 +45,7 @@ class ServerConn:
         self.closed = False
         self._reset_waiter: asyncio.Future[None] | None = None
         self._reset_pending = 0
+        self._rbuf = b""
         self.channel.set_receiver(self._on_data, self._on_close)
         leftover = getattr(origin, "leftover", b"")
         if leftover:
@@ -84,7 +85,7 @@ class ServerConn:
 
     def _count_ready(self, data: bytes) -> None:
         # Reset replies end with one ReadyForQuery per query sent; count them.
-        buf = getattr(self, "_rbuf", b"") + data
+        buf = self._rbuf + data
         off = 0
         while len(buf) - off >= 5:
             length = int.from_bytes(buf[off + 1:off + 5], "big")

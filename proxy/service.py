@@ -7,6 +7,7 @@ import asyncio
 import logging
 import ssl
 import time
+from dataclasses import replace
 from typing import Any
 
 from proxy.configs import origin_spec
@@ -93,7 +94,7 @@ class ProxyService:
         params.setdefault("application_name", "hd-proxy")
         params["client_encoding"] = "UTF8"  # clients are held to UTF8 too (see listener)
         params.setdefault("options", f"-c statement_timeout={self.statement_timeout_ms}")
-        return _replace(spec, startup_params=params, connect_timeout=self.connect_timeout)
+        return replace(spec, startup_params=params, connect_timeout=self.connect_timeout)
 
     def dialer_for(self, spec: OriginSpec) -> Any:
         if spec.via_tunnel:
@@ -182,9 +183,3 @@ class ProxyService:
     def stats(self) -> dict[str, Any]:
         return {"sessions": len(self._sessions), "pools": {cid: p.info() for cid, p in self._pools.items()},
                 "time": time.time()}
-
-
-def _replace(spec: OriginSpec, **changes: Any) -> OriginSpec:
-    from dataclasses import replace
-
-    return replace(spec, **changes)

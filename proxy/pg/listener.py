@@ -27,11 +27,8 @@ log = logging.getLogger("proxy.listener")
 
 STARTUP_TIMEOUT = 15.0
 MAX_NAME = 63  # bytes, as PostgreSQL's NAMEDATALEN - 1
-# Startup parameters that are session settings: applied with SET (quoted) on each server the
-# client gets. Others than these are protocol-level (user, database, …) or refused.
-APPLIED_SETTINGS = {"application_name", "client_encoding", "datestyle", "timezone", "intervalstyle",
-                    "extra_float_digits", "search_path", "statement_timeout", "lock_timeout",
-                    "idle_in_transaction_session_timeout", "bytea_output", "standard_conforming_strings"}
+# Startup parameters that are not session settings; every other valid name is applied per
+# server with set_config() (see ClientCore), quoted.
 PROTOCOL_PARAMS = {"user", "database", "replication", "options", "client_encoding"}
 
 
@@ -185,7 +182,9 @@ class StartupProtocol(asyncio.Protocol):
             assert self._scram is not None
             try:
                 if not self._sasl_started:
-                    mechanism, _, first = _sasl_initial(payload)
+                    mechanism, first = pgp.parse_sasl_initial_response(payload)
+                    if first is None:
+                        raise AuthFailed("the SASL initial response carries no data")
                     if mechanism != "SCRAM-SHA-256":
                         raise AuthFailed(f"unsupported SASL mechanism {mechanism!r}")
                     self._sasl_started = True
@@ -218,7 +217,7 @@ class StartupProtocol(asyncio.Protocol):
         settings = {}
         for key, value in self._params.items():
             k = key.lower()
-            if k in APPLIED_SETTINGS or (k not in PROTOCOL_PARAMS and _GUC_NAME.match(k)):
+            if k not in PROTOCOL_PARAMS and _GUC_NAME.match(k):
                 settings[k] = value
         out = bytearray(pgp.authentication_ok())
         shown = dict(parameters)
@@ -280,11 +279,3 @@ def parse_options(options: str) -> dict[str, str]:
             raise ValueError(f"startup option {item!r} is not supported by the proxy")
         out[name] = value
     return out
-
-
-def _sasl_initial(payload: bytes) -> tuple[str, int, bytes]:
-    end = payload.index(b"\x00")
-    mechanism = payload[:end].decode()
-    length = int.from_bytes(payload[end + 1:end + 5], "big", signed=True)
-    data = payload[end + 5:] if length >= 0 else b""
-    return mechanism, length, data

@@ -25,6 +25,7 @@ import struct
 from collections import deque
 from typing import Any
 
+from proxy.pg import protocol as proto
 from proxy.pg.statements import ServerStatements, Statement, StatementRegistry
 
 _HDR = struct.Struct("!cI")
@@ -74,14 +75,11 @@ def message(kind: bytes, payload: bytes) -> bytes:
 
 
 def error_message(sqlstate: str, text: str, severity: str = "ERROR", hint: str | None = None) -> bytes:
-    fields = b"S" + severity.encode() + b"\x00V" + severity.encode() + b"\x00C" + sqlstate.encode() + b"\x00M" + text.encode() + b"\x00"
-    if hint:
-        fields += b"H" + hint.encode() + b"\x00"
-    return message(b"E", fields + b"\x00")
+    return proto.error_response(severity, sqlstate, text, hint=hint)
 
 
 def ready_for_query(status: bytes) -> bytes:
-    return message(b"Z", status)
+    return proto.ready_for_query(status.decode())
 
 
 def encode_parse(name: str, query: str | bytes, param_oids: tuple[int, ...]) -> bytes:
@@ -92,11 +90,11 @@ def encode_parse(name: str, query: str | bytes, param_oids: tuple[int, ...]) -> 
 
 
 def encode_close_statement(name: str) -> bytes:
-    return message(b"C", b"S" + name.encode() + b"\x00")
+    return proto.close("S", name)
 
 
 def encode_query(sql: str) -> bytes:
-    return message(b"Q", sql.encode() + b"\x00")
+    return proto.query(sql)
 
 
 class ServerState:
