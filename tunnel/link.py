@@ -1,10 +1,9 @@
-"""Multiplexed links: the transport-independent stream interface and its WebSocket implementation.
+"""Multiplexed links: the transport-independent stream interface and the mux-based link core.
 
 A `Link` carries many bidirectional `LinkStream`s. The tunnel protocol (control stream,
 ConnectRequest/Response, raw bytes) is written only against these two classes, so the QUIC
-link (issue 6) can carry it unchanged. `MuxLink` runs the sans-I/O `tunnel.mux.Mux` over one
-WebSocket: a reader task feeds incoming messages to the mux and dispatches its events to the
-streams' handlers; a writer task drains the mux's batched output into the WebSocket.
+link (issue 6) can carry it unchanged. `MuxLink` runs the sans-I/O `tunnel.mux.Mux` with the
+stream bookkeeping and event dispatch; tunnel/wslink.py carries its messages over a WebSocket.
 
 Flow control is credit based per stream: a handler calls `consumed(n)` once it has delivered n
 received bytes onwards, and gets `stream_pause()`/`stream_resume()` when its own writes pile up.
@@ -17,7 +16,6 @@ import logging
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Protocol
 
-from websockets.exceptions import ConnectionClosed
 
 from tunnel.messages import RST_SHUTDOWN, MessageError, MessageReader, encode
 from tunnel.mux import (
@@ -25,7 +23,6 @@ from tunnel.mux import (
     GoAway,
     Mux,
     MuxError,
-    MuxProtocolError,
     StreamEnded,
     StreamOpened,
     StreamReset,
@@ -167,14 +164,17 @@ class MuxStream(LinkStream):
 
 
 class MuxLink(Link):
-    """The tunnel link over one WebSocket connection (websockets' asyncio API)."""
+    """The mux-based part of a link: streams, event dispatch, shutdown.
 
-    def __init__(self, ws: Any, *, client: bool, window: int | None = None) -> None:
+    Subclasses move the mux's messages (tunnel/wslink.py: a WebSocket driven from asyncio.Protocol
+    callbacks): `kick()` asks for a flush of `mux.messages_to_send()`, `run()` returns when the
+    transport is gone, `close()` ends it.
+    """
+
+    def __init__(self, *, client: bool, window: int | None = None) -> None:
         kwargs = {} if window is None else {"window": window}
-        self.ws = ws
         self.mux = Mux(client=client, **kwargs)
         self.streams: dict[int, MuxStream] = {}
-        self._wake = asyncio.Event()
         self._closed = False
         self.close_reason = ""
         self.bytes_in = 0
@@ -203,79 +203,13 @@ class MuxLink(Link):
         return self._closed
 
     def kick(self) -> None:
-        self._wake.set()
+        raise NotImplementedError
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._writer())
-        try:
-            await self._reader()
-        finally:
-            writer.cancel()
-            try:
-                await writer
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._shutdown(self.close_reason or "tunnel connection closed")
+        raise NotImplementedError
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        if not self.close_reason:
-            self.close_reason = reason
-        # Flush what is queued (e.g. an error message) before closing.
-        await self._flush_now()
-        try:
-            await asyncio.wait_for(self.ws.close(code, reason[:120]), 5)
-        except (asyncio.TimeoutError, ConnectionClosed, OSError):
-            pass
-
-    # --- internals
-    async def _reader(self) -> None:
-        ws = self.ws
-        mux = self.mux
-        try:
-            async for message in ws:
-                if isinstance(message, str):
-                    raise MuxProtocolError("text messages are not part of the protocol")
-                self.bytes_in += len(message)
-                mux.receive_message(message)
-                self._dispatch(mux.events())
-                if mux.wants_write:  # e.g. a WINDOW frame gave credit to queued data
-                    self._wake.set()
-        except MuxProtocolError as exc:
-            self.close_reason = f"protocol error: {exc.reason}"
-            log.warning("closing link: %s", self.close_reason)
-            try:
-                await asyncio.wait_for(ws.close(exc.close_code, exc.reason[:120]), 5)
-            except (asyncio.TimeoutError, ConnectionClosed, OSError):
-                pass
-        except ConnectionClosed as exc:
-            if not self.close_reason:
-                rcvd = exc.rcvd
-                self.close_reason = (
-                    f"closed by peer ({rcvd.code} {rcvd.reason})".strip() if rcvd else "connection lost"
-                )
-        except OSError as exc:
-            self.close_reason = f"connection error: {exc}"
-
-    async def _flush_now(self) -> None:
-        for message in self.mux.messages_to_send():
-            self.bytes_out += len(message)
-            try:
-                await self.ws.send(message)
-            except (ConnectionClosed, OSError):
-                return
-        self._dispatch(self.mux.events())
-
-    async def _writer(self) -> None:
-        mux = self.mux
-        ws = self.ws
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while mux.wants_write:
-                for message in mux.messages_to_send():
-                    self.bytes_out += len(message)
-                    await ws.send(message)
-                self._dispatch(mux.events())
+        raise NotImplementedError
 
     def _dispatch(self, events: list[Any]) -> None:
         streams = self.streams

@@ -71,7 +71,7 @@ class WsLink(MuxLink):
     """A MuxLink whose bytes move through a `WsLinkProtocol` instead of websockets' asyncio API."""
 
     def __init__(self, proto: WsLinkProtocol, *, client: bool) -> None:
-        super().__init__(None, client=client)
+        super().__init__(client=client)
         self.proto = proto
         self._loop = asyncio.get_running_loop()  # cached: get_running_loop() costs a getpid() syscall
         self._done: asyncio.Future[None] = self._loop.create_future()

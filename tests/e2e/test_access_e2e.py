@@ -15,15 +15,14 @@ from pathlib import Path
 import jwt
 import psycopg
 import pytest
-import websockets
-from websockets.asyncio.server import serve
 
 from access.assertion import AssertionMinter, SigningKey, jwks_document
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 from tests.harness.edge import AccessTcpProc, ConnectorProc, EdgeProc
 from tests.harness.origins import EchoServer, in_thread
 from tests.harness.procs import Proc, connector_argv, poll_until
-from tunnel.link import MuxLink, StreamInbox
+from tunnel.link import StreamInbox
+from tunnel.wslink import WsLinkProtocol, http_response
 from tunnel.messages import ConnectRequest
 from tunnel.tls import cert_pin, ensure_edge_certificate, server_ssl_context
 from tunnel.token import TunnelToken
@@ -177,12 +176,7 @@ async def test_the_connector_refuses_streams_whose_assertion_is_not_valid(tmp_pa
     results: asyncio.Queue = asyncio.Queue()
     async with EchoServer() as echo:
 
-        async def handler(ws):
-            if ws.request.path == "/cdn-cgi/access/certs":
-                return
-            link = MuxLink(ws, client=False)
-            ready: asyncio.Future = asyncio.get_running_loop().create_future()
-            link.on_stream = lambda s: ready.done() or ready.set_result(StreamInbox(s))
+        async def handler(link, ready):
             runner = asyncio.create_task(link.run())
             control = await asyncio.wait_for(ready, 10)
             reg = await control.read_message(10)
@@ -214,13 +208,21 @@ async def test_the_connector_refuses_streams_whose_assertion_is_not_valid(tmp_pa
             await results.put(("done", None))
             await runner
 
-        def process_request(conn, request):
+        def on_http(request):
             if request.path == "/cdn-cgi/access/certs":
-                return conn.respond(200, json.dumps(jwks_document([signing])))
+                return http_response(200, json.dumps(jwks_document([signing])).encode(), "application/json")
             return None
 
-        async with serve(handler, "127.0.0.1", 0, ssl=server_ssl_context(cert, key),
-                         process_request=process_request, compression=None) as server:
+        def on_open(proto):
+            # Attach the stream handler at once: the connector's first frames may follow immediately.
+            ready: asyncio.Future = asyncio.get_running_loop().create_future()
+            proto.link.on_stream = lambda s: ready.done() or ready.set_result(StreamInbox(s))
+            asyncio.ensure_future(handler(proto.link, ready))
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: WsLinkProtocol(client=False, on_open=on_open, on_http=on_http),
+                                          "127.0.0.1", 0, ssl=server_ssl_context(cert, key))
+        async with server:
             port = server.sockets[0].getsockname()[1]
             token = TunnelToken(tunnel_id, secret, [f"127.0.0.1:{port}"], cert_pin(cert)).encode()
             proc = Proc(connector_argv("--token", token, "--ha-connections", "1"), name="connector",
