@@ -137,6 +137,7 @@ class Pool:
         acquire_timeout: float = 15.0,
         idle_timeout: float = 600.0,
         max_waiters: int = 10_000,
+        on_connect: Callable[[float, bool], None] | None = None,
     ) -> None:
         self.name = name
         self._connect = connect
@@ -151,6 +152,7 @@ class Pool:
         self.parameters: dict[str, str] = {}
         self.stats = {"connects": 0, "connect_errors": 0, "acquire_timeouts": 0, "resets": 0}
         self.connect_ms: deque[float] = deque(maxlen=1000)
+        self._on_connect = on_connect  # (seconds, ok): the config's connection-latency metric
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -211,10 +213,14 @@ class Pool:
             origin = await self._connect()
         except Exception:
             self.stats["connect_errors"] += 1
+            if self._on_connect is not None:
+                self._on_connect(time.monotonic() - started, False)
             raise
         finally:
             self._opening -= 1
         self.connect_ms.append((time.monotonic() - started) * 1000)
+        if self._on_connect is not None:
+            self._on_connect(time.monotonic() - started, True)
         self.stats["connects"] += 1
         conn = ServerConn(self, origin)
         if not self.parameters:

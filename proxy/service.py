@@ -10,9 +10,16 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from proxy.cache.catalog import CATALOG_SQL
+from proxy.cache.metrics import Gauge, MetricsRegistry
+from proxy.cache.store import DEFAULT_MAX_BYTES, Fill, Namespace, QueryCache
 from proxy.configs import origin_spec
+from proxy.pg.caching import CacheContext, CachePolicy
 from proxy.pg.listener import StartupProtocol
+from proxy.pg.oneshot import NullTransport, run_query
 from proxy.pg.origin import DirectDialer, OriginSpec, TunnelDialer, cancel_request, connect_origin, probe
+from proxy.pg.pooling import ClientCore
+from proxy.pg.session import ClientSession
 from proxy.pg.statements import StatementRegistry
 from proxy.pool import Pool
 from tunnel.client import EdgeSession, Endpoint
@@ -20,6 +27,19 @@ from tunnel.client import EdgeSession, Endpoint
 log = logging.getLogger("proxy")
 
 REAP_INTERVAL = 30.0
+CATALOG_TIMEOUT = 20.0  # a catalog snapshot (clients wait for it at most this long)
+
+
+class _Pending:
+    """A running catalog load, as something a session can wait on."""
+
+    timeout = CATALOG_TIMEOUT + 1.0
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self.task = task
+
+    def add_callback(self, fn: Any) -> None:
+        self.task.add_done_callback(lambda _t: fn())
 # The origin enforces the statement limit itself: sent as a startup option on every connection.
 DEFAULT_STATEMENT_TIMEOUT_MS = 60_000
 
@@ -28,7 +48,8 @@ class ProxyService:
     def __init__(self, store: Any, *, edge: Endpoint | None, ssl_context: ssl.SSLContext | None,
                  edge_session: Any = None,
                  statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS, idle_timeout: float = 600.0,
-                 connect_timeout: float = 15.0) -> None:
+                 connect_timeout: float = 15.0, cache_max_bytes: int = DEFAULT_MAX_BYTES,
+                 clock: Any = None, wall_clock: Any = None) -> None:
         self.store = store
         self.ssl_context = ssl_context
         # Inside the edge the relay hands out connector streams directly (relay.server.LocalEdgeSession);
@@ -44,6 +65,11 @@ class ProxyService:
         self._server: asyncio.AbstractServer | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._direct = DirectDialer()
+        # The query cache (one for every origin), per-config cache settings and metrics.
+        self.cache = QueryCache(cache_max_bytes, clock=clock or time.monotonic)
+        self.metrics = MetricsRegistry(clock=wall_clock or time.time)
+        self._policies: dict[str, CachePolicy] = {}
+        self._refreshing: dict[str, int] = {}  # config id -> background refreshes running
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, host: str, port: int) -> None:
@@ -112,8 +138,10 @@ class ProxyService:
                 spec = self.spec_for(self._current(config_id))  # always the latest settings
                 return await connect_origin(spec, self.dialer_for(spec))
 
+            metrics = self.metrics.for_config(config.id)
             pool = Pool(config.name, connect, limit=config.origin_connection_limit,
-                        idle_timeout=self.idle_timeout, acquire_timeout=self.connect_timeout)
+                        idle_timeout=self.idle_timeout, acquire_timeout=self.connect_timeout,
+                        on_connect=metrics.connection)
             self._pools[config.id] = pool
         return pool
 
@@ -122,6 +150,89 @@ class ProxyService:
         if reg is None:
             reg = self._registries[config.id] = StatementRegistry()
         return reg
+
+    # ------------------------------------------------------------------ the query cache
+    def policy_for(self, config: Any) -> CachePolicy:
+        policy = self._policies.get(config.id)
+        if policy is None:
+            policy = self._policies[config.id] = CachePolicy()
+        policy.disabled, policy.max_age, policy.swr = bool(config.caching_disabled), float(config.max_age), float(config.swr)
+        return policy
+
+    def namespace_for(self, config: Any) -> Namespace:
+        """Configs that reach the same origin database share one namespace: a write through
+        any of them invalidates the cached reads of all."""
+        return self.cache.namespace((config.scheme, config.host.lower(), config.port, config.database))
+
+    def cache_context(self, config: Any, settings: dict[str, str]) -> CacheContext:
+        ns = self.namespace_for(config)
+        # The key covers everything that can change an answer besides the statement: the
+        # origin database (namespace), the role, and the session settings the client runs with.
+        prefix = self.cache.prefix(ns, config.user, config.database, tuple(sorted(settings.items())))
+        config_id = config.id
+        frozen = dict(settings)
+
+        def refresh(request: bytes, fill: Fill) -> None:
+            self._refresh(config_id, frozen, request, fill)
+
+        def reload_catalog(now: float) -> Any:
+            return self._reload_catalog(ns, config_id, now)
+
+        return CacheContext(ns, self.policy_for(config), prefix, self.metrics.for_config(config.id),
+                            self.cache.clock, refresh, reload_catalog)
+
+    def _reload_catalog(self, ns: Namespace, config_id: str, now: float) -> Any:
+        """Start (or join) a catalog load for `ns`; None when one ran too recently to retry."""
+        if ns.catalog_loading is not None:
+            return ns.catalog_loading
+        if not ns.catalog_stale and not ns.catalog.may_reload(now):
+            return None
+        ns.catalog_stale = False
+        ns.catalog.attempted_at = now
+        task = asyncio.get_running_loop().create_task(self._load_catalog(ns, config_id))
+        pending = _Pending(task)
+
+        def done(_t: asyncio.Task[None]) -> None:
+            if ns.catalog_loading is pending:
+                ns.catalog_loading = None
+
+        task.add_done_callback(done)  # first, so waiters see it finished
+        ns.catalog_loading = pending
+        return pending
+
+    async def _load_catalog(self, ns: Namespace, config_id: str) -> None:
+        config = self.store.get_hyperdrive(config_id)
+        if config is None:
+            return
+        started = time.monotonic()
+        try:
+            results = await run_query(self.pool_for(config), CATALOG_SQL, CATALOG_TIMEOUT)
+            ns.catalog.load(results, now=self.cache.clock())
+        except Exception as exc:  # fail closed: unknown names stay volatile/uncacheable
+            log.warning("could not read the catalog of %s for the query cache: %s", config.name, exc)
+            return
+        log.info("query cache: catalog of %s loaded (%.0f ms)", config.name, (time.monotonic() - started) * 1000)
+
+    def _refresh(self, config_id: str, settings: dict[str, str], request: bytes, fill: Fill) -> None:
+        """Stale-while-revalidate: run the entry's query again in the background."""
+        config = self.store.get_hyperdrive(config_id)
+        pool = self._pools.get(config_id)
+        running = self._refreshing.get(config_id, 0)
+        # Refreshes never take more than a quarter of the pool from clients.
+        if config is None or pool is None or running >= max(1, pool.limit // 4):
+            fill.ns.abort_fill(fill)
+            return
+        self._refreshing[config_id] = running + 1
+        core = ClientCore(self.registry_for(config), settings=settings, cache=self.cache_context(config, settings))
+        core.refresh_fill = fill
+        session = ClientSession(NullTransport(), pool, core)
+
+        def finished() -> None:
+            self._refreshing[config_id] = max(0, self._refreshing.get(config_id, 1) - 1)
+            asyncio.get_running_loop().call_soon(session.transport.close)
+
+        fill.add_callback(finished)
+        session.data_received(request)
 
     async def server_parameters(self, config: Any) -> dict[str, str]:
         """The origin's ParameterStatus values, shown to clients at startup."""
@@ -140,11 +251,15 @@ class ProxyService:
         config = self.store.get_hyperdrive(config_id)
         if pool is not None and config is not None:
             pool.settings_changed(config.origin_connection_limit)
+        if config is not None and config_id in self._policies:
+            self.policy_for(config)  # in place: sessions see the new cache settings at once
 
     def config_deleted(self, config_id: str) -> None:
         self._users.clear()
         pool = self._pools.pop(config_id, None)
         self._registries.pop(config_id, None)
+        self._policies.pop(config_id, None)
+        self.metrics.drop(config_id)
         if pool is not None:
             pool.close()
 
@@ -179,6 +294,39 @@ class ProxyService:
             if p is pool:
                 return self.store.get_hyperdrive(config_id)
         return None
+
+    # ------------------------------------------------------------------ metrics
+    def metrics_summary(self, config_id: str, since_s: float | None) -> dict[str, Any]:
+        out = self.metrics.for_config(config_id).summary(since_s)
+        config = self.store.get_hyperdrive(config_id)
+        pool = self._pools.get(config_id)
+        out["pool"] = pool.info() if pool is not None else None
+        if config is not None:
+            ns = self.namespace_for(config)
+            out["cache"] = {"entries": ns.entries, "stores": ns.stats["stores"],
+                            "invalidations": ns.stats["invalidations"],
+                            "invalidated_entries": ns.stats["invalidated_entries"],
+                            "full_invalidations": ns.stats["full_invalidations"],
+                            "races_not_stored": ns.stats["store_races"],
+                            "process_bytes": self.cache.bytes, "process_max_bytes": self.cache.max_bytes}
+        return out
+
+    def prometheus_text(self) -> str:
+        names = {c.id: c.name for c in self.store.list_hyperdrives()}
+        pool_samples = []
+        for cid, pool in self._pools.items():
+            info = pool.info()
+            labels = {"config_id": cid, "config_name": names.get(cid, cid)}
+            pool_samples += [({**labels, "state": "open"}, info["open"]), ({**labels, "state": "idle"}, info["idle"]),
+                             ({**labels, "state": "waiting"}, info["waiting"])]
+        gauges = [
+            Gauge("hd_hyperdrive_pool_connections", "Origin connections per config (open, idle) and clients waiting.",
+                  pool_samples),
+            Gauge("hd_hyperdrive_cache_entries", "Query cache entries in this process.", [({}, len(self.cache))]),
+            Gauge("hd_hyperdrive_cache_bytes", "Bytes held by the query cache in this process.",
+                  [({}, self.cache.bytes)]),
+        ]
+        return self.metrics.render_prometheus(names, gauges)
 
     def stats(self) -> dict[str, Any]:
         return {"sessions": len(self._sessions), "pools": {cid: p.info() for cid, p in self._pools.items()},

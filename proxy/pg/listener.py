@@ -233,7 +233,8 @@ class StartupProtocol(asyncio.Protocol):
         out += pgp.ready_for_query("I")
         if self.transport.is_closing():
             return
-        core = ClientCore(self.service.registry_for(config), settings=settings)
+        core = ClientCore(self.service.registry_for(config), settings=settings,
+                          cache=self.service.cache_context(config, settings))
         session = ClientSession(self.transport, pool, core, on_close=self.service.session_closed)
         session.cancel_key = (pid, key)
         self.session = session

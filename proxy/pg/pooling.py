@@ -25,7 +25,11 @@ import struct
 from collections import deque
 from typing import Any
 
+from proxy.cache.store import Fill
 from proxy.pg import protocol as proto
+from proxy.pg.caching import (MAX_KEY_BYTES, PARSE_COMPLETE, Z_IDLE, CacheContext, ExtendedShape, QueryObs,
+                              analyze_batch, bind_fields, extended_request, parse_fields,
+                              text_params_have_time_words)
 from proxy.pg.statements import ServerStatements, Statement, StatementRegistry
 
 _HDR = struct.Struct("!cI")
@@ -38,7 +42,6 @@ PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, QUERY, FUNCTION = range(8)
 # answer the client ourselves at this point of the sequence.
 FORWARD, SKIP, FAKE = 0, 1, 2
 
-PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 
 # CommandComplete tags that mean the session was changed beyond the transaction.
@@ -52,6 +55,8 @@ _DISCARD_ALL = re.compile(rb"^\s*DISCARD\s+ALL\s*;?\s*$", re.IGNORECASE)
 _RFQ_CURRENT = b"Z\x00\x00\x00\x05?"
 
 _EXTENDED = frozenset(b"PBDECH")
+_BATCHED = frozenset(b"PBDEC")  # collected up to Sync when caching is on
+MAX_BATCH_BYTES = 1 << 20
 # Decisions per statement text: workloads repeat a small set of statements.
 _REFUSALS: dict[bytes, tuple[str, str] | None] = {}
 _MISSING = object()  # Parse, Bind, Describe, Execute, Close, Flush
@@ -128,15 +133,19 @@ FORBIDDEN_SETTINGS = frozenset({"session_authorization", "role", "transaction_is
 
 
 class ClientCore:
-    def __init__(self, registry: StatementRegistry, *, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, registry: StatementRegistry, *, settings: dict[str, str] | None = None,
+                 cache: CacheContext | None = None) -> None:
         self.registry = registry
         self.server: ServerState | None = None
+        # Each entry: [kind, action, fake answer, statement name, QueryObs starting here,
+        # QueryObs ending here].
         self.expect: deque[list[Any]] = deque()
         self.to_client = bytearray()
         self.to_server = bytearray()
         self._buf = bytearray()
         self._sbuf = bytearray()
-        self._queued: list[tuple[int, bytes]] = []  # client messages waiting for a server
+        # client messages waiting for a server: (kind, raw, QueryObs or None)
+        self._queued: list[tuple[int, bytes, Any]] = []  # Any: QueryObs, _Marks or None
         self.statements: dict[str, Statement] = {}
         self._unnamed_parse: bytes | None = None
         self._unnamed_token: object = object()
@@ -153,6 +162,21 @@ class ClientCore:
         self.settings = {k.lower(): v for k, v in (settings or {}).items()
                          if _GUC_NAME.match(k) and k.lower() not in FORBIDDEN_SETTINGS}
         self.queries = 0
+        # --- the query cache (None: no caching, no per-query metrics) ---
+        self.cache = cache
+        # Extended-protocol messages are collected up to Sync/Flush, so a whole batch can be
+        # judged (and answered from the cache) at once.
+        self._batch: list[tuple[int, bytes]] = []
+        self._batch_bytes = 0
+        # While waiting (a fill by another client, a catalog reload), client messages wait here.
+        self.wait: Any = None
+        self._held: deque[tuple[int, bytes]] = deque()
+        self._no_coalesce = False
+        self._rec: QueryObs | None = None  # the query whose answer is streaming now
+        self._await_sync: list[QueryObs] = []  # Executes answered, awaiting their Sync's status
+        self._txn_writes: list[QueryObs] = []  # writes to invalidate again when the transaction ends
+        self._portals: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}  # portal -> statement (in a txn)
+        self.refresh_fill: Fill | None = None  # set on a background refresh's core
 
     # ------------------------------------------------------------------ state queries
     @property
@@ -170,8 +194,8 @@ class ClientCore:
         if server.params != self.settings:
             self._apply_settings(server)
         queued, self._queued = self._queued, []
-        for kind, raw in queued:
-            self._client_message(kind, raw)
+        for kind, raw, obs in queued:
+            self._client_message(kind, raw, obs)
         self._drain_fakes()
 
     def _apply_settings(self, server: ServerState) -> None:
@@ -186,7 +210,7 @@ class ClientCore:
         sql += "".join(f"RESET {k};" for k in stale)
         if sql:
             self.to_server += encode_query(sql)
-            self.expect.append([QUERY, SKIP, None, None])
+            self.expect.append([QUERY, SKIP, None, None, None, None])
             for k in stale:
                 del server.params[k]
             server.params.update(self.settings)
@@ -213,24 +237,317 @@ class ClientCore:
                 break
             raw = bytes(buf[off:end])
             off = end
-            if self.server is None and kind != 0x58:  # 'X' Terminate needs no server
-                if self._try_local(kind, raw):
-                    continue
-                self._queued.append((kind, raw))
+            if self.wait is not None:
+                self._held.append((kind, raw))
             else:
-                self._client_message(kind, raw)
+                self._route(kind, raw)
         del buf[:off]
         self._drain_fakes()
 
-    def _try_local(self, kind: int, raw: bytes) -> bool:
-        """Answer without a server when we can (refusals) — only outside transactions."""
-        if kind == 0x51 and not self._queued and self.txn == b"I":  # 'Q'
-            refusal = self._refusal(raw[5:-1])
+    def resume(self, *, timed_out: bool = False) -> None:
+        """What this client waited for is done (or took too long): go on with its messages."""
+        self.wait = None
+        self._no_coalesce = timed_out
+        held = self._held
+        while held and self.wait is None:
+            kind, raw = held.popleft()
+            self._route(kind, raw)
+        self._no_coalesce = False
+        self._drain_fakes()
+
+    def _hold(self, wait: Any, messages: list[tuple[int, bytes]]) -> None:
+        self.wait = wait
+        self._held.extendleft(reversed(messages))
+
+    def _batching(self) -> bool:
+        cache = self.cache
+        return cache is not None and not cache.policy.disabled
+
+    def _route(self, kind: int, raw: bytes) -> None:
+        if kind in _BATCHED and self._batching():
+            self._batch.append((kind, raw))
+            self._batch_bytes += len(raw)
+            if self._batch_bytes > MAX_BATCH_BYTES:
+                self._flush_batch(None)
+            return
+        if kind == 0x53 and self._batch:  # 'S' Sync ends a batch
+            self._flush_batch(raw)
+            return
+        if self._batch:
+            self._flush_batch(None)
+        if kind == 0x51:  # 'Q'
+            self._query(raw)
+        elif kind == 0x46 and self.cache is not None:  # 'F' FunctionCall: may write anything
+            obs = self._obs("notaquery" if not self.cache.policy.disabled else "disabled", len(raw))
+            obs.write_all = True
+            obs.invalidate()
+            self._send(kind, raw, obs)
+        else:
+            self._send(kind, raw, None)
+
+    def _send(self, kind: int, raw: bytes, obs: Any) -> None:
+        if self.server is None and kind != 0x58:  # 'X' Terminate needs no server
+            self._queued.append((kind, raw, obs))
+        else:
+            self._client_message(kind, raw, obs)
+
+    def _obs(self, status: str | None, qbytes: int) -> QueryObs:
+        cache = self.cache
+        assert cache is not None
+        return QueryObs(cache, status, cache.clock(), qbytes)
+
+    # ------------------------------------------------------------------ simple queries
+    def _query(self, raw: bytes) -> None:
+        sql = raw[5:-1]
+        local = self.server is None and not self._queued and self.txn == b"I"
+        if local:
+            refusal = self._refusal(sql)
             if refusal:
                 self.to_client += error_message("0A000", refusal[0], hint=refusal[1]) + ready_for_query(b"I")
-                return True
-        return False
+                if self.cache is not None:
+                    self._obs("notaquery", len(raw)).complete(b"I")
+                return
+        obs = self._query_obs(raw, sql, local) if self.cache is not None else None
+        if obs is not None or self.cache is None:
+            self._send(0x51, raw, obs)
 
+    def _query_obs(self, raw: bytes, sql: bytes, local: bool) -> QueryObs | None:
+        """The cache's part for a simple Query: None when it was answered or must wait."""
+        cache = self.cache
+        assert cache is not None
+        policy = cache.policy
+        if policy.disabled:
+            return self._obs("disabled", len(raw))
+        ns = cache.ns
+        refresh = self.refresh_fill
+        key = (cache.prefix, sql)
+        if refresh is None and local and len(sql) <= MAX_KEY_BYTES:
+            now = cache.clock()
+            entry = ns.get(key)
+            if entry is not None:
+                age = now - entry.stored_at
+                if age < policy.max_age + policy.swr:
+                    self.to_client += entry.payload
+                    self.to_client += Z_IDLE
+                    cache.metrics.query("hit", True, cache.clock() - now, len(raw), len(entry.payload))
+                    if age >= policy.max_age and key not in ns.fills:
+                        cache.refresh(raw, ns.begin_fill(key))  # stale: one refresh in the background
+                    return None
+                ns.remove(entry)
+        d = ns.catalog.decide(sql)
+        if (d.unknown or ns.catalog_stale) and local and refresh is None:
+            wait = cache.reload_catalog(cache.clock())
+            if wait is not None:
+                self._hold(wait, [(0x51, raw)])
+                return None
+        obs = self._obs(d.status if refresh is None else None, len(raw))
+        obs.writes_from(d)
+        if refresh is not None:
+            self.refresh_fill = None
+            if d.cacheable:
+                obs.start_recording(refresh, key, d.read_tokens)
+            else:
+                ns.abort_fill(refresh)
+        elif d.cacheable:
+            if len(sql) > MAX_KEY_BYTES:
+                obs.status = "oversizedquery"
+            elif local:
+                fill = ns.fills.get(key)
+                if fill is not None:
+                    if not self._no_coalesce:
+                        self._hold(fill, [(0x51, raw)])  # the same query is on its way: wait for it
+                        return None
+                    obs.status = "miss"
+                else:
+                    obs.status = "miss"
+                    obs.start_recording(ns.begin_fill(key), key, d.read_tokens)
+            else:  # behind other requests: its transaction status is known when its answer starts
+                obs.status = "miss"
+                obs.head_check = True
+                obs.start_recording(None, key, d.read_tokens)
+        if obs.writes:
+            obs.invalidate()  # now, so that no read racing it can store the old rows
+        return obs
+
+    # ------------------------------------------------------------------ extended protocol
+    def _flush_batch(self, sync: bytes | None) -> None:
+        """Send a collected batch (ended by `sync`, or cut short by another message)."""
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        cache = self.cache
+        executes = [i for i, (k, _) in enumerate(batch) if k == 0x45]
+        if cache is None or not executes:
+            for kind, raw in batch:
+                self._send(kind, raw, None)
+            if sync is not None:
+                self._send(0x53, sync, None)
+            return
+        starts: dict[int, QueryObs] = {}
+        ends: dict[int, QueryObs] = {}
+        local = self.server is None and not self._queued and self.txn == b"I"
+        shape = analyze_batch(batch) if sync is not None and len(executes) == 1 else None
+        if cache.policy.disabled:
+            for i in executes:
+                obs = self._obs("disabled", len(batch[i][1]))
+                starts[i] = ends[i] = obs
+        elif shape is not None:
+            obs = self._extended_obs(batch, sync, shape, local)  # type: ignore[arg-type]
+            if obs is None:
+                return  # answered from the cache, or waiting
+            starts[shape.first] = obs
+            ends[shape.execute] = obs
+        else:
+            statements = self._batch_statements(batch)
+            qbytes = sum(len(r) for _, r in batch) // len(executes)
+            for i in executes:
+                query = statements.get(i)
+                d = cache.ns.catalog.decide(query) if query is not None else None
+                if d is None:
+                    obs = self._obs("uncacheable" if self.refresh_fill is None else None, qbytes)
+                    obs.write_all = True  # an unknown statement may write
+                else:
+                    obs = self._obs(d.status, qbytes)
+                    obs.writes_from(d)
+                    if d.cacheable:
+                        # several Executes in one Sync run as one implicit transaction
+                        obs.status = "multiplestatements" if len(executes) > 1 else "uncacheable"
+                        obs.head_check = True
+                if obs.writes:
+                    obs.invalidate()
+                starts[i] = ends[i] = obs
+        for i, (kind, raw) in enumerate(batch):
+            start, end = starts.get(i), ends.get(i)
+            self._send(kind, raw, None if start is None and end is None else _Marks(start, end))
+        if sync is not None:
+            self._send(0x53, sync, None)
+
+    def _statement_of(self, name: bytes, batch_parses: dict[bytes, tuple[bytes, tuple[int, ...]]]
+                      ) -> tuple[bytes, tuple[int, ...]] | None:
+        found = batch_parses.get(name)
+        if found is not None:
+            return found
+        if name:
+            st = self.statements.get(name.decode("utf-8", "surrogateescape"))
+            return (st.query, st.param_oids) if st is not None else None
+        if self._unnamed_parse is not None:
+            _, query, oids = parse_fields(self._unnamed_parse)
+            return query, oids
+        return None
+
+    def _batch_statements(self, batch: list[tuple[int, bytes]]) -> dict[int, bytes]:
+        """Query text per Execute index (where it can be told)."""
+        parses: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}
+        portals = dict(self._portals)
+        out: dict[int, bytes] = {}
+        for i, (kind, raw) in enumerate(batch):
+            if kind == 0x50:
+                name, query, oids = parse_fields(raw)
+                parses[name] = (query, oids)
+            elif kind == 0x42:
+                portal, statement, _ = bind_fields(raw)
+                st = self._statement_of(statement, parses)
+                if st is not None:
+                    portals[portal] = st
+                else:
+                    portals.pop(portal, None)
+            elif kind == 0x45:
+                portal, _ = cstring(raw, 5)
+                st = portals.get(portal)
+                if st is not None:
+                    out[i] = st[0]
+        if self.txn != b"I":
+            self._portals = {p: s for p, s in portals.items() if p}  # named portals live in the txn
+        return out
+
+    def _extended_obs(self, batch: list[tuple[int, bytes]], sync: bytes, shape: ExtendedShape,
+                      local: bool) -> QueryObs | None:
+        cache = self.cache
+        assert cache is not None
+        ns = cache.ns
+        parses: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}
+        for raw in shape.parses:
+            name, query, oids = parse_fields(raw)
+            parses[name] = (query, oids)
+        st = self._statement_of(shape.statement, parses)
+        qbytes = sum(len(r) for _, r in batch)
+        refresh = self.refresh_fill
+        if st is None:
+            obs = self._obs("uncacheable" if refresh is None else None, qbytes)
+            obs.write_all = True
+            obs.invalidate()
+            if refresh is not None:
+                self.refresh_fill = None
+                ns.abort_fill(refresh)
+            return obs
+        query, oids = st
+        key = (cache.prefix, b"E", query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
+        oversized = len(query) + len(shape.bind_tail) > MAX_KEY_BYTES
+        policy = cache.policy
+        if refresh is None and local and shape.max_rows == 0 and not oversized:
+            now = cache.clock()
+            entry = ns.get(key)
+            if entry is not None:
+                age = now - entry.stored_at
+                if age < policy.max_age + policy.swr:
+                    for raw in shape.parses:
+                        self._parse_local(raw)
+                        self.to_client += PARSE_COMPLETE
+                    self.to_client += entry.payload
+                    self.to_client += Z_IDLE
+                    cache.metrics.query("hit", True, cache.clock() - now, qbytes, len(entry.payload))
+                    if age >= policy.max_age and key not in ns.fills:
+                        cache.refresh(extended_request(query, oids, shape.bind_tail, shape.describe_statement,
+                                                       shape.describe_portal), ns.begin_fill(key))
+                    return None
+                ns.remove(entry)
+        d = ns.catalog.decide(query)
+        if (d.unknown or ns.catalog_stale) and local and refresh is None:
+            wait = cache.reload_catalog(cache.clock())
+            if wait is not None:
+                self._hold(wait, batch + [(0x53, sync)])
+                return None
+        obs = self._obs(d.status if refresh is None else None, qbytes)
+        obs.writes_from(d)
+        if refresh is not None:
+            self.refresh_fill = None
+            if d.cacheable and shape.max_rows == 0:
+                obs.start_recording(refresh, key, d.read_tokens)
+            else:
+                ns.abort_fill(refresh)
+        elif d.cacheable:
+            if shape.max_rows != 0:
+                obs.status = "uncacheable"  # a partial fetch (row limit)
+                obs.head_check = not local
+            elif oversized:
+                obs.status = "oversizedquery"
+            elif text_params_have_time_words(shape.bind_tail):
+                obs.status = "volatile"  # a text parameter such as 'now' read as a date/time
+            elif local:
+                fill = ns.fills.get(key)
+                obs.status = "miss"
+                if fill is not None:
+                    if not self._no_coalesce:
+                        self._hold(fill, batch + [(0x53, sync)])
+                        return None
+                else:
+                    obs.start_recording(ns.begin_fill(key), key, d.read_tokens)
+            else:
+                obs.status = "miss"
+                obs.head_check = True
+                obs.start_recording(None, key, d.read_tokens)
+        if obs.writes:
+            obs.invalidate()
+        return obs
+
+    def _parse_local(self, raw: bytes) -> None:
+        """A Parse answered from the cache: remember the statement for later Binds."""
+        name_b, query_b, oids = parse_fields(raw)
+        if not name_b:
+            self._unnamed_parse = raw
+            self._unnamed_token = object()  # on no server yet: re-sent when bound there
+            return
+        self.statements[name_b.decode("utf-8", "surrogateescape")] = self.registry.get(query_b, oids, encode_parse)
+
+    # ------------------------------------------------------------------ refusals
     @staticmethod
     def _refusal(sql: bytes) -> tuple[str, str] | None:
         cached = _REFUSALS.get(sql, _MISSING)
@@ -256,10 +573,13 @@ class ClientCore:
         return ("session-level advisory locks are not supported in transaction pooling mode",
                 "use pg_advisory_xact_lock inside a transaction instead")
 
-    def _client_message(self, kind: int, raw: bytes) -> None:
-        server = self.server
+    # ------------------------------------------------------------------ towards the server
+    def _client_message(self, kind: int, raw: bytes, obs: Any = None) -> None:
+        """One client message to the attached server. `obs` is a QueryObs (starting and ending
+        with this message) or a _Marks (an extended-protocol query spanning several)."""
         out = self.to_server
         expect = self.expect
+        before = len(expect)
         if kind in _EXTENDED:
             self._unsynced = True
         if kind == 0x42:  # 'B' Bind
@@ -274,14 +594,14 @@ class ClientCore:
             else:
                 self._ensure_unnamed()
             out += raw
-            expect.append([BIND, FORWARD, None, None])
+            expect.append([BIND, FORWARD, None, None, None, None])
         elif kind == 0x45:  # 'E' Execute
             out += raw
-            expect.append([EXECUTE, FORWARD, None, None])
+            expect.append([EXECUTE, FORWARD, None, None, None, None])
         elif kind == 0x53:  # 'S' Sync
             out += raw
             if not self._sync_ignored:  # the server ignores Sync during an extended COPY IN
-                expect.append([SYNC, FORWARD, None, None])
+                expect.append([SYNC, FORWARD, None, None, None, None])
         elif kind == 0x50:  # 'P' Parse
             self._parse(raw)
         elif kind == 0x51:  # 'Q' Query
@@ -290,17 +610,23 @@ class ClientCore:
             dealloc = _DEALLOCATE.match(sql) if sql[:40].lstrip()[:10].upper() == b"DEALLOCATE" else None
             if dealloc is not None:
                 # The client's statement names exist only here: answer for the server.
-                expect.append([QUERY, FAKE, self._deallocate(dealloc), None])
+                expect.append([QUERY, FAKE, self._deallocate(dealloc), None, None, None])
+                if obs is not None:
+                    obs.complete(self.txn)
                 return
             if _DISCARD_ALL.match(sql):
                 self.statements.clear()
                 self._unnamed_parse = None
             refusal = self._refusal(sql) if self.txn == b"I" else None
             if refusal:
-                expect.append([QUERY, FAKE, error_message("0A000", refusal[0], hint=refusal[1]) + ready_for_query(b"I"), None])
+                expect.append([QUERY, FAKE, error_message("0A000", refusal[0], hint=refusal[1]) + ready_for_query(b"I"),
+                               None, None, None])
+                if obs is not None:
+                    obs.failed = True
+                    obs.complete(b"I")
                 return
             out += raw
-            expect.append([QUERY, FORWARD, None, None])
+            expect.append([QUERY, FORWARD, None, None, None, None])
         elif kind == 0x44:  # 'D' Describe
             what = raw[5:6]
             name = raw[6:-1]
@@ -312,28 +638,35 @@ class ClientCore:
             elif what == b"S":
                 self._ensure_unnamed()
             out += raw
-            expect.append([DESCRIBE, FORWARD, None, None])
+            expect.append([DESCRIBE, FORWARD, None, None, None, None])
         elif kind == 0x43:  # 'C' Close
             what = raw[5:6]
             name = raw[6:-1]
             if what == b"S" and name:
                 # Statements stay prepared on the servers (shared); only the client's name goes.
                 self.statements.pop(name.decode("utf-8", "surrogateescape"), None)
-                expect.append([CLOSE, FAKE, CLOSE_COMPLETE, None])
+                expect.append([CLOSE, FAKE, CLOSE_COMPLETE, None, None, None])
             else:
                 out += raw
-                expect.append([CLOSE, FORWARD, None, None])
+                expect.append([CLOSE, FORWARD, None, None, None, None])
         elif kind == 0x58:  # 'X' Terminate: the server connection stays with the pool
             self.terminated = True
         elif kind == 0x46:  # 'F' FunctionCall
             out += raw
-            expect.append([FUNCTION, FORWARD, None, None])
+            expect.append([FUNCTION, FORWARD, None, None, None, None])
         else:  # Flush, CopyData, CopyDone, CopyFail, … pass through
             if kind in (0x63, 0x66):  # 'c' CopyDone / 'f' CopyFail end the client's COPY
                 self.copy_in = False
                 self._sync_ignored = False
             out += raw
-        del server
+        if obs is not None and len(expect) > before:
+            entry = expect[-1]
+            if isinstance(obs, _Marks):
+                entry[4], entry[5] = obs.start, obs.end
+            else:
+                entry[4] = entry[5] = obs
+            if len(expect) == 1 and entry[4] is not None:
+                self._begin(entry[4])
 
     def _parse(self, raw: bytes) -> None:
         name_b, off = cstring(raw, 5)
@@ -343,7 +676,7 @@ class ClientCore:
             assert self.server is not None
             self.server.unnamed_owner = self._unnamed_token
             self.to_server += raw
-            self.expect.append([PARSE, FORWARD, None, None])
+            self.expect.append([PARSE, FORWARD, None, None, None, None])
             return
         query_b, off = cstring(raw, off)
         (count,) = _I16.unpack_from(raw, off)
@@ -354,7 +687,7 @@ class ClientCore:
         server = self.server
         assert server is not None
         if server.statements.has(st.server_name):
-            self.expect.append([PARSE, FAKE, PARSE_COMPLETE, None])
+            self.expect.append([PARSE, FAKE, PARSE_COMPLETE, None, None, None])
         else:
             self._prepare_on_server(st, FORWARD)
 
@@ -370,16 +703,16 @@ class ClientCore:
         evicted = server.statements.add(st.server_name)
         if evicted is not None:
             self.to_server += encode_close_statement(evicted)
-            self.expect.append([CLOSE, SKIP, None, None])
+            self.expect.append([CLOSE, SKIP, None, None, None, None])
         self.to_server += st.parse_payload
-        self.expect.append([PARSE, action, None, st.server_name])
+        self.expect.append([PARSE, action, None, st.server_name, None, None])
 
     def _ensure_unnamed(self) -> None:
         server = self.server
         assert server is not None
         if self._unnamed_parse is not None and server.unnamed_owner is not self._unnamed_token:
             self.to_server += self._unnamed_parse
-            self.expect.append([PARSE, SKIP, None, None])
+            self.expect.append([PARSE, SKIP, None, None, None, None])
             server.unnamed_owner = self._unnamed_token
 
     def _deallocate(self, m: re.Match[bytes]) -> bytes:
@@ -395,11 +728,67 @@ class ClientCore:
 
     def _drain_fakes(self) -> None:
         expect = self.expect
+        popped = False
         while expect and expect[0][1] == FAKE:
             data = expect.popleft()[2]
             if data.endswith(_RFQ_CURRENT):
                 data = data[:-1] + self.txn
             self.to_client += data
+            popped = True
+        if popped and expect and expect[0][4] is not None:
+            self._begin(expect[0][4])
+
+    # ------------------------------------------------------------------ per-query observation
+    def _begin(self, obs: QueryObs) -> None:
+        """`obs`'s answer comes next."""
+        self._rec = obs
+        obs.begin(self.txn)
+
+    def _emit(self, buf: bytearray, start: int, stop: int) -> None:
+        """Forward buf[start:stop] to the client (and to the query being recorded)."""
+        if start < stop:
+            chunk = buf[start:stop]
+            self.to_client += chunk
+            rec = self._rec
+            if rec is not None:
+                rec.take(chunk)
+
+    def _ready(self, status: bytes) -> None:
+        """A ReadyForQuery: queries waiting for their Sync end now; writes of a finished
+        transaction are invalidated a second time, now that they are committed."""
+        awaiting = self._await_sync
+        if awaiting:
+            self._await_sync = []
+            for obs in awaiting:
+                if obs.complete(status):
+                    self._txn_writes.append(obs)
+        if status == b"I":
+            if self._txn_writes:
+                writes, self._txn_writes = self._txn_writes, []
+                for obs in writes:
+                    obs.invalidate()
+            if self._portals:
+                self._portals = {}
+
+    def abandon_all(self) -> None:
+        """The session ends or lost its server: every query in flight ends as an error."""
+        obs_seen: list[QueryObs] = []
+        for entry in self.expect:
+            for o in (entry[4], entry[5]):
+                if o is not None:
+                    obs_seen.append(o)
+        for _, _, o in self._queued:
+            if isinstance(o, _Marks):
+                obs_seen.extend(x for x in (o.start, o.end) if x is not None)
+            elif o is not None:
+                obs_seen.append(o)
+        if self._rec is not None:
+            obs_seen.append(self._rec)
+        obs_seen.extend(self._await_sync)
+        self._await_sync = []
+        self._rec = None
+        for o in obs_seen:
+            o.abandon()
 
     # ------------------------------------------------------------------ server side
     def feed_server(self, data: bytes | bytearray | memoryview) -> None:
@@ -412,7 +801,6 @@ class ClientCore:
         off = 0
         run_start = 0  # start of a run of messages to forward unchanged
         expect = self.expect
-        out = self.to_client
         while n - off >= 5:
             kind = buf[off]
             (length,) = _I32.unpack_from(buf, off + 1)
@@ -425,7 +813,7 @@ class ClientCore:
             pop = False
             if kind == 0x44:  # 'D' DataRow: the hot case
                 if not forward:
-                    out += buf[run_start:off]
+                    self._emit(buf, run_start, off)
                     run_start = end
                 off = end
                 continue
@@ -440,7 +828,17 @@ class ClientCore:
                             server.statements.clear()  # the server's prepared statements are gone
                             server.unnamed_owner = None
             elif kind == 0x5A:  # 'Z' ReadyForQuery
-                self.txn = bytes(buf[off + 5:off + 6])
+                status = bytes(buf[off + 5:off + 6])
+                if head is not None and head[5] is not None and (head[0] == QUERY or head[0] == FUNCTION):
+                    # A simple query (or FunctionCall) ends here: its answer is what came before.
+                    self._emit(buf, run_start, off)
+                    run_start = off
+                    obs = head[5]
+                    self._rec = None
+                    if obs.complete(status):
+                        self._txn_writes.append(obs)
+                self.txn = status
+                self._ready(status)
                 self._sync_ignored = False
                 if len(expect) <= 1:  # the last outstanding request: nothing unsynced remains
                     self._unsynced = False
@@ -462,6 +860,10 @@ class ClientCore:
                 forward = not (head is not None and head[0] == QUERY and action == SKIP)
                 self.copy_in = False
                 self._sync_ignored = False
+                if self._rec is not None:
+                    self._rec.failed = True
+                for obs in self._await_sync:
+                    obs.failed = True
                 severity = bytes(buf[off + 5:off + 12])
                 if severity.startswith((b"SFATAL\x00", b"SPANIC\x00")):
                     if head is None:
@@ -469,7 +871,7 @@ class ClientCore:
                         # nothing: a driver cannot pair it with a request and reports a bare
                         # "connection closed". Keep it; the session answers the client's next
                         # request with it, so the client gets the SQLSTATE.
-                        out += buf[run_start:off]
+                        self._emit(buf, run_start, off)
                         self.held_fatal = bytes(buf[off:end])
                         run_start = end
                         off = end
@@ -484,6 +886,8 @@ class ClientCore:
                 forward = True
                 if action == FORWARD:
                     server.dirty = True
+                if self._rec is not None:
+                    self._rec.unstorable = True
             elif kind == 0x47:  # 'G' CopyInResponse: the client now streams CopyData
                 self.copy_in = True
                 if head is not None and head[0] == EXECUTE:
@@ -496,17 +900,32 @@ class ClientCore:
                     self._sync_ignored = True
             elif kind == 0x4E or kind == 0x41:  # Notice / Notification: always forwarded
                 forward = True
+                if self._rec is not None:
+                    self._rec.unstorable = True  # never replay a notice from the cache
             if not forward:
-                out += buf[run_start:off]
+                self._emit(buf, run_start, off)
                 run_start = end
             off = end
             if pop and expect:
-                expect.popleft()
-                if expect and expect[0][1] == FAKE:
-                    out += buf[run_start:off]
+                popped = expect.popleft()
+                if popped[5] is not None and popped[0] == EXECUTE:
+                    # An Execute's answer ends with this message; its Sync decides the rest.
+                    self._emit(buf, run_start, off)
                     run_start = off
-                    self._drain_fakes()
-        out += buf[run_start:off]
+                    if self._rec is popped[5]:
+                        self._rec = None
+                    self._await_sync.append(popped[5])
+                if expect:
+                    nxt = expect[0]
+                    if nxt[1] == FAKE:
+                        self._emit(buf, run_start, off)
+                        run_start = off
+                        self._drain_fakes()
+                    elif nxt[4] is not None:
+                        self._emit(buf, run_start, off)
+                        run_start = off
+                        self._begin(nxt[4])
+        self._emit(buf, run_start, off)
         del buf[:off]
 
     def _fail_until_sync(self) -> None:
@@ -517,9 +936,26 @@ class ClientCore:
             entry = expect.popleft()
             if entry[0] == PARSE and entry[3] is not None and server is not None:
                 server.statements.discard(entry[3])  # the Parse did not happen
+            obs = entry[5]
+            if obs is not None:
+                obs.failed = True
+                if self._rec is obs:
+                    self._rec = None
+                self._await_sync.append(obs)
 
     def server_lost(self) -> None:
+        self.abandon_all()
         self.expect.clear()
         self.copy_in = False
         self._sync_ignored = False
         self._unsynced = False
+
+
+class _Marks:
+    """Where an extended-protocol query's answer starts and ends in the expectations."""
+
+    __slots__ = ("start", "end")
+
+    def __init__(self, start: QueryObs | None, end: QueryObs | None) -> None:
+        self.start = start
+        self.end = end

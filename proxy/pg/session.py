@@ -28,6 +28,8 @@ class ClientSession:
         self._server_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
         self._held_fatal: bytes | None = None
+        self._waiting: Any = None  # what the core waits for (a cache fill, a catalog load)
+        self._wait_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ client transport
     def data_received(self, data: bytes) -> None:
@@ -53,6 +55,9 @@ class ClientSession:
         server, self.server = self.server, None
         if server is not None:
             self._give_back(server, client_gone=True)
+        self.core.abandon_all()
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
         if self._on_close is not None:
             self._on_close(self)
 
@@ -80,6 +85,10 @@ class ClientSession:
         if server is not None:
             server.session = None
             server.close()  # its state is unknown: never reuse it
+        try:
+            self.core.abandon_all()
+        except Exception:
+            log.exception("could not end the queries in flight")
         self._fatal("58000", f"Internal error in the proxy ({type(exc).__name__}); reconnect and retry")
 
     def server_lost(self, exc: Exception | None) -> None:
@@ -111,6 +120,8 @@ class ClientSession:
     # ------------------------------------------------------------------ the pump
     def _pump(self) -> None:
         core = self.core
+        if core.wait is not None and self._waiting is not core.wait:
+            self._watch(core.wait)
         if core.to_client:
             if not self._closed:
                 self.transport.write(bytes(core.to_client))
@@ -135,6 +146,35 @@ class ClientSession:
             self._acquiring = True
             self.transport.pause_reading()
             asyncio.get_running_loop().create_task(self._acquire())
+
+    def _watch(self, wait: Any) -> None:
+        """The core waits (for another client's identical query, or a catalog load): stop
+        reading from the client meanwhile, and go on when it is done or after a bound."""
+        self._waiting = wait
+        self.transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        self._wait_timer = loop.call_later(getattr(wait, "timeout", 30.0), self._wait_over, wait, True)
+        wait.add_callback(lambda: loop.call_soon(self._wait_over, wait, False))
+
+    def _wait_over(self, wait: Any, timed_out: bool) -> None:
+        if self._waiting is not wait:
+            return
+        self._waiting = None
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+        if self._closed:
+            return
+        if timed_out:
+            log.info("a cache wait took longer than %ss; going to the origin", getattr(wait, "timeout", 30.0))
+        self.transport.resume_reading()
+        try:
+            self.core.resume(timed_out=timed_out)
+            self._pump()
+        except ClientProtocolError as exc:
+            self._fatal("08P01", f"protocol violation: {exc}")
+        except Exception as exc:
+            self._internal_error(exc)
 
     async def _acquire(self) -> None:
         try:
@@ -180,11 +220,15 @@ class ClientSession:
     def _error_and_drop_queue(self, text: str) -> None:
         """No server for this client: answer its pending requests with one error."""
         core = self.core
+        for _, _, marks in core._queued:
+            for obs in (getattr(marks, "start", None), getattr(marks, "end", None), marks):
+                if obs is not None and hasattr(obs, "abandon"):
+                    obs.abandon()
         queued, core._queued = core._queued, []
         # One answer per request that expects a ReadyForQuery, as the server would give.
         out = bytearray()
         errored = False
-        for kind, _ in queued:
+        for kind, _, _ in queued:
             if kind == 0x51 or kind == 0x46 or (kind == 0x53 and not errored):  # Query / FunctionCall / first Sync
                 out += error_message("58000", text) + ready_for_query(core.txn)
                 errored = True

@@ -38,6 +38,7 @@ types are reported in ``casts`` (``'now'::timestamptz`` is not immutable).
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Final, Literal
@@ -215,6 +216,10 @@ class Classification:
     write_tables: frozenset[str] = frozenset()
     casts: frozenset[str] = frozenset()
     statement_kinds: tuple[str, ...] = field(default=())
+    cte_names: frozenset[str] = frozenset()
+    # A string constant that date/time input would read as 'now', 'today', 'tomorrow' or
+    # 'yesterday' (outside a bare select-list item, where it stays text): time-dependent.
+    time_literal: bool = False
 
     @property
     def cacheable(self) -> bool:
@@ -247,6 +252,8 @@ class _Walk:
         "temp",
         "tablesample",
         "dml",
+        "cte_names",
+        "time_literal",
     )
 
     def __init__(self) -> None:
@@ -259,6 +266,8 @@ class _Walk:
         self.temp = False
         self.tablesample = False
         self.dml = False
+        self.cte_names: set[str] = set()
+        self.time_literal = False
 
     def rel(self, rv: Any, written: bool = False) -> None:
         if not isinstance(rv, dict):
@@ -303,6 +312,18 @@ class _Walk:
             elif key == "TypeCast":
                 tn = val.get("typeName", {})
                 self.casts.add(".".join(n["String"]["sval"] for n in tn.get("names", ())))
+            elif key == "CommonTableExpr":
+                name = val.get("ctename")
+                if isinstance(name, str):
+                    self.cte_names.add(name)
+            elif key == "A_Const":
+                sval = val.get("sval")
+                if isinstance(sval, dict) and _TIME_WORD.search(sval.get("sval", "")):
+                    self.time_literal = True
+            elif key == "ResTarget":
+                inner = val.get("val")
+                if isinstance(inner, dict) and "A_Const" in inner:
+                    continue  # SELECT 'now()': a text constant in the select list stays text
             elif key == "SelectStmt":
                 if "intoClause" in val:
                     self.select_into = True
@@ -325,6 +346,8 @@ class _Walk:
 
 
 _PARSE_ERROR_PREFIX: Final = "parse: "
+# Date/time input words whose value depends on when the statement runs.
+_TIME_WORD: Final = re.compile(r"\b(?:now|today|tomorrow|yesterday)\b", re.IGNORECASE)
 
 
 def _parse(sql: str) -> list[dict[str, Any]]:
@@ -387,6 +410,8 @@ def _classify(sql: str) -> Classification:
         write_tables=frozenset(w.write_tables),
         casts=frozenset(w.casts),
         statement_kinds=tuple(kinds),
+        cte_names=frozenset(w.cte_names),
+        time_literal=w.time_literal,
     )
 
     if len(stmts) > 1:

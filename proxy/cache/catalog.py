@@ -1,0 +1,380 @@
+"""What the query cache must know about one origin database, and the verdict per statement.
+
+`OriginCatalog` holds a snapshot of the origin's catalog: function volatility from `pg_proc`
+(user-defined functions included), relations from `pg_class` (kind, schema, row security,
+view definitions, user triggers and rules), inheritance (`pg_inherits`) and cascading foreign
+keys (`pg_constraint`). It is loaded with `CATALOG_SQL` over an ordinary origin connection and
+decides, per statement text (sans-I/O):
+
+* the cache status a read gets from its text alone: ``cacheable`` or one of
+  uncacheable / volatile / multiplestatements / notaquery / parseerror;
+* the tables a cacheable read depends on (views expanded to their base tables, partitions and
+  inheritance children included), as *tokens* (relation oids) that writes invalidate;
+* the tokens a statement may write, or "everything" when it cannot tell (DDL, a parse error, a
+  utility statement that is not known to be read-only, a user-defined volatile function, a
+  table with user triggers or rules, an unknown table).
+
+Fail closed throughout: an unknown function is volatile, an unknown table uncacheable, and an
+unknown write target invalidates the whole database. Names are resolved conservatively: an
+unqualified name matches that name in every schema (the least immutable overload wins), since
+the search_path of the session is not known here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from proxy.sql.classify import Classification, ClassificationCache
+
+# Statement kinds that never change data (DDL and DML are recognised separately; any other
+# utility statement may write, so it invalidates everything).
+READ_ONLY_UTILITIES = frozenset({
+    "TransactionStmt", "VariableSetStmt", "VariableShowStmt", "ExplainStmt", "CopyStmt",
+    "ListenStmt", "UnlistenStmt", "NotifyStmt", "DeallocateStmt", "PrepareStmt", "DiscardStmt",
+    "CheckPointStmt", "VacuumStmt", "LockStmt", "DeclareCursorStmt", "FetchStmt",
+    "ClosePortalStmt", "ConstraintsSetStmt", "LoadStmt", "SelectStmt",
+})
+SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+# SQL-standard value functions (the classifier reports them by these names); all STABLE.
+SQL_VALUE_FUNCTIONS = frozenset({
+    "current_date", "current_time", "current_timestamp", "localtime", "localtimestamp",
+    "current_role", "current_user", "user", "session_user", "current_catalog", "current_schema",
+    "sqlvaluefunction",
+})
+# Casts whose result depends on the catalog (reg* types read pg_class, pg_proc, ... by name).
+CATALOG_CAST_TYPES = frozenset(
+    name for base in ("regclass", "regproc", "regprocedure", "regoper", "regoperator", "regtype",
+                      "regnamespace", "regrole", "regconfig", "regdictionary", "regcollation")
+    for name in (base, "pg_catalog." + base))
+# Extension functions that reach other databases or write by design.
+EXTENSION_WRITERS = frozenset({"dblink", "dblink_exec", "dblink_send_query", "dblink_open"})
+RELOAD_MIN_INTERVAL = 1.0  # seconds between reloads caused by unknown names
+
+# One round trip: four result sets, in this order (see `OriginCatalog.load`).
+CATALOG_SQL = """\
+SELECT n.nspname, p.proname, max(p.provolatile::text),
+       bool_or(p.provolatile = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                               WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                 AND d.objid = p.oid AND d.deptype = 'e'))
+  FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+ GROUP BY 1, 2;
+SELECT c.oid, n.nspname, c.relname, c.relkind, c.relrowsecurity,
+       CASE WHEN c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+            THEN pg_catalog.pg_get_viewdef(c.oid) END,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r WHERE r.ev_class = c.oid AND r.rulename <> '_RETURN')
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+   AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%';
+SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits;
+SELECT conrelid, confrelid FROM pg_catalog.pg_constraint
+ WHERE contype = 'f' AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd'));
+"""
+
+Rows = Sequence[Sequence[str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict for one statement text against one origin's catalog."""
+
+    status: str  # "cacheable" or a cache status (uncacheable, volatile, notaquery, ...)
+    reason: str
+    read_tokens: frozenset[int] = frozenset()
+    write_tokens: frozenset[int] = frozenset()
+    write_all: bool = False
+    reload_catalog: bool = False  # DDL: reload the catalog once it has run
+    unknown: frozenset[str] = frozenset()  # names the catalog did not know (fail closed)
+
+    @property
+    def cacheable(self) -> bool:
+        return self.status == "cacheable"
+
+    @property
+    def writes(self) -> bool:
+        return self.write_all or bool(self.write_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    oid: int
+    schema: str
+    name: str
+    kind: str  # r table, p partitioned, v view, m materialized view, f foreign
+    row_security: bool
+    view_sql: str | None
+    triggers: bool  # user triggers or rules: a write may touch anything
+
+
+@dataclass(slots=True)
+class _Resolution:
+    tokens: set[int] = field(default_factory=set)
+    functions: set[str] = field(default_factory=set)
+    casts: set[str] = field(default_factory=set)
+    time_literal: bool = False
+    unknown: set[str] = field(default_factory=set)
+    blocker: tuple[str, str] | None = None  # (status, reason) that makes the read uncacheable
+
+
+class OriginCatalog:
+    """A snapshot of one origin's catalog and the decisions made against it."""
+
+    def __init__(self, classifier: ClassificationCache | None = None, *, max_decisions: int = 4096) -> None:
+        self.classifier = classifier or ClassificationCache()
+        self.loaded = False
+        self.loaded_at = float("-inf")
+        self.attempted_at = float("-inf")
+        self.version = 0
+        self._functions: dict[str, str] = {}  # bare name -> least immutable provolatile
+        self._qualified: dict[tuple[str, str], str] = {}
+        self._writers: set[str] = set()  # bare and "schema.name" names that may write tables
+        self._rels_by_name: dict[str, list[Relation]] = {}
+        self._rels_qualified: dict[tuple[str, str], Relation] = {}
+        self._rels: dict[int, Relation] = {}
+        self._family: dict[int, frozenset[int]] = {}
+        self._cascades: dict[int, set[int]] = {}
+        self._decisions: OrderedDict[bytes, Decision] = OrderedDict()
+        self._max_decisions = max_decisions
+
+    # ------------------------------------------------------------------ loading
+    def load(self, results: Sequence[Rows], now: float | None = None) -> None:
+        """Replace the snapshot with the four result sets of `CATALOG_SQL` (text values)."""
+        if len(results) != 4:
+            raise ValueError(f"the catalog query returned {len(results)} result sets, expected 4")
+        funcs, rels, inherits, fks = results
+        functions: dict[str, str] = {}
+        qualified: dict[tuple[str, str], str] = {}
+        writers: set[str] = set()
+        for schema, name, volatility, may_write in funcs:
+            assert schema is not None and name is not None and volatility is not None
+            qualified[(schema, name)] = volatility
+            if volatility > functions.get(name, ""):  # 'i' < 's' < 'v': keep the least immutable
+                functions[name] = volatility
+            if may_write == "t" or name in EXTENSION_WRITERS:
+                writers.add(name)
+                writers.add(f"{schema}.{name}")
+        by_name: dict[str, list[Relation]] = {}
+        by_qual: dict[tuple[str, str], Relation] = {}
+        by_oid: dict[int, Relation] = {}
+        for oid, schema, name, kind, rls, view_sql, triggers in rels:
+            assert oid is not None and schema is not None and name is not None and kind is not None
+            rel = Relation(int(oid), schema, name, kind, rls == "t", view_sql, triggers == "t")
+            by_name.setdefault(name, []).append(rel)
+            by_qual[(schema, name)] = rel
+            by_oid[rel.oid] = rel
+        # Inheritance and partitions: a write to any member can change what a read of any
+        # other member returns (parents include children), so a family shares its tokens.
+        parent: dict[int, int] = {}
+
+        def find(x: int) -> int:
+            while parent.get(x, x) != x:
+                parent[x] = parent.get(parent[x], parent[x])
+                x = parent[x]
+            return x
+
+        for child, par in inherits:
+            a, b = find(int(child)), find(int(par))  # type: ignore[arg-type]
+            if a != b:
+                parent[a] = b
+        groups: dict[int, set[int]] = {}
+        for oid in list(parent):
+            groups.setdefault(find(oid), set()).add(oid)
+        family: dict[int, frozenset[int]] = {}
+        for root, members in groups.items():
+            members.add(root)
+            frozen = frozenset(members)
+            for m in members:
+                family[m] = frozen
+        cascades: dict[int, set[int]] = {}
+        for referencing, referenced in fks:
+            cascades.setdefault(int(referenced), set()).add(int(referencing))  # type: ignore[arg-type]
+        self._functions, self._qualified, self._writers = functions, qualified, writers
+        self._rels_by_name, self._rels_qualified, self._rels = by_name, by_qual, by_oid
+        self._family, self._cascades = family, cascades
+        self._decisions.clear()
+        self.loaded = True
+        self.loaded_at = time.monotonic() if now is None else now
+        self.version += 1
+
+    def may_reload(self, now: float) -> bool:
+        """Unknown names justify a reload at most once per RELOAD_MIN_INTERVAL."""
+        return now - self.attempted_at >= RELOAD_MIN_INTERVAL
+
+    # ------------------------------------------------------------------ decisions
+    def decide(self, sql: bytes) -> Decision:
+        """The decision for a statement text, cached until the catalog changes."""
+        found = self._decisions.get(sql)
+        if found is not None:
+            return found
+        try:
+            text = sql.decode("utf-8")
+        except UnicodeDecodeError:
+            d = Decision("parseerror", "the query is not valid UTF-8", write_all=True)
+        else:
+            d = self.decide_classified(self.classifier.get(text))
+        if not d.unknown and len(sql) <= self.classifier.max_sql_len:
+            self._decisions[sql] = d
+            if len(self._decisions) > self._max_decisions:
+                self._decisions.popitem(last=False)
+        return d
+
+    def decide_classified(self, c: Classification) -> Decision:
+        kinds = c.statement_kinds
+        write_all = False
+        write_tokens: set[int] = set()
+        unknown: set[str] = set()
+        reload_catalog = c.is_ddl
+        if c.status == "parseerror" or c.is_ddl:
+            write_all = True  # cannot tell what it does / the schema changes under every entry
+        elif any(k not in READ_ONLY_UTILITIES and not _is_dml(k) for k in kinds):
+            write_all = True  # CALL, DO, EXECUTE, ...: may write anything
+        else:
+            for name in c.write_tables:
+                if not self._write_targets(name, write_tokens):
+                    write_all = True
+                    if not self._resolve_rel(name):
+                        unknown.add(name)
+        for fn in c.functions:
+            if self._may_write(fn):
+                write_all = True
+            elif self._volatility(fn) is None:
+                unknown.add(fn)
+                write_all = True  # an unknown function may write
+        writes = dict(write_tokens=frozenset(write_tokens), write_all=write_all, reload_catalog=reload_catalog)
+        if c.status != "cacheable":
+            return Decision(c.status, c.reason, unknown=frozenset(unknown), **writes)  # type: ignore[arg-type]
+
+        res = _Resolution(functions=set(c.functions), casts=set(c.casts), time_literal=c.time_literal)
+        for name in c.tables:
+            if name in c.cte_names:
+                continue  # a WITH query's name, not a relation
+            self._read(name, res, depth=0)
+        unknown |= res.unknown
+        frozen_unknown = frozenset(unknown)
+        if res.blocker is not None:
+            return Decision(res.blocker[0], res.blocker[1], unknown=frozen_unknown, **writes)  # type: ignore[arg-type]
+        stable: str | None = None
+        for fn in sorted(res.functions):
+            vol = self._volatility(fn)
+            if vol == "i":
+                continue
+            if vol is None:
+                return Decision("volatile", f"unknown function {fn}", unknown=frozen_unknown, **writes)  # type: ignore[arg-type]
+            if vol == "v":
+                return Decision("volatile", f"volatile function {fn}", unknown=frozen_unknown, **writes)  # type: ignore[arg-type]
+            stable = stable or fn
+        if stable is not None:
+            return Decision("volatile", f"stable function {stable}", unknown=frozen_unknown, **writes)  # type: ignore[arg-type]
+        if res.time_literal:
+            return Decision("volatile", "a 'now'/'today'/'tomorrow'/'yesterday' literal", unknown=frozen_unknown,
+                            **writes)  # type: ignore[arg-type]
+        for cast in sorted(res.casts):
+            if cast in CATALOG_CAST_TYPES:
+                return Decision("volatile", f"cast to {cast}", unknown=frozen_unknown, **writes)  # type: ignore[arg-type]
+        if unknown:
+            return Decision("uncacheable", f"unknown relation {sorted(unknown)[0]}", unknown=frozen_unknown,
+                            **writes)  # type: ignore[arg-type]
+        return Decision("cacheable", "read", read_tokens=frozenset(res.tokens), **writes)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ names
+    def _volatility(self, name: str) -> str | None:
+        parts = name.split(".")
+        if len(parts) == 1:
+            vol = self._functions.get(name)
+            if vol is None and name in SQL_VALUE_FUNCTIONS:
+                return "s"
+            return vol
+        schema, bare = parts[-2], parts[-1]
+        vol = self._qualified.get((schema, bare))
+        if vol is None and schema == "pg_catalog" and bare in SQL_VALUE_FUNCTIONS:
+            return "s"
+        return vol
+
+    def _may_write(self, name: str) -> bool:
+        parts = name.split(".")
+        key = name if len(parts) <= 2 else ".".join(parts[-2:])
+        return key in self._writers
+
+    def _resolve_rel(self, name: str) -> list[Relation]:
+        parts = name.split(".")
+        if len(parts) == 1:
+            return self._rels_by_name.get(name, [])
+        rel = self._rels_qualified.get((parts[-2], parts[-1]))
+        return [rel] if rel is not None else []
+
+    def _family_of(self, oid: int) -> Iterable[int]:
+        return self._family.get(oid, (oid,))
+
+    def _read(self, name: str, res: _Resolution, depth: int) -> None:
+        rels = self._resolve_rel(name)
+        if not rels:
+            res.unknown.add(name)
+            return
+        for rel in rels:
+            if rel.schema in SYSTEM_SCHEMAS:
+                res.blocker = res.blocker or ("uncacheable", f"system catalog {rel.schema}.{rel.name}")
+            elif rel.row_security:
+                res.blocker = res.blocker or ("uncacheable", f"row level security on {rel.schema}.{rel.name}")
+            elif rel.kind == "v":
+                self._expand_view(rel, res, depth)
+            else:
+                res.tokens.update(self._family_of(rel.oid))
+
+    def _expand_view(self, rel: Relation, res: _Resolution, depth: int) -> None:
+        """A view is as cacheable as its definition: its functions, casts and tables count."""
+        res.tokens.add(rel.oid)
+        if depth > 16 or rel.view_sql is None:
+            res.blocker = res.blocker or ("uncacheable", f"view {rel.schema}.{rel.name} could not be inspected")
+            return
+        c = self.classifier.get(rel.view_sql)
+        if c.status != "cacheable":
+            res.blocker = res.blocker or ("uncacheable", f"view {rel.schema}.{rel.name}: {c.reason}")
+            return
+        res.functions |= c.functions
+        res.casts |= c.casts
+        res.time_literal = res.time_literal or c.time_literal
+        for name in c.tables:
+            if name not in c.cte_names:
+                self._read(name, res, depth + 1)
+
+    def _write_targets(self, name: str, tokens: set[int]) -> bool:
+        """Add what a write to `name` can change; False when it cannot be bounded."""
+        rels = self._resolve_rel(name)
+        if not rels:
+            return False
+        todo = [r.oid for r in rels]
+        seen: set[int] = set()
+        while todo:
+            oid = todo.pop()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            rel = self._rels.get(oid)
+            if rel is None or rel.triggers:
+                return False
+            if rel.kind == "v":
+                # An updatable view writes its base tables.
+                if rel.view_sql is None:
+                    return False
+                c = self.classifier.get(rel.view_sql)
+                for base in c.tables:
+                    base_rels = self._resolve_rel(base)
+                    if not base_rels:
+                        return False
+                    todo.extend(r.oid for r in base_rels)
+                tokens.add(oid)
+                continue
+            for member in self._family_of(oid):
+                tokens.add(member)
+                todo.extend(self._cascades.get(member, ()))
+                if member != oid:
+                    todo.append(member)
+        return True
+
+
+def _is_dml(kind: str) -> bool:
+    return kind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
