@@ -12,8 +12,10 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import os
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Coroutine
 
@@ -799,6 +801,100 @@ def hyperdrive_get(opts: Opts, name: str, want_url: bool) -> None:
     out.say(f"Hyperdrive config {c['name']}")
     out.say(out.fields(pairs, indent=2))
     out.say(f"Next: psql \"$(hd hyperdrive get {c['name']} --connection-string)\"")
+
+
+def _since_text(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--since as typed (the API parses the same durations), once it is known to be valid."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise click.BadParameter("must be more than 0, e.g. 15m, 1h or 24h")
+    return value.strip()
+
+
+def _fmt_bytes(n: Any) -> str:
+    value = float(n or 0)
+    if value < 1024:
+        return f"{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _fmt_ms(v: Any) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    digits = 3 if v < 1 else 2 if v < 10 else 1 if v < 100 else 0
+    return f"{v:.{digits}f} ms"
+
+
+def _right_table(headers: list[str], rows: list[list[Any]], right: set[int], indent: int = 2) -> str:
+    """out.table with the `right` columns right-aligned (numbers), indented."""
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    for i in right:
+        width = max(len(r[i]) for r in cells)
+        for r in cells:
+            r[i] = r[i].rjust(width)
+    return "\n".join(" " * indent + line for line in out.table(cells[0], cells[1:]).splitlines())
+
+
+_PCTS = ("p50", "p90", "p99", "max")
+
+
+def _say_metrics(m: dict, requested_s: float, api_url: str) -> None:
+    q = m.get("queries", {})
+    total = q.get("total", 0)
+    events = q.get("by_event_status", {})
+    window = m.get("window_seconds", requested_s)
+    kept = f" (metrics are kept for {format_duration(m['retained_seconds'])})" if window < requested_s else ""
+    out.say(f"Hyperdrive config {m['name']} ({m['id']}): the last {format_duration(window)}{kept},"
+            f" since {out.fmt_time(m.get('since'))}")
+    ratio = m.get("cache_hit_ratio")
+    refreshes = m.get("refreshes", {})
+    out.say(out.fields([
+        ("queries", f"{total} ({events.get('complete', 0)} complete, {events.get('error', 0)} error)"),
+        ("cache hit ratio", "- (no hits or misses)" if ratio is None else f"{ratio * 100:.1f}% (hit / (hit + miss))"),
+        ("query bytes", _fmt_bytes(m.get("query_bytes"))),
+        ("result bytes", _fmt_bytes(m.get("result_bytes"))),
+        ("cache refreshes", f"{refreshes.get('complete', 0)} complete, {refreshes.get('error', 0)} error"),
+    ], indent=2))
+    by_cache = [(status, n) for status, n in q.get("by_cache_status", {}).items() if n]
+    if by_cache:
+        out.say()
+        out.say(_right_table(["CACHE STATUS", "QUERIES", "SHARE"],
+                             [[status, n, f"{100 * n / total:.1f}%"] for status, n in by_cache], {1, 2}))
+    out.say()
+    ql, cl = m.get("query_latency_ms", {}), m.get("connection_latency_ms", {})
+    out.say(_right_table(
+        ["LATENCY", "COUNT", "ERRORS", "P50", "P90", "P99", "MAX"],
+        [["query", ql.get("count", 0), events.get("error", 0), *(_fmt_ms(ql.get(k)) for k in _PCTS)],
+         ["connection", cl.get("count", 0), cl.get("errors", 0), *(_fmt_ms(cl.get(k)) for k in _PCTS)]],
+        {1, 2, 3, 4, 5, 6},
+    ))
+    if total == 0:
+        out.say(f'Next: send it a query: psql "$(hd hyperdrive get {m["name"]} --connection-string)"')
+    else:
+        out.say(f"Next: scrape {api_url}/metrics with Prometheus for every config's counters and latency histograms")
+
+
+@hyperdrive.command("metrics")
+@click.argument("name")
+@click.option("--since", default="1h", show_default=True, metavar="DURATION", callback=_since_text,
+              help="How far back to look, e.g. 15m, 1h or 24h (metrics are kept for 24h).")
+@common_options
+def hyperdrive_metrics(opts: Opts, name: str, since: str) -> None:
+    """Show a config's queries by cache status and event status, query and result bytes, and
+    query and connection latency percentiles."""
+    client = opts.client()
+    m = client.get(f"/v1/hyperdrive/configs/{quote(name)}/metrics?{urllib.parse.urlencode({'since': since})}")
+    if opts.json:
+        return out.emit_json(m)
+    _say_metrics(m, parse_duration(since), client.base_url)
 
 
 @hyperdrive.command("delete")

@@ -1,7 +1,8 @@
 """The control API: a thin JSON-over-HTTP face on the store, in the edge's event loop.
 
-Every route needs `Authorization: Bearer <admin token>` except `/openapi.json`, `/healthz` and
-the Access JWKS at `/cdn-cgi/access/certs` (public keys only). Errors are `{"error": "message"}`
+Every route needs `Authorization: Bearer <admin token>` except `/openapi.json`, `/healthz`, the
+Access JWKS at `/cdn-cgi/access/certs` (public keys only) and the Prometheus `/metrics` (counters
+and gauges only, for scrapers without the token). Errors are `{"error": "message"}`
 with 400/401/404/405/409/503 (500 only for bugs); a failed origin test of a Hyperdrive config adds
 `"code"` (2008–2016) and `"hint"`. Secrets and tokens are never logged: a tunnel token appears only
 in the body of `/token` and `POST /v1/tunnels` responses, a service-token secret only in the
@@ -57,7 +58,10 @@ from tunnel.token import TunnelToken
 log = logging.getLogger("hd.api")
 
 JWKS_PATH = "/cdn-cgi/access/certs"
-PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz", JWKS_PATH})
+METRICS_PATH = "/metrics"
+PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz", JWKS_PATH, METRICS_PATH})
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_METRICS_SINCE = "1h"
 EDGE_INFO_KEYS = ("api_url", "tunnel_url", "tunnel_address", "cert_pin", "issuer", "pg_listen", "mysql_listen")
 DEFAULT_MYSQL_LISTEN = "127.0.0.1:3307"
 PROBE_TIMEOUT = 60.0  # a guard only: the proxy's own connect timeout (15 s) comes first
@@ -106,6 +110,9 @@ class Proxy(Protocol):
     async def probe(self, spec: Any) -> None: ...  # connect + run ";"; raises proxy.errors.OriginError
     def config_changed(self, config_id: str) -> None: ...  # new connections use the new settings
     def config_deleted(self, config_id: str) -> None: ...
+    # proxy.cache.metrics.ConfigMetrics.summary() of the config (zeros when it saw no traffic)
+    def metrics_summary(self, config_id: str, since_s: float | None) -> dict: ...
+    def prometheus_text(self) -> str: ...  # text format 0.0.4: every config's counters, pool/cache gauges
 
 
 def iso_time(ts: float) -> str:
@@ -694,6 +701,39 @@ class _Api:
             raise ValidationError("connection_string must be 1 or 0")
         return web.json_response(hyperdrive_json(config))
 
+    def _no_metrics(self, method: str) -> str | None:
+        """Why the proxy cannot report metrics (`method`), or None when it can."""
+        if self.proxy is None:
+            return "the database proxy is not running in this edge, so there are no query metrics; restart hd edge"
+        if not callable(getattr(self.proxy, method, None)):
+            return "this edge's database proxy does not report query metrics"
+        return None
+
+    async def hyperdrive_metrics(self, request: web.Request) -> web.Response:
+        raw = request.query.get("since", DEFAULT_METRICS_SINCE)
+        try:
+            since = parse_duration(raw)
+        except ValueError as e:
+            raise ValidationError(f"since: {e}") from None
+        if not math.isfinite(since) or since <= 0:
+            raise ValidationError(f"since must be a duration of more than 0, such as 1h or 24h (got {raw!r})")
+        config = self.store.require_hyperdrive(request.match_info["id_or_name"])
+        why = self._no_metrics("metrics_summary")
+        if why is not None:
+            return error(503, why)
+        assert self.proxy is not None
+        summary = self.proxy.metrics_summary(config.id, since)
+        return web.json_response({"id": config.id, "name": config.name, **summary})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        # public (no admin token) for scrapers: counters and gauges only, never a secret
+        why = self._no_metrics("prometheus_text")
+        if why is not None:
+            return web.Response(status=503, text=why + "\n")
+        assert self.proxy is not None
+        return web.Response(body=self.proxy.prometheus_text().encode(),
+                            headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
     async def delete_hyperdrive(self, request: web.Request) -> web.Response:
         await self._body(request, set())
         key = request.match_info["id_or_name"]
@@ -737,7 +777,8 @@ def make_app(
     """The control API. `hash_key` keys the service-token secret hashes and must be the relay's
     (default: `store.service_token_hash_key()`, derived from secret.key). `proxy` tests the origins
     of Hyperdrive configs and hears about their changes (without it, creating or updating one is
-    refused with 503). `edge_info["pg_listen"]` is the address put in connection strings."""
+    refused with 503) and reports their query metrics. `edge_info["pg_listen"]` is the address put
+    in connection strings."""
     if not admin_token:
         raise ValueError("admin_token must not be empty")
     api = _Api(store, relay, admin_token, edge_info, hash_key or store.service_token_hash_key(), proxy)
@@ -771,6 +812,8 @@ def make_app(
     r.add_get("/v1/hyperdrive/configs/{id_or_name}", api.get_hyperdrive, allow_head=False)
     r.add_patch("/v1/hyperdrive/configs/{id_or_name}", api.update_hyperdrive)
     r.add_delete("/v1/hyperdrive/configs/{id_or_name}", api.delete_hyperdrive)
+    r.add_get("/v1/hyperdrive/configs/{id_or_name}/metrics", api.hyperdrive_metrics, allow_head=False)
+    r.add_get(METRICS_PATH, api.prometheus, allow_head=False)
     r.add_post("/v1/certificates", api.add_certificate)
     r.add_get("/v1/certificates", api.list_certificates, allow_head=False)
     r.add_delete("/v1/certificates/{id_or_name}", api.delete_certificate)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.cache.metrics import CACHE_STATUSES
+
 
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -120,8 +122,8 @@ OPENAPI: dict[str, Any] = {
         "title": "hd edge control API",
         "version": "1",
         "description": "Tunnels, routes, Access and Hyperdrive configs of a self-hosted edge. Every operation needs the admin "
-        "token (STATE_DIR/admin-token) as a bearer token, except /openapi.json, /healthz and the JWKS at "
-        '/cdn-cgi/access/certs. Errors are `{"error": "message"}`. A service-token secret is returned only '
+        "token (STATE_DIR/admin-token) as a bearer token, except /openapi.json, /healthz, the Prometheus "
+        '/metrics and the JWKS at /cdn-cgi/access/certs. Errors are `{"error": "message"}`. A service-token secret is returned only '
         "when the token is created or rotated.",
         "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
     },
@@ -372,6 +374,40 @@ OPENAPI: dict[str, Any] = {
                 {"200": _json(_ref("HyperdriveConfig"), "the deleted config"), "404": _ERR},
                 params=[_HD_PARAM],
             ),
+        },
+        "/v1/hyperdrive/configs/{id_or_name}/metrics": {
+            "get": _op(
+                "A config's query metrics over a recent window (minute resolution, kept for 24h): queries by "
+                "cache status and event status, query and result bytes, query and connection latency "
+                "percentiles",
+                {"200": _json(_ref("HyperdriveMetrics"), "the metrics"), "400": _ERR, "404": _ERR,
+                 "503": _ERR},
+                params=[_HD_PARAM, {
+                    "name": "since",
+                    "in": "query",
+                    "required": False,
+                    "description": "how far back: a duration such as 15m, 1h or 24h (more than the retention "
+                    "is cut to it)",
+                    "schema": {"type": "string", "default": "1h"},
+                }],
+            )
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text format 0.0.4) of every Hyperdrive config: "
+                "hd_hyperdrive_queries_total{config_id,config_name,cache_status,event_status}, "
+                "hd_hyperdrive_query_bytes_total, hd_hyperdrive_result_bytes_total, "
+                "hd_hyperdrive_query_latency_seconds, hd_hyperdrive_connection_latency_seconds (histograms), "
+                "hd_hyperdrive_connection_errors_total, hd_hyperdrive_cache_refreshes_total{outcome}, and "
+                "pool and cache gauges. No admin token: it holds no secret",
+                "security": [],
+                "responses": {
+                    "200": {"description": "the metrics", "content": {
+                        "text/plain; version=0.0.4": {"schema": {"type": "string"}}}},
+                    "503": {"description": "the database proxy is not running in this edge", "content": {
+                        "text/plain": {"schema": {"type": "string"}}}},
+                },
+            }
         },
         "/v1/certificates": {
             "post": _op(
@@ -630,6 +666,65 @@ OPENAPI: dict[str, Any] = {
                     "description": "postgresql://CLIENT_USER:CLIENT_PASSWORD@PROXY/DATABASE?sslmode=require; "
                     "only on create and with ?connection_string=1",
                 }}}]
+            },
+            "LatencyMs": {
+                "type": "object",
+                "required": ["count", "p50", "p90", "p99", "max"],
+                "description": "milliseconds; null when count is 0. Percentiles are interpolated in "
+                "log-scale buckets (within a few percent) and clamped to the observed min and max",
+                "properties": {
+                    "count": {"type": "integer"},
+                    "errors": {"type": "integer", "description": "connections only: failed attempts (not in "
+                               "count or the percentiles)"},
+                    "p50": {"type": ["number", "null"]},
+                    "p90": {"type": ["number", "null"]},
+                    "p99": {"type": ["number", "null"]},
+                    "max": {"type": ["number", "null"]},
+                },
+            },
+            "HyperdriveMetrics": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "config_id": {"type": "string"},
+                    "since": {"type": "string", "format": "date-time"},
+                    "until": {"type": "string", "format": "date-time"},
+                    "window_seconds": {"type": "number", "description": "the window summarised: since, cut to "
+                                       "retained_seconds"},
+                    "retained_seconds": {"type": "number", "description": "how long per-minute metrics are kept"},
+                    "queries": {
+                        "type": "object",
+                        "properties": {
+                            "total": {"type": "integer"},
+                            "by_cache_status": {"type": "object", "additionalProperties": {"type": "integer"},
+                                                "description": "every status: " + ", ".join(CACHE_STATUSES)},
+                            "by_event_status": {
+                                "type": "object",
+                                "properties": {"complete": {"type": "integer"}, "error": {"type": "integer"}},
+                            },
+                            "by_status": {
+                                "type": "array",
+                                "description": "non-zero combinations only",
+                                "items": {"type": "object", "properties": {
+                                    "cache_status": {"enum": list(CACHE_STATUSES)},
+                                    "event_status": {"enum": ["complete", "error"]},
+                                    "count": {"type": "integer"},
+                                }},
+                            },
+                        },
+                    },
+                    "cache_hit_ratio": {"type": ["number", "null"], "description": "hit / (hit + miss)"},
+                    "query_bytes": {"type": "integer"},
+                    "result_bytes": {"type": "integer"},
+                    "query_latency_ms": _ref("LatencyMs"),
+                    "connection_latency_ms": _ref("LatencyMs"),
+                    "refreshes": {
+                        "type": "object",
+                        "description": "background stale-while-revalidate refreshes (not queries)",
+                        "properties": {"complete": {"type": "integer"}, "error": {"type": "integer"}},
+                    },
+                },
             },
             "Certificate": {
                 "type": "object",

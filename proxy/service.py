@@ -181,6 +181,16 @@ class ProxyService:
         return CacheContext(ns, self.policy_for(config), prefix, self.metrics.for_config(config.id),
                             self.cache.clock, refresh, reload_catalog)
 
+    async def catalog_ready(self, config: Any) -> None:
+        """Load the origin's catalog for the cache once, before a config's first client runs
+        queries (bounded; on failure the cache fails closed and retries later)."""
+        ns = self.namespace_for(config)
+        if config.caching_disabled or ns.catalog.loaded:
+            return
+        pending = self._reload_catalog(ns, config.id, self.cache.clock())
+        if pending is not None:
+            await asyncio.wait({pending.task}, timeout=CATALOG_TIMEOUT + 1.0)
+
     def _reload_catalog(self, ns: Namespace, config_id: str, now: float) -> Any:
         """Start (or join) a catalog load for `ns`; None when one ran too recently to retry."""
         if ns.catalog_loading is not None:

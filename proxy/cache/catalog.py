@@ -55,13 +55,12 @@ RELOAD_MIN_INTERVAL = 1.0  # seconds between reloads caused by unknown names
 
 # One round trip: four result sets, in this order (see `OriginCatalog.load`).
 CATALOG_SQL = """\
-SELECT n.nspname, p.proname, max(p.provolatile::text),
-       bool_or(p.provolatile = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                               WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
-                                 AND d.objid = p.oid AND d.deptype = 'e'))
-  FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
- GROUP BY 1, 2;
+SELECT n.nspname, p.proname, p.pronargs, p.pronargdefaults, p.provariadic <> 0, p.provolatile::text,
+       p.provolatile = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                        WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                          AND d.objid = p.oid AND d.deptype = 'e')
+  FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace;
 SELECT c.oid, n.nspname, c.relname, c.relkind, c.relrowsecurity,
        CASE WHEN c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
             THEN pg_catalog.pg_get_viewdef(c.oid) END,
@@ -113,7 +112,7 @@ class Relation:
 @dataclass(slots=True)
 class _Resolution:
     tokens: set[int] = field(default_factory=set)
-    functions: set[str] = field(default_factory=set)
+    calls: set[tuple[str, int]] = field(default_factory=set)
     casts: set[str] = field(default_factory=set)
     time_literal: bool = False
     unknown: set[str] = field(default_factory=set)
@@ -129,8 +128,8 @@ class OriginCatalog:
         self.loaded_at = float("-inf")
         self.attempted_at = float("-inf")
         self.version = 0
-        self._functions: dict[str, str] = {}  # bare name -> least immutable provolatile
-        self._qualified: dict[tuple[str, str], str] = {}
+        # bare name -> overloads (schema, fewest arguments, most arguments, provolatile)
+        self._overloads: dict[str, list[tuple[str, int, int, str]]] = {}
         self._writers: set[str] = set()  # bare and "schema.name" names that may write tables
         self._rels_by_name: dict[str, list[Relation]] = {}
         self._rels_qualified: dict[tuple[str, str], Relation] = {}
@@ -146,14 +145,15 @@ class OriginCatalog:
         if len(results) != 4:
             raise ValueError(f"the catalog query returned {len(results)} result sets, expected 4")
         funcs, rels, inherits, fks = results
-        functions: dict[str, str] = {}
-        qualified: dict[tuple[str, str], str] = {}
+        overloads: dict[str, list[tuple[str, int, int, str]]] = {}
         writers: set[str] = set()
-        for schema, name, volatility, may_write in funcs:
+        for schema, name, nargs, ndefaults, variadic, volatility, may_write in funcs:
             assert schema is not None and name is not None and volatility is not None
-            qualified[(schema, name)] = volatility
-            if volatility > functions.get(name, ""):  # 'i' < 's' < 'v': keep the least immutable
-                functions[name] = volatility
+            most = int(nargs or 0)
+            fewest = most - int(ndefaults or 0)
+            if variadic == "t":
+                fewest, most = max(0, fewest - 1), 1 << 30  # a VARIADIC list takes 0..n arguments
+            overloads.setdefault(name, []).append((schema, fewest, most, volatility))
             if may_write == "t" or name in EXTENSION_WRITERS:
                 writers.add(name)
                 writers.add(f"{schema}.{name}")
@@ -192,7 +192,7 @@ class OriginCatalog:
         cascades: dict[int, set[int]] = {}
         for referencing, referenced in fks:
             cascades.setdefault(int(referenced), set()).add(int(referencing))  # type: ignore[arg-type]
-        self._functions, self._qualified, self._writers = functions, qualified, writers
+        self._overloads, self._writers = overloads, writers
         self._rels_by_name, self._rels_qualified, self._rels = by_name, by_qual, by_oid
         self._family, self._cascades = family, cascades
         self._decisions.clear()
@@ -238,17 +238,17 @@ class OriginCatalog:
                     write_all = True
                     if not self._resolve_rel(name):
                         unknown.add(name)
-        for fn in c.functions:
+        for fn, nargs in c.calls:
             if self._may_write(fn):
                 write_all = True
-            elif self._volatility(fn) is None:
+            elif self._volatility(fn, nargs) is None:
                 unknown.add(fn)
                 write_all = True  # an unknown function may write
         writes = dict(write_tokens=frozenset(write_tokens), write_all=write_all, reload_catalog=reload_catalog)
         if c.status != "cacheable":
             return Decision(c.status, c.reason, unknown=frozenset(unknown), **writes)  # type: ignore[arg-type]
 
-        res = _Resolution(functions=set(c.functions), casts=set(c.casts), time_literal=c.time_literal)
+        res = _Resolution(calls=set(c.calls), casts=set(c.casts), time_literal=c.time_literal)
         for name in c.tables:
             if name in c.cte_names:
                 continue  # a WITH query's name, not a relation
@@ -258,8 +258,8 @@ class OriginCatalog:
         if res.blocker is not None:
             return Decision(res.blocker[0], res.blocker[1], unknown=frozen_unknown, **writes)  # type: ignore[arg-type]
         stable: str | None = None
-        for fn in sorted(res.functions):
-            vol = self._volatility(fn)
+        for fn, nargs in sorted(res.calls):
+            vol = self._volatility(fn, nargs)
             if vol == "i":
                 continue
             if vol is None:
@@ -281,18 +281,22 @@ class OriginCatalog:
         return Decision("cacheable", "read", read_tokens=frozenset(res.tokens), **writes)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ names
-    def _volatility(self, name: str) -> str | None:
+    def _volatility(self, name: str, nargs: int = -1) -> str | None:
+        """The least immutable provolatile of the overloads a call could mean: those with
+        that name (in that schema, if qualified; in any schema otherwise) that take `nargs`
+        arguments (all of them when the count does not narrow it down). None: unknown."""
         parts = name.split(".")
-        if len(parts) == 1:
-            vol = self._functions.get(name)
-            if vol is None and name in SQL_VALUE_FUNCTIONS:
+        bare = parts[-1]
+        schema = parts[-2] if len(parts) > 1 else None
+        found = self._overloads.get(bare, ())
+        if schema is not None:
+            found = [o for o in found if o[0] == schema]
+        if not found:
+            if bare in SQL_VALUE_FUNCTIONS and schema in (None, "pg_catalog"):
                 return "s"
-            return vol
-        schema, bare = parts[-2], parts[-1]
-        vol = self._qualified.get((schema, bare))
-        if vol is None and schema == "pg_catalog" and bare in SQL_VALUE_FUNCTIONS:
-            return "s"
-        return vol
+            return None
+        fitting = [o for o in found if nargs < 0 or o[1] <= nargs <= o[2]] or found
+        return max(o[3] for o in fitting)  # 'i' < 's' < 'v'
 
     def _may_write(self, name: str) -> bool:
         parts = name.split(".")
@@ -334,7 +338,7 @@ class OriginCatalog:
         if c.status != "cacheable":
             res.blocker = res.blocker or ("uncacheable", f"view {rel.schema}.{rel.name}: {c.reason}")
             return
-        res.functions |= c.functions
+        res.calls |= c.calls
         res.casts |= c.casts
         res.time_literal = res.time_literal or c.time_literal
         for name in c.tables:

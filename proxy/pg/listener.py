@@ -210,6 +210,7 @@ class StartupProtocol(asyncio.Protocol):
         try:
             pool = self.service.pool_for(config)
             parameters = await self.service.server_parameters(config)
+            await self.service.catalog_ready(config)  # so even a first query is judged knowingly
         except Exception as exc:
             msg = getattr(exc, "message", None) or str(exc)
             self._fatal("58000", f"Server connection attempt failed: {msg}")

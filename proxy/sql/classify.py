@@ -217,6 +217,8 @@ class Classification:
     casts: frozenset[str] = frozenset()
     statement_kinds: tuple[str, ...] = field(default=())
     cte_names: frozenset[str] = frozenset()
+    # (function name as in `functions`, number of arguments; -1 when VARIADIC makes it unknown)
+    calls: frozenset[tuple[str, int]] = frozenset()
     # A string constant that date/time input would read as 'now', 'today', 'tomorrow' or
     # 'yesterday' (outside a bare select-list item, where it stays text): time-dependent.
     time_literal: bool = False
@@ -254,6 +256,7 @@ class _Walk:
         "dml",
         "cte_names",
         "time_literal",
+        "calls",
     )
 
     def __init__(self) -> None:
@@ -268,6 +271,7 @@ class _Walk:
         self.dml = False
         self.cte_names: set[str] = set()
         self.time_literal = False
+        self.calls: set[tuple[str, int]] = set()
 
     def rel(self, rv: Any, written: bool = False) -> None:
         if not isinstance(rv, dict):
@@ -300,11 +304,15 @@ class _Walk:
         for key, val in node.items():
             if key == "FuncCall" or key == "funccall":  # funccall: CallStmt's typed field
                 names = val.get("funcname", ())
-                self.functions.add(".".join(n["String"]["sval"] for n in names))
+                fname = ".".join(n["String"]["sval"] for n in names)
+                self.functions.add(fname)
+                nargs = -1 if val.get("func_variadic") else len(val.get("args", ()))
+                self.calls.add((fname, nargs))
             elif key == "SQLValueFunction":
                 op: str = val.get("op", "")
                 name = op.removeprefix("SVFOP_").removesuffix("_N").lower()
                 self.functions.add(name or "sqlvaluefunction")
+                self.calls.add((name or "sqlvaluefunction", 0))
             elif key == "LockingClause":
                 self.locking = True
             elif key == "RangeTableSample":
@@ -412,6 +420,7 @@ def _classify(sql: str) -> Classification:
         statement_kinds=tuple(kinds),
         cte_names=frozenset(w.cte_names),
         time_literal=w.time_literal,
+        calls=frozenset(w.calls),
     )
 
     if len(stmts) > 1:

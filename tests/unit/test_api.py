@@ -96,10 +96,14 @@ def concrete(path: str) -> str:
 
 # --- auth -----------------------------------------------------------------------------------
 
-async def test_every_route_needs_the_admin_token_except_openapi_healthz_and_jwks(env) -> None:
+async def test_every_route_needs_the_admin_token_except_openapi_healthz_jwks_and_metrics(env) -> None:
     client, _, _ = env
     for method, path in app_routes(client):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN}"}):
+            if path == "/metrics":  # Prometheus text; 503 here only because this edge has no proxy
+                resp = await client.request(method, path, headers=headers)
+                assert resp.status == 503 and "proxy is not running" in await resp.text()
+                continue
             status, body = await call(client, method, concrete(path), headers=headers)
             if path in ("/openapi.json", "/healthz", "/cdn-cgi/access/certs"):
                 assert status == 200, path
@@ -883,3 +887,120 @@ async def test_certificate_errors(hd_env, payload, message) -> None:
     client, _, _ = hd_env
     status, body = await call(client, "POST", "/v1/certificates", {"name": "c", **payload})
     assert status == 400 and message in body["error"], body
+
+
+# --- Hyperdrive metrics ---------------------------------------------------------------------
+from proxy.cache.metrics import Gauge, MetricsRegistry  # noqa: E402
+from tests.unit.test_cache_metrics import parse_prometheus, value  # noqa: E402
+
+
+class MetricsProxy(FakeProxy):
+    """FakeProxy that also reports metrics, from a real registry, as proxy.service does."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        self.metrics = MetricsRegistry()
+        self.summaries: list[tuple[str, float | None]] = []
+
+    def metrics_summary(self, config_id: str, since_s: float | None) -> dict:
+        self.summaries.append((config_id, since_s))
+        return self.metrics.for_config(config_id).summary(since_s)
+
+    def prometheus_text(self) -> str:
+        names = {c.id: c.name for c in self.store.list_hyperdrives()}
+        return self.metrics.render_prometheus(names, [Gauge("hd_hyperdrive_cache_entries", "Cached results.",
+                                                            [({}, 2)])])
+
+
+@pytest.fixture
+async def metrics_env(tmp_path):
+    store = Store(tmp_path / "state.db", SecretBox(os.urandom(32)))
+    proxy = MetricsProxy(store)
+    app = make_app(store, FakeRelay(), admin_token=ADMIN, edge_info=dict(EDGE_INFO), proxy=proxy)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield client, store, proxy
+    finally:
+        await client.close()
+        store.close()
+
+
+async def test_hyperdrive_metrics_summarise_the_window_asked_for(metrics_env) -> None:
+    client, store, proxy = metrics_env
+    _, c = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "my-db", **DIRECT})
+    m = proxy.metrics.for_config(c["id"])
+    for status in ("hit", "hit", "hit", "miss"):
+        m.query(status, True, 0.004, 30, 300)
+    m.query("uncacheable", False, 0.020, 40, 0)
+    m.connection(0.003, True)
+    status, body = await call(client, "GET", "/v1/hyperdrive/configs/my-db/metrics")
+    assert status == 200, body
+    assert (body["id"], body["name"], body["config_id"]) == (c["id"], "my-db", c["id"])
+    assert body["window_seconds"] == 3600 and proxy.summaries[-1] == (c["id"], 3600.0)  # default: 1h
+    assert body["queries"]["total"] == 5 and body["queries"]["by_event_status"] == {"complete": 4, "error": 1}
+    assert body["queries"]["by_cache_status"]["hit"] == 3 and body["cache_hit_ratio"] == 0.75
+    assert {"cache_status": "uncacheable", "event_status": "error", "count": 1} in body["queries"]["by_status"]
+    assert (body["query_bytes"], body["result_bytes"]) == (160, 1200)
+    assert body["query_latency_ms"]["max"] == 20.0 and body["connection_latency_ms"]["count"] == 1
+    status, body = await call(client, "GET", f"/v1/hyperdrive/configs/{c['id']}/metrics?since=1h30m")
+    assert status == 200 and body["window_seconds"] == 5400 and proxy.summaries[-1] == (c["id"], 5400.0)
+    status, body = await call(client, "GET", "/v1/hyperdrive/configs/my-db/metrics?since=720h")
+    assert status == 200 and body["window_seconds"] == body["retained_seconds"] == 86400
+
+
+@pytest.mark.parametrize("since, message", [
+    ("soon", "since: invalid duration 'soon'"),
+    ("", "since: invalid duration ''"),
+    ("0s", "since must be a duration of more than 0"),
+    ("nan", "since must be a duration of more than 0"),
+    ("inf", "since must be a duration of more than 0"),
+])
+async def test_hyperdrive_metrics_bad_since_is_400(metrics_env, since, message) -> None:
+    client, _, proxy = metrics_env
+    _, c = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "my-db", **DIRECT})
+    status, body = await call(client, "GET", "/v1/hyperdrive/configs/my-db/metrics", params={"since": since})
+    assert status == 400 and message in body["error"], body
+    assert proxy.summaries == []
+
+
+async def test_hyperdrive_metrics_of_an_unknown_config_is_404(metrics_env) -> None:
+    client, _, proxy = metrics_env
+    status, body = await call(client, "GET", "/v1/hyperdrive/configs/ghost/metrics")
+    assert status == 404 and body["error"] == "no Hyperdrive config named or with id 'ghost'"
+    assert proxy.summaries == []
+
+
+async def test_hyperdrive_metrics_without_a_proxy_is_503(env) -> None:
+    client, store, _ = env
+    store.insert_hyperdrive(store.new_hyperdrive(name="db", host="h", port=5432, database="d", user="u",
+                                                 password="p"))
+    status, body = await call(client, "GET", "/v1/hyperdrive/configs/db/metrics")
+    assert status == 503 and "proxy is not running" in body["error"]
+
+
+async def test_metrics_from_a_proxy_that_does_not_report_them_are_503(hd_env) -> None:
+    client, _, _ = hd_env
+    _, c = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "db", **DIRECT})
+    status, body = await call(client, "GET", "/v1/hyperdrive/configs/db/metrics")
+    assert status == 503 and "does not report query metrics" in body["error"]
+    resp = await client.get("/metrics")
+    assert resp.status == 503 and "does not report query metrics" in await resp.text()
+
+
+async def test_prometheus_metrics_need_no_token(metrics_env) -> None:
+    client, _, proxy = metrics_env
+    _, c = await call(client, "POST", "/v1/hyperdrive/configs", {"name": "my-db", **DIRECT})
+    proxy.metrics.for_config(c["id"]).query("hit", True, 0.001, 10, 20)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, AUTH):
+        resp = await client.get("/metrics", headers=headers)
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        types, samples = parse_prometheus(await resp.text())
+        assert types["hd_hyperdrive_queries_total"] == "counter" and types["hd_hyperdrive_cache_entries"] == "gauge"
+        assert value(samples, "hd_hyperdrive_queries_total", config_id=c["id"], config_name="my-db",
+                     cache_status="hit", event_status="complete") == 1
+        assert value(samples, "hd_hyperdrive_result_bytes_total", config_id=c["id"]) == 20
+    resp = await client.post("/metrics", headers={})
+    assert resp.status == 405

@@ -9,6 +9,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -27,6 +28,7 @@ from cli.main import run
 from control.edge import EdgeError, run_edge
 from control.secretbox import SecretBox
 from control.store import Store
+from proxy.cache.metrics import MetricsRegistry
 from tunnel.token import TunnelToken
 
 HD = Path(sys.executable).with_name("hd")
@@ -85,6 +87,7 @@ class FakeProxy:
         self.probes: list = []
         self.events: list[tuple[str, str]] = []
         self.fail_with: Exception | None = None
+        self.metrics = MetricsRegistry()
 
     async def probe(self, spec) -> dict:
         self.probes.append(spec)
@@ -97,6 +100,12 @@ class FakeProxy:
 
     def config_deleted(self, config_id: str) -> None:
         self.events.append(("config_deleted", config_id))
+
+    def metrics_summary(self, config_id: str, since_s: float | None) -> dict:
+        return self.metrics.for_config(config_id).summary(since_s)
+
+    def prometheus_text(self) -> str:
+        return self.metrics.render_prometheus({c.id: c.name for c in self.store.list_hyperdrives()})
 
 
 class EdgeThread:
@@ -864,3 +873,67 @@ def test_cert_upload_list_delete(edge, proxy, capsys, tmp_path) -> None:
                          str(tmp_path / "missing.pem"), "--name", "x")
     one_line_error(rc, out, err, "cannot read --ca-cert")
     hd_in(capsys, edge, "cert", "delete", "cli-client")
+
+
+def test_hyperdrive_metrics_json_and_report(edge, proxy, capsys) -> None:
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "create", "hd-metrics", *DIRECT_FLAGS, "--origin-password", "p",
+                         "--json")
+    assert rc == 0, err
+    c = one_json(out)
+    # nothing yet: zeros, and the next step is to send it a query
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "metrics", "hd-metrics")
+    assert rc == 0 and err == "", err
+    assert "Hyperdrive config hd-metrics" in out and "the last 1h" in out
+    assert "queries:          0 (0 complete, 0 error)" in out and "CACHE STATUS" not in out
+    assert out.splitlines()[-1] == 'Next: send it a query: psql "$(hd hyperdrive get hd-metrics --connection-string)"'
+    m = proxy.metrics.for_config(c["id"])
+    for _ in range(30):
+        m.query("hit", True, 0.0005, 100, 2048)
+    for _ in range(10):
+        m.query("miss", True, 0.012, 100, 2048 * 1024)
+    m.query("volatile", False, 0.150, 60, 0)
+    m.connection(0.004, True)
+    m.connection(15.0, False)
+    m.refresh(True)
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "metrics", c["id"], "--since", "2h", "--json")
+    assert rc == 0 and err == "", err
+    doc = one_json(out)
+    assert (doc["id"], doc["name"], doc["window_seconds"]) == (c["id"], "hd-metrics", 7200)
+    assert doc["queries"]["total"] == 41 and doc["cache_hit_ratio"] == 0.75
+    assert doc["queries"]["by_event_status"] == {"complete": 40, "error": 1}
+    rc, out, err = hd_in(capsys, edge, "hyperdrive", "metrics", "hd-metrics", "--since", "30d")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert "the last 24h (metrics are kept for 24h)" in lines[0]
+    assert "  queries:          41 (40 complete, 1 error)" in lines
+    assert "  cache hit ratio:  75.0% (hit / (hit + miss))" in lines
+    assert "  query bytes:      4.0 KiB" in lines and "  result bytes:     20.1 MiB" in lines
+    assert "  cache refreshes:  1 complete, 0 error" in lines
+    table = lines[lines.index("  CACHE STATUS  QUERIES  SHARE"):][:4]
+    assert table == ["  CACHE STATUS  QUERIES  SHARE",
+                     "  hit                30  73.2%",
+                     "  miss               10  24.4%",
+                     "  volatile            1   2.4%"]
+    [header] = [x for x in lines if x.startswith("  LATENCY")]
+    assert header.split() == ["LATENCY", "COUNT", "ERRORS", "P50", "P90", "P99", "MAX"]
+    [query] = [x for x in lines if x.split()[:2] == ["query", "41"]]
+    [conn] = [x for x in lines if x.startswith("  connection ")]
+    assert query.split()[1:3] == ["41", "1"] and query.endswith("150 ms")
+    assert conn.split()[1:3] == ["1", "1"] and conn.endswith("4.00 ms")
+    assert len(header) == len(query) == len(conn)  # right-aligned numbers
+    assert re.fullmatch(r"Next: scrape http://127\.0\.0\.1:\d+/metrics with Prometheus for every config's counters"
+                        r" and latency histograms", lines[-1]), lines[-1]
+    hd_in(capsys, edge, "hyperdrive", "delete", "hd-metrics")
+
+
+@pytest.mark.parametrize("args, needle, code", [
+    (["hd-metrics-x", "--since", "soon"], "Invalid value for '--since': invalid duration 'soon'", 2),
+    (["hd-metrics-x", "--since", "0s"], "Invalid value for '--since': must be more than 0", 2),
+    (["ghost"], "no Hyperdrive config named or with id 'ghost'", 1),
+    ([], "Missing argument 'NAME'", 2),
+])
+def test_hyperdrive_metrics_mistakes_are_one_line(edge, proxy, capsys, args, needle, code) -> None:
+    for extra in ([], ["--json"]):
+        rc, out, err = hd_in(capsys, edge, "hyperdrive", "metrics", *args, *extra)
+        one_line_error(rc, out, err, needle)
+        assert rc == code

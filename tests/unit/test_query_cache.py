@@ -21,11 +21,16 @@ I32 = struct.Struct("!I")
 
 
 # --- a known catalog -----------------------------------------------------------------------
-FUNCS = [
-    ("pg_catalog", "now", "s", "f"), ("pg_catalog", "random", "v", "f"), ("pg_catalog", "lower", "i", "f"),
-    ("pg_catalog", "nextval", "v", "f"), ("pg_catalog", "count", "i", "f"), ("pg_catalog", "abs", "i", "f"),
-    ("public", "my_vol", "v", "t"), ("public", "my_imm", "i", "f"), ("public", "my_stable", "s", "f"),
-    ("public", "uuid_generate_v4", "v", "f"),  # an extension's volatile function: not a writer
+FUNCS = [  # schema, name, arguments, defaults, variadic, provolatile, may write tables
+    ("pg_catalog", "now", "0", "0", "f", "s", "f"), ("pg_catalog", "random", "0", "0", "f", "v", "f"),
+    ("pg_catalog", "lower", "1", "0", "f", "i", "f"), ("pg_catalog", "nextval", "1", "0", "f", "v", "f"),
+    ("pg_catalog", "count", "0", "0", "f", "i", "f"), ("pg_catalog", "count", "1", "0", "f", "i", "f"),
+    ("pg_catalog", "abs", "1", "0", "f", "i", "f"),
+    ("pg_catalog", "length", "1", "0", "f", "i", "f"), ("pg_catalog", "length", "2", "0", "f", "s", "f"),
+    ("pg_catalog", "concat", "1", "0", "t", "s", "f"),
+    ("public", "my_vol", "0", "0", "f", "v", "t"), ("public", "my_imm", "1", "0", "f", "i", "f"),
+    ("public", "my_stable", "0", "0", "f", "s", "f"),
+    ("public", "uuid_generate_v4", "0", "0", "f", "v", "f"),  # an extension's volatile function: not a writer
 ]
 RELS = [  # oid, schema, name, kind, rls, view sql, triggers/rules
     ("100", "public", "items", "r", "f", None, "f"),
@@ -64,6 +69,7 @@ def catalog() -> OriginCatalog:
     ("SELECT * FROM measurements", {106, 107}),  # partitions: the whole family
     ("WITH x AS (SELECT id FROM orders) SELECT * FROM x", {101}),
     ("SELECT $1::timestamptz, abs($2)", set()),
+    ("SELECT length(v) FROM orders", {101}),  # length(text) is immutable; length(bytea, name) is not
 ])
 def test_cacheable_reads_and_their_tables(catalog, sql, tokens):
     d = catalog.decide(sql.encode())
@@ -84,6 +90,8 @@ def test_unqualified_name_matches_every_schema(catalog):
     ("SELECT my_vol()", "volatile", "volatile function my_vol"),
     ("SELECT my_stable()", "volatile", "stable function my_stable"),
     ("SELECT current_timestamp", "volatile", "stable function current_timestamp"),
+    ("SELECT length(b, 'UTF8') FROM orders", "volatile", "stable function length"),
+    ("SELECT concat('a', 'b')", "volatile", "stable function concat"),
     ("SELECT * FROM v_now", "volatile", "stable function now"),
     ("SELECT * FROM v_nested", "volatile", "stable function now"),  # a view over a view
     ("SELECT * FROM items WHERE d > 'today'", "volatile", "a 'now'/'today'/'tomorrow'/'yesterday' literal"),
@@ -137,7 +145,7 @@ def test_unknown_names_fail_closed_and_are_not_remembered(catalog):
     assert d.status == "volatile" and d.unknown == {"brand_new"} and d.write_all
     d = catalog.decide(b"SELECT * FROM brand_new_table")
     assert d.status == "uncacheable" and d.unknown == {"brand_new_table"}
-    catalog.load([FUNCS + [("public", "brand_new", "i", "f")], RELS, INHERITS, FKS], now=5.0)
+    catalog.load([FUNCS + [("public", "brand_new", "1", "0", "f", "i", "f")], RELS, INHERITS, FKS], now=5.0)
     assert catalog.decide(b"SELECT brand_new(1)").cacheable
 
 
