@@ -27,7 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from proxy.sql.classify import Classification, ClassificationCache
+from proxy.sql.classify import Classification, ClassificationCache, has_time_word, normalize
 
 # Statement kinds that never change data (DDL and DML are recognised separately; any other
 # utility statement may write, so it invalidates everything).
@@ -207,19 +207,36 @@ class OriginCatalog:
     # ------------------------------------------------------------------ decisions
     def decide(self, sql: bytes) -> Decision:
         """The decision for a statement text, cached until the catalog changes."""
-        found = self._decisions.get(sql)
+        decisions = self._decisions
+        found = decisions.get(sql)
         if found is not None:
             return found
         try:
             text = sql.decode("utf-8")
         except UnicodeDecodeError:
-            d = Decision("parseerror", "the query is not valid UTF-8", write_all=True)
+            return Decision("parseerror", "the query is not valid UTF-8", write_all=True)
+        key = sql
+        if not has_time_word(text):
+            # Texts that differ only in constants (ids in simple-protocol queries) share one
+            # verdict: classify the normalized text once, not every text.
+            norm = normalize(text)
+            if norm is not None:
+                key = norm.encode("utf-8")
+                found = decisions.get(key)
+                if found is not None:
+                    return found
+                d = self.decide_classified(self.classifier.get(norm))
+                if d.status == "parseerror":  # normalizing can break odd statements (SET x = $1)
+                    key = sql
+                    d = self.decide_classified(self.classifier.get(text))
+            else:
+                d = self.decide_classified(self.classifier.get(text))
         else:
             d = self.decide_classified(self.classifier.get(text))
-        if not d.unknown and len(sql) <= self.classifier.max_sql_len:
-            self._decisions[sql] = d
-            if len(self._decisions) > self._max_decisions:
-                self._decisions.popitem(last=False)
+        if not d.unknown and len(key) <= self.classifier.max_sql_len:
+            decisions[key] = d
+            if len(decisions) > self._max_decisions:
+                decisions.popitem(last=False)
         return d
 
     def decide_classified(self, c: Classification) -> Decision:

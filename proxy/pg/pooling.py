@@ -235,6 +235,11 @@ class ClientCore:
             end = off + 1 + length
             if end > n:
                 break
+            if (kind == 0x42 or kind == 0x50) and self.server is None and self._fast_ok():
+                done = self._fast_hit(buf, off, n)
+                if done:
+                    off = done
+                    continue
             raw = bytes(buf[off:end])
             off = end
             if self.wait is not None:
@@ -243,6 +248,76 @@ class ClientCore:
                 self._route(kind, raw)
         del buf[:off]
         self._drain_fakes()
+
+    def _fast_ok(self) -> bool:
+        cache = self.cache
+        return (cache is not None and not cache.policy.disabled and self.wait is None and not self._batch
+                and not self._queued and self.txn == b"I" and self.refresh_fill is None and not self.expect)
+
+    def _fast_hit(self, buf: bytearray, off: int, n: int) -> int:
+        """The hot path of cached extended-protocol queries: `[Parse] Bind [Describe P] Execute
+        Sync` whole in the buffer and fresh in the cache is answered straight from the bytes.
+        Returns the offset after the Sync, or 0 to take the ordinary path."""
+        pos = off
+        parse_raw = None
+        if buf[pos] == 0x50:
+            end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
+            if end + 5 > n or buf[end] != 0x42:
+                return 0
+            parse_raw = bytes(buf[pos:end])
+            pos = end
+        end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
+        if end + 5 > n:
+            return 0
+        bind_raw = bytes(buf[pos:end])
+        pos = end
+        portal_end = bind_raw.index(b"\x00", 5)
+        portal = bind_raw[5:portal_end]
+        describe_portal = False
+        if buf[pos] == 0x44:
+            end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
+            if end + 5 > n or buf[pos + 5] != 0x50 or buf[pos + 6:end - 1] != portal:
+                return 0
+            describe_portal = True
+            pos = end
+        if buf[pos] != 0x45:
+            return 0
+        end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
+        if end + 5 > n or buf[pos + 5:end - 4] != portal + b"\x00" or buf[end - 4:end] != b"\x00\x00\x00\x00":
+            return 0  # another portal, or a row limit
+        pos = end
+        if buf[pos:pos + 5] != b"S\x00\x00\x00\x04":
+            return 0
+        pos += 5
+        stmt_end = bind_raw.index(b"\x00", portal_end + 1)
+        stmt = bind_raw[portal_end + 1:stmt_end]
+        if parse_raw is not None:
+            name, query, oids = parse_fields(parse_raw)
+            if name != stmt:
+                return 0
+        elif stmt:
+            st = self.statements.get(stmt.decode("utf-8", "surrogateescape"))
+            if st is None:
+                return 0
+            query, oids = st.query, st.param_oids
+        else:
+            if self._unnamed_parse is None:
+                return 0
+            _, query, oids = parse_fields(self._unnamed_parse)
+        cache = self.cache
+        assert cache is not None
+        now = cache.clock()
+        entry = cache.ns.get((cache.prefix, b"E", query, oids, bind_raw[stmt_end + 1:], False, describe_portal))
+        if entry is None or now - entry.stored_at >= cache.policy.max_age:
+            return 0  # a miss, or stale: the ordinary path decides
+        out = self.to_client
+        if parse_raw is not None:
+            self._parse_local(parse_raw)
+            out += PARSE_COMPLETE
+        out += entry.payload
+        out += Z_IDLE
+        cache.metrics.query("hit", True, cache.clock() - now, pos - off, len(entry.payload))
+        return pos
 
     def resume(self, *, timed_out: bool = False) -> None:
         """What this client waited for is done (or took too long): go on with its messages."""

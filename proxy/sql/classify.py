@@ -55,6 +55,8 @@ __all__ = [
     "cache_decision",
     "classify",
     "fallback_provolatile",
+    "has_time_word",
+    "normalize",
 ]
 
 Status = Literal["cacheable", "multiplestatements", "notaquery", "parseerror", "uncacheable"]
@@ -371,6 +373,26 @@ def _parse(sql: str) -> list[dict[str, Any]]:
         _pgq.pg_query_free_parse_result(result)
     stmts: list[dict[str, Any]] = tree.get("stmts", [])
     return stmts
+
+
+def normalize(sql: str) -> str | None:
+    """The statement with every constant replaced by a parameter ($n), by libpg_query (a few
+    µs); None when it cannot. Texts that differ only in constants classify alike, except for
+    date/time words in string constants (see `_TIME_WORD`), which the caller must check."""
+    if "\x00" in sql:
+        return None
+    result = _pgq.pg_query_normalize(sql.encode("utf-8"))
+    try:
+        if result.error or result.normalized_query is None:
+            return None
+        return bytes(result.normalized_query).decode("utf-8")
+    finally:
+        _pgq.pg_query_free_normalize_result(result)
+
+
+def has_time_word(sql: str) -> bool:
+    """Whether 'now', 'today', 'tomorrow' or 'yesterday' appears at all (anywhere in the text)."""
+    return _TIME_WORD.search(sql) is not None
 
 
 def classify(sql: str) -> Classification:

@@ -539,3 +539,25 @@ def _offsets(data: bytes) -> list[int]:
         out.append(off)
         off += 1 + I32.unpack_from(data, off + 1)[0]
     return out
+
+
+def test_a_batch_split_across_reads_is_still_a_hit():
+    w = World()
+    c = w.core()
+    first = extended(c, "SELECT * FROM items WHERE id = $1", (b"7",), name="s7")
+    msgs = bind("s7", (b"7",)) + describe(b"P") + execute() + SYNC
+    for cut in (3, len(bind("s7", (b"7",))), len(msgs) - 2):  # inside a message, between messages, in the Sync
+        c.feed_client(msgs[:cut])
+        assert not c.to_client and not c.wants_server
+        c.feed_client(msgs[cut:])
+        assert take(c.to_client) == first[len(PARSE_OK):]
+    assert w.statuses() == {"miss": 1, "hit": 3}
+
+
+def test_texts_differing_only_in_constants_are_classified_once(catalog):
+    for i in range(50):
+        assert catalog.decide(f"SELECT * FROM orders WHERE id = {i} AND tag = 'x{i}'".encode()).cacheable
+    assert catalog.classifier.misses == 1
+    # a date/time word in a constant is judged on the text itself
+    assert catalog.decide(b"SELECT * FROM orders WHERE d > 'yesterday'").status == "volatile"
+    assert catalog.decide(b"SELECT * FROM orders WHERE d > '2020-01-01'").cacheable
