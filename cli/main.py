@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import urllib.parse
 from dataclasses import dataclass
@@ -110,6 +111,19 @@ def hd(as_json: bool, state_dir: str | None, api_url: str | None, api_token: str
     """Self-hosted tunnels, access and database proxy."""
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """`256MiB`, `2GiB`, `500MB`, `1048576` → bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {text!r}: expected a number with an optional unit, e.g. 256MiB or 2GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
 # --- hd edge --------------------------------------------------------------------------------
 @hd.command("edge")
 @click.option("--state-dir", envvar="HD_STATE_DIR", metavar="DIR", help="State directory (default ~/.hd).")
@@ -129,10 +143,13 @@ def hd(as_json: bool, state_dir: str | None, api_url: str | None, api_token: str
               help="Proxy: idle origin connections are closed after this.")
 @click.option("--statement-timeout", type=Duration(), default="60s", show_default=True,
               help="Proxy: statement_timeout set on every origin connection.")
+@click.option("--cache-size", default="256MiB", show_default=True, metavar="SIZE",
+              help="Proxy: memory for cached query results, all configs together (e.g. 64MiB, 2GiB; 0 turns"
+                   " the cache off for every config).")
 @click.option("--json", "as_json", is_flag=True, help="Print the edge's endpoints as one JSON object once ready.")
 def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_listen: str | None,
              mysql_listen: str | None, advertise: str | None, key_rotation: float, connect_timeout: float,
-             idle_timeout: float, statement_timeout: float, as_json: bool) -> None:
+             idle_timeout: float, statement_timeout: float, cache_size: str, as_json: bool) -> None:
     """Run the edge in the foreground: control API, tunnel relay and the Postgres proxy."""
     from control.edge import EdgeError, run_edge
 
@@ -145,6 +162,10 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
     )
     if key_rotation <= 0:
         raise click.BadParameter("must be more than 0, e.g. 1008h", param_hint="'--key-rotation'")
+    try:
+        cache_bytes = parse_size(cache_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--cache-size'") from None
     if mysql_listen:
         out.warn(f"hd edge: --mysql-listen {mysql_listen}: the MySQL proxy is not yet available;"
                  " recorded in edge.json only")
@@ -161,7 +182,8 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
         run_async(run_edge(sdir, api_listen, tunnel_listen, ready, advertise=advertise,
                            pg_listen=pg_listen, mysql_listen=mysql_listen, key_rotation=key_rotation,
                            proxy_options={"connect_timeout": connect_timeout, "idle_timeout": idle_timeout,
-                                          "statement_timeout_ms": int(statement_timeout * 1000)}),
+                                          "statement_timeout_ms": int(statement_timeout * 1000),
+                                          "cache_max_bytes": cache_bytes}),
                   fast_loop=True)
     except EdgeError as e:
         raise CliError(str(e)) from None

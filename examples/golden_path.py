@@ -48,6 +48,22 @@ def run(argv: list[str], env: dict[str, str], *, show: str | None = None) -> Any
     return out.stdout
 
 
+def psql_query(conn_string: str, query: str, env: dict[str, str]) -> None:
+    """`psql "$(hd hyperdrive get my-db --connection-string)" -c QUERY` (psycopg without psql)."""
+    psql = shutil.which("psql")
+    if psql:
+        say(f'$ psql "$(hd hyperdrive get my-db --connection-string)" -c "{query}"')
+        out = subprocess.run([psql, conn_string, "-c", query], env=env, capture_output=True, text=True, timeout=60)
+        print(out.stdout or out.stderr, end="")
+        if out.returncode != 0:
+            raise SystemExit("psql through the proxy failed")
+    else:
+        import psycopg
+
+        with psycopg.connect(conn_string, connect_timeout=15, autocommit=True) as conn:
+            print(conn.execute(query).fetchone())
+
+
 def wait(predicate: Any, timeout: float, what: str, procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -134,19 +150,16 @@ def main() -> int:
                  f"--origin-password … --access-client-id {token['client_id']} --access-client-secret …")
         conn_string = run([tool("hd"), "hyperdrive", "get", "my-db", "--connection-string"], env).strip()
         query = "select 'hello through the proxy and the tunnel' as greeting, current_database(), current_user"
-        psql = shutil.which("psql")
-        if psql:
-            say(f'$ psql "$(hd hyperdrive get my-db --connection-string)" -c "{query}"')
-            out = subprocess.run([psql, conn_string, "-c", query], env=env,
-                                 capture_output=True, text=True, timeout=60)
-            print(out.stdout or out.stderr, end="")
-            if out.returncode != 0:
-                raise SystemExit("psql through the proxy failed")
-        else:
-            import psycopg
-
-            with psycopg.connect(conn_string, connect_timeout=15) as conn:
-                print(conn.execute(query).fetchone())
+        psql_query(conn_string, query, env)
+        # A read without volatile functions is cached: the second run never reaches the origin.
+        cached = "select 'the second run comes from the cache' as note, 6 * 7 as answer"
+        for _ in range(2):
+            psql_query(conn_string, cached, env)
+        metrics = run([tool("hd"), "hyperdrive", "metrics", "my-db", "--json"], env)
+        by_status = metrics["queries"]["by_cache_status"]
+        if by_status["hit"] < 1:
+            raise SystemExit(f"the repeated read was not served from the cache: {by_status}")
+        run([tool("hd"), "hyperdrive", "metrics", "my-db"], env)
         say("golden path OK")
         if args.keep:
             say(f"everything is running (state in {state}); Ctrl-C to stop")

@@ -156,7 +156,9 @@ class ProxyService:
         policy = self._policies.get(config.id)
         if policy is None:
             policy = self._policies[config.id] = CachePolicy()
-        policy.disabled, policy.max_age, policy.swr = bool(config.caching_disabled), float(config.max_age), float(config.swr)
+        # `hd edge --cache-size 0` turns caching off for every config.
+        policy.disabled = bool(config.caching_disabled) or self.cache.max_bytes <= 0
+        policy.max_age, policy.swr = float(config.max_age), float(config.swr)
         return policy
 
     def namespace_for(self, config: Any) -> Namespace:

@@ -937,3 +937,15 @@ def test_hyperdrive_metrics_mistakes_are_one_line(edge, proxy, capsys, args, nee
         rc, out, err = hd_in(capsys, edge, "hyperdrive", "metrics", *args, *extra)
         one_line_error(rc, out, err, needle)
         assert rc == code
+
+
+def test_parse_size_for_edge_cache_size():
+    from cli.main import parse_size
+
+    assert parse_size("256MiB") == 256 * 1024 * 1024
+    assert parse_size("2GiB") == 2 * 1024**3
+    assert parse_size("500MB") == 500_000_000
+    assert parse_size("0") == 0
+    for bad in ("lots", "12XB", "-1MiB", ""):
+        with pytest.raises(ValueError, match="invalid size"):
+            parse_size(bad)
