@@ -331,3 +331,28 @@ async def test_concurrent_identical_misses_make_one_origin_query(origin, stack):
                            " and query not like '%pg_stat_statements%'", dbname="app")[0][0]
     assert calls == 1, f"the origin ran the query {calls} times"
     assert stack.statuses(cfg) == {"miss": 1, "hit": 9}
+
+
+async def test_a_waiter_outlives_the_client_it_waited_for(origin, stack):
+    """B waits for A's identical query; A's client vanishes mid-query: B is not left hanging,
+    it asks the origin itself."""
+    cfg = app_config(stack, origin)
+    a = await connect(stack, cfg)
+    b = await connect(stack, cfg)
+    try:
+        task_a = asyncio.ensure_future(a.execute("select slow_one()"))
+        ns = stack.service.namespace_for(cfg)
+        await eventually(lambda: ns.fills)  # A's fill is on its way
+        task_b = asyncio.ensure_future(b.execute("select slow_one()"))
+        await eventually(lambda: any(f.callbacks for f in ns.fills.values()))  # B waits on it
+        a.pgconn.finish()  # A's client goes away without a word
+        task_a.cancel()
+        cur = await asyncio.wait_for(task_b, 10)
+        assert await cur.fetchone() == (1,)
+    finally:
+        await b.close()
+        try:
+            await a.close()
+        except Exception:
+            pass
+    assert stack.statuses(cfg).get("miss", 0) >= 1
