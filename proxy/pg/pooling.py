@@ -380,7 +380,9 @@ class ClientCore:
             if refusal:
                 self.to_client += error_message("0A000", refusal[0], hint=refusal[1]) + ready_for_query(b"I")
                 if self.cache is not None:
-                    self._obs("notaquery", len(raw)).complete(b"I")
+                    obs = self._obs("disabled" if self.cache.policy.disabled else "notaquery", len(raw))
+                    obs.failed = True
+                    obs.complete(b"I")
                 return
         obs = self._query_obs(raw, sql, local) if self.cache is not None else None
         if obs is not None or self.cache is None:
@@ -396,19 +398,8 @@ class ClientCore:
         ns = cache.ns
         refresh = self.refresh_fill
         key = (cache.prefix, sql)
-        if refresh is None and local and len(sql) <= MAX_KEY_BYTES:
-            now = cache.clock()
-            entry = ns.get(key)
-            if entry is not None:
-                age = now - entry.stored_at
-                if age < policy.max_age + policy.swr:
-                    self.to_client += entry.payload
-                    self.to_client += Z_IDLE
-                    cache.metrics.query("hit", True, cache.clock() - now, len(raw), len(entry.payload))
-                    if age >= policy.max_age and key not in ns.fills:
-                        cache.refresh(raw, ns.begin_fill(key))  # stale: one refresh in the background
-                    return None
-                ns.remove(entry)
+        if refresh is None and local and len(sql) <= MAX_KEY_BYTES and self._serve(key, len(raw), (), lambda: raw):
+            return None
         d = ns.catalog.decide(sql)
         if (d.unknown or ns.catalog_stale) and local and refresh is None:
             wait = cache.reload_catalog(cache.clock())
@@ -460,6 +451,7 @@ class ClientCore:
         ends: dict[int, QueryObs] = {}
         local = self.server is None and not self._queued and self.txn == b"I"
         shape = analyze_batch(batch) if sync is not None and len(executes) == 1 else None
+        statements = self._batch_statements(batch)
         if cache.policy.disabled:
             for i in executes:
                 obs = self._obs("disabled", len(batch[i][1]))
@@ -471,7 +463,6 @@ class ClientCore:
             starts[shape.first] = obs
             ends[shape.execute] = obs
         else:
-            statements = self._batch_statements(batch)
             qbytes = sum(len(r) for _, r in batch) // len(executes)
             for i in executes:
                 query = statements.get(i)
@@ -529,8 +520,9 @@ class ClientCore:
                 st = portals.get(portal)
                 if st is not None:
                     out[i] = st[0]
-        if self.txn != b"I":
-            self._portals = {p: s for p, s in portals.items() if p}  # named portals live in the txn
+        # Portals outlive a Sync inside a transaction block (cursor-style fetches Execute them
+        # again later); every one is forgotten at the next ReadyForQuery 'I'.
+        self._portals = portals
         return out
 
     def _extended_obs(self, batch: list[tuple[int, bytes]], sync: bytes, shape: ExtendedShape,
@@ -556,24 +548,12 @@ class ClientCore:
         query, oids = st
         key = (cache.prefix, b"E", query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
         oversized = len(query) + len(shape.bind_tail) > MAX_KEY_BYTES
-        policy = cache.policy
         if refresh is None and local and shape.max_rows == 0 and not oversized:
-            now = cache.clock()
-            entry = ns.get(key)
-            if entry is not None:
-                age = now - entry.stored_at
-                if age < policy.max_age + policy.swr:
-                    for raw in shape.parses:
-                        self._parse_local(raw)
-                        self.to_client += PARSE_COMPLETE
-                    self.to_client += entry.payload
-                    self.to_client += Z_IDLE
-                    cache.metrics.query("hit", True, cache.clock() - now, qbytes, len(entry.payload))
-                    if age >= policy.max_age and key not in ns.fills:
-                        cache.refresh(extended_request(query, oids, shape.bind_tail, shape.describe_statement,
-                                                       shape.describe_portal), ns.begin_fill(key))
-                    return None
-                ns.remove(entry)
+            def request() -> bytes:
+                return extended_request(query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
+
+            if self._serve(key, qbytes, shape.parses, request):
+                return None
         d = ns.catalog.decide(query)
         if (d.unknown or ns.catalog_stale) and local and refresh is None:
             wait = cache.reload_catalog(cache.clock())
@@ -612,6 +592,32 @@ class ClientCore:
         if obs.writes:
             obs.invalidate()
         return obs
+
+    def _serve(self, key: Any, qbytes: int, parses: list[bytes] | tuple[()], request: Any) -> bool:
+        """Answer from the cache when the entry is fresh or stale-but-within-swr (then one
+        background refresh of `request()` starts); an expired entry is dropped."""
+        cache = self.cache
+        assert cache is not None
+        ns = cache.ns
+        entry = ns.get(key)
+        if entry is None:
+            return False
+        now = cache.clock()
+        age = now - entry.stored_at
+        policy = cache.policy
+        if age >= policy.max_age + policy.swr:
+            ns.remove(entry)
+            return False
+        out = self.to_client
+        for raw in parses:
+            self._parse_local(raw)
+            out += PARSE_COMPLETE
+        out += entry.payload
+        out += Z_IDLE
+        cache.metrics.query("hit", True, cache.clock() - now, qbytes, len(entry.payload))
+        if age >= policy.max_age and key not in ns.fills:
+            cache.refresh(request(), ns.begin_fill(key))  # stale: one refresh in the background
+        return True
 
     def _parse_local(self, raw: bytes) -> None:
         """A Parse answered from the cache: remember the statement for later Binds."""

@@ -561,3 +561,22 @@ def test_texts_differing_only_in_constants_are_classified_once(catalog):
     # a date/time word in a constant is judged on the text itself
     assert catalog.decide(b"SELECT * FROM orders WHERE d > 'yesterday'").status == "volatile"
     assert catalog.decide(b"SELECT * FROM orders WHERE d > '2020-01-01'").cacheable
+
+
+def test_cursor_fetches_of_a_portal_in_a_transaction_do_not_flush_the_cache():
+    """JDBC-style fetch size: Bind a named portal, then Execute it with a row limit, batch after
+    batch. The later Executes name only the portal: it is still known, and a read."""
+    w = World()
+    c = w.core()
+    run_simple(w.core(), "SELECT * FROM orders")  # an entry that must survive
+    run_simple(c, "BEGIN", answer=done("BEGIN"), status=b"T")
+    c.feed_client(encode_parse("s", "SELECT * FROM items", ()) + bind("s", portal="cur") + execute(10, "cur") + SYNC)
+    c.attach(ServerState())
+    take(c.to_server)
+    suspended = message(b"s", b"")
+    c.feed_server(PARSE_OK + BIND_OK + row(b"a") + suspended + rfq(b"T"))
+    c.feed_client(execute(10, "cur") + SYNC)
+    take(c.to_server)
+    c.feed_server(row(b"b") + done("SELECT 1") + rfq(b"T"))
+    assert w.ns.entries == 1
+    assert w.statuses() == {"miss": 1, "notaquery": 1, "transaction": 2}
