@@ -30,6 +30,16 @@ REAP_INTERVAL = 30.0
 CATALOG_TIMEOUT = 20.0  # a catalog snapshot (clients wait for it at most this long)
 
 
+# Session settings that cannot change a query's rows, left out of cache keys so that clients that
+# differ only in them (application_name above all) share entries. Every other setting counts.
+RESULT_NEUTRAL_SETTINGS = frozenset({
+    "application_name", "fallback_application_name", "statement_timeout", "lock_timeout",
+    "idle_in_transaction_session_timeout", "idle_session_timeout", "client_min_messages",
+    "log_min_duration_statement", "log_statement", "tcp_keepalives_idle", "tcp_keepalives_interval",
+    "tcp_keepalives_count", "tcp_user_timeout",
+})
+
+
 class _Pending:
     """A running catalog load, as something a session can wait on."""
 
@@ -170,7 +180,8 @@ class ProxyService:
         ns = self.namespace_for(config)
         # The key covers everything that can change an answer besides the statement: the
         # origin database (namespace), the role, and the session settings the client runs with.
-        prefix = self.cache.prefix(ns, config.user, config.database, tuple(sorted(settings.items())))
+        prefix = self.cache.prefix(ns, config.user, config.database,
+                                   tuple(sorted((k, v) for k, v in settings.items() if k not in RESULT_NEUTRAL_SETTINGS)))
         config_id = config.id
         frozen = dict(settings)
 

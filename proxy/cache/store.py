@@ -23,6 +23,7 @@ from proxy.cache.catalog import OriginCatalog
 
 MAX_RESULT_BYTES = 50 * 1024 * 1024  # larger results are returned but not cached (as Hyperdrive)
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MAX_PREFIXES = 100_000  # distinct (origin, role, database, settings) combinations remembered
 ENTRY_OVERHEAD = 256  # bytes counted per entry besides its payload and key
 
 
@@ -185,6 +186,7 @@ class QueryCache:
         self.evictions = 0
         self._namespaces: dict[Hashable, Namespace] = {}
         self._prefixes: dict[tuple[Any, ...], int] = {}
+        self._next_prefix = 0
 
     def namespace(self, ident: Hashable) -> Namespace:
         ns = self._namespaces.get(ident)
@@ -197,7 +199,12 @@ class QueryCache:
         key = (ns.ident, *parts)
         pid = self._prefixes.get(key)
         if pid is None:
-            pid = self._prefixes[key] = len(self._prefixes) + 1
+            if len(self._prefixes) >= MAX_PREFIXES:
+                # Pathological clients (every one with its own settings): start over. Ids are
+                # never reused, so old entries are merely unreachable and age out of the LRU.
+                self._prefixes.clear()
+            self._next_prefix += 1
+            pid = self._prefixes[key] = self._next_prefix
         return pid
 
     def get(self, key: Hashable) -> Entry | None:

@@ -236,7 +236,10 @@ class ClientCore:
             if end > n:
                 break
             if (kind == 0x42 or kind == 0x50) and self.server is None and self._fast_ok():
-                done = self._fast_hit(buf, off, n)
+                try:
+                    done = self._fast_hit(buf, off, n)
+                except (ValueError, IndexError, struct.error):
+                    done = 0  # malformed: the ordinary path says so
                 if done:
                     off = done
                     continue
@@ -245,7 +248,7 @@ class ClientCore:
             if self.wait is not None:
                 self._held.append((kind, raw))
             else:
-                self._route(kind, raw)
+                self._route_checked(kind, raw)
         del buf[:off]
         self._drain_fakes()
 
@@ -326,9 +329,15 @@ class ClientCore:
         held = self._held
         while held and self.wait is None:
             kind, raw = held.popleft()
-            self._route(kind, raw)
+            self._route_checked(kind, raw)
         self._no_coalesce = False
         self._drain_fakes()
+
+    def _route_checked(self, kind: int, raw: bytes) -> None:
+        try:
+            self._route(kind, raw)
+        except (ValueError, IndexError, struct.error) as exc:  # a truncated name, a short field, ...
+            raise ClientProtocolError(f"malformed {chr(kind)!r} message ({exc})") from None
 
     def _hold(self, wait: Any, messages: list[tuple[int, bytes]]) -> None:
         self.wait = wait

@@ -242,6 +242,11 @@ async def test_roles_databases_parameters_and_search_paths_never_share(origin, s
         assert await rows(app, "select v from items", options="-c search_path=s2") == [("from s2",)]
     for cfg in (alice, bob, app, app2):
         assert stack.statuses(cfg).get("hit", 0) >= 1
+    # application_name cannot change rows: clients that differ only in it share entries
+    hits = stack.statuses(app)["hit"]
+    assert await rows(app, "select v from kv where k = 2", application_name="web-1") == [("app-two",)]
+    assert await rows(app, "select v from kv where k = 2", application_name="worker-7") == [("app-two",)]
+    assert stack.statuses(app)["hit"] == hits + 1
 
 
 # --- writes -----------------------------------------------------------------------------------

@@ -580,3 +580,28 @@ def test_cursor_fetches_of_a_portal_in_a_transaction_do_not_flush_the_cache():
     c.feed_server(row(b"b") + done("SELECT 1") + rfq(b"T"))
     assert w.ns.entries == 1
     assert w.statuses() == {"miss": 1, "notaquery": 1, "transaction": 2}
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from proxy.pg.pooling import ClientProtocolError  # noqa: E402
+
+_KINDS = st.sampled_from([b"P", b"B", b"D", b"E", b"C", b"S", b"Q", b"H"])
+_MESSAGES = st.lists(st.tuples(_KINDS, st.binary(max_size=40)), min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_MESSAGES)
+def test_malformed_client_messages_are_protocol_errors(msgs):
+    """Random bodies for every message kind the cache reads: either handled, or a clear
+    ClientProtocolError (the session answers 08P01) — never another exception."""
+    w = World()
+    run_simple(w.core(), "SELECT * FROM items")  # something in the cache to look up
+    c = w.core()
+    data = b"".join(message(k, body) for k, body in msgs)
+    try:
+        c.feed_client(data)
+    except ClientProtocolError:
+        pass
+
