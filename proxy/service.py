@@ -28,6 +28,7 @@ log = logging.getLogger("proxy")
 
 REAP_INTERVAL = 30.0
 CATALOG_TIMEOUT = 20.0  # a catalog snapshot (clients wait for it at most this long)
+WELCOME_CATALOG_WAIT = 5.0  # a config's first client waits this long at most for the first snapshot
 
 
 # Session settings that cannot change a query's rows, left out of cache keys so that clients that
@@ -188,8 +189,8 @@ class ProxyService:
         def refresh(request: bytes, fill: Fill) -> None:
             self._refresh(config_id, frozen, request, fill)
 
-        def reload_catalog(now: float) -> Any:
-            return self._reload_catalog(ns, config_id, now)
+        def reload_catalog(now: float, names: frozenset[str]) -> Any:
+            return self._reload_catalog(ns, config_id, now, names)
 
         return CacheContext(ns, self.policy_for(config), prefix, self.metrics.for_config(config.id),
                             self.cache.clock, refresh, reload_catalog)
@@ -200,18 +201,20 @@ class ProxyService:
         ns = self.namespace_for(config)
         if config.caching_disabled or ns.catalog.loaded:
             return
-        pending = self._reload_catalog(ns, config.id, self.cache.clock())
+        pending = self._reload_catalog(ns, config.id, self.cache.clock(), frozenset())
         if pending is not None:
-            await asyncio.wait({pending.task}, timeout=CATALOG_TIMEOUT + 1.0)
+            # A huge catalog may take longer: the client goes on, the load continues.
+            await asyncio.wait({pending.task}, timeout=WELCOME_CATALOG_WAIT)
 
-    def _reload_catalog(self, ns: Namespace, config_id: str, now: float) -> Any:
-        """Start (or join) a catalog load for `ns`; None when one ran too recently to retry."""
+    def _reload_catalog(self, ns: Namespace, config_id: str, now: float, names: frozenset[str]) -> Any:
+        """Start (or join) a catalog load for `ns`; None when it would not help (see
+        OriginCatalog.may_reload) and no DDL went through since the last one."""
         if ns.catalog_loading is not None:
             return ns.catalog_loading
-        if not ns.catalog_stale and not ns.catalog.may_reload(now):
+        if not ns.catalog_stale and not ns.catalog.may_reload(now, names):
             return None
         ns.catalog_stale = False
-        ns.catalog.attempted_at = now
+        ns.catalog.reloading_for(now, names)
         task = asyncio.get_running_loop().create_task(self._load_catalog(ns, config_id))
         pending = _Pending(task)
 

@@ -52,6 +52,7 @@ CATALOG_CAST_TYPES = frozenset(
 # Extension functions that reach other databases or write by design.
 EXTENSION_WRITERS = frozenset({"dblink", "dblink_exec", "dblink_send_query", "dblink_open"})
 RELOAD_MIN_INTERVAL = 1.0  # seconds between reloads caused by unknown names
+MISSING_RECHECK = 60.0  # a name a reload did not find triggers no other reload for this long
 
 # One round trip: four result sets, in this order (see `OriginCatalog.load`).
 CATALOG_SQL = """\
@@ -127,6 +128,8 @@ class OriginCatalog:
         self.loaded = False
         self.loaded_at = float("-inf")
         self.attempted_at = float("-inf")
+        self.missing: set[str] = set()  # names reloads were started for (still unknown: absent)
+        self.missing_since = float("-inf")
         self.version = 0
         # bare name -> overloads (schema, fewest arguments, most arguments, provolatile)
         self._overloads: dict[str, list[tuple[str, int, int, str]]] = {}
@@ -200,9 +203,20 @@ class OriginCatalog:
         self.loaded_at = time.monotonic() if now is None else now
         self.version += 1
 
-    def may_reload(self, now: float) -> bool:
-        """Unknown names justify a reload at most once per RELOAD_MIN_INTERVAL."""
-        return now - self.attempted_at >= RELOAD_MIN_INTERVAL
+    def may_reload(self, now: float, names: frozenset[str] = frozenset()) -> bool:
+        """Unknown names justify a reload at most once per RELOAD_MIN_INTERVAL, and names that
+        a reload already looked for (a table that does not exist) only after MISSING_RECHECK."""
+        if now - self.attempted_at < RELOAD_MIN_INTERVAL:
+            return False
+        if self.missing and now - self.missing_since >= MISSING_RECHECK:
+            self.missing.clear()
+        return not names or not names <= self.missing
+
+    def reloading_for(self, now: float, names: frozenset[str]) -> None:
+        self.attempted_at = now
+        if names and not self.missing:
+            self.missing_since = now
+        self.missing |= names
 
     # ------------------------------------------------------------------ decisions
     def decide(self, sql: bytes) -> Decision:

@@ -46,14 +46,15 @@ class CacheContext:
     def __init__(self, ns: Namespace, policy: CachePolicy, prefix: int, metrics: Any,
                  clock: Callable[[], float],
                  refresh: Callable[[bytes, Fill], None],
-                 reload_catalog: Callable[[float], Any]) -> None:
+                 reload_catalog: Callable[[float, frozenset[str]], Any]) -> None:
         self.ns = ns
         self.policy = policy
         self.prefix = prefix
         self.metrics = metrics  # proxy.cache.metrics.ConfigMetrics
         self.clock = clock
         self.refresh = refresh  # (request bytes, fill) -> run it in the background, fill the cache
-        self.reload_catalog = reload_catalog  # (now) -> something with add_callback(fn), or None
+        # (now, unknown names) -> something with add_callback(fn) while a load runs, or None
+        self.reload_catalog = reload_catalog
 
 
 class QueryObs:

@@ -411,7 +411,7 @@ class ClientCore:
             return None
         d = ns.catalog.decide(sql)
         if (d.unknown or ns.catalog_stale) and local and refresh is None:
-            wait = cache.reload_catalog(cache.clock())
+            wait = cache.reload_catalog(cache.clock(), d.unknown)
             if wait is not None:
                 self._hold(wait, [(0x51, raw)])
                 return None
@@ -565,7 +565,7 @@ class ClientCore:
                 return None
         d = ns.catalog.decide(query)
         if (d.unknown or ns.catalog_stale) and local and refresh is None:
-            wait = cache.reload_catalog(cache.clock())
+            wait = cache.reload_catalog(cache.clock(), d.unknown)
             if wait is not None:
                 self._hold(wait, batch + [(0x53, sync)])
                 return None

@@ -150,9 +150,12 @@ def test_unknown_names_fail_closed_and_are_not_remembered(catalog):
 
 
 def test_reloads_are_rate_limited(catalog):
-    catalog.attempted_at = 10.0
-    assert not catalog.may_reload(10.5)
-    assert catalog.may_reload(11.0)
+    catalog.reloading_for(10.0, frozenset({"nowhere"}))
+    assert not catalog.may_reload(10.5, frozenset({"new_table"}))
+    assert catalog.may_reload(11.0, frozenset({"new_table"}))
+    # a name the last reload looked for and did not find: not again for a minute
+    assert not catalog.may_reload(11.0, frozenset({"nowhere"}))
+    assert catalog.may_reload(10.0 + 61, frozenset({"nowhere"}))
 
 
 def test_an_unloaded_catalog_knows_nothing():
@@ -281,7 +284,7 @@ class World:
         settings = settings or {}
         prefix = self.cache.prefix(self.ns, role, "db", tuple(sorted(settings.items())))
         ctx = CacheContext(self.ns, self.policy, prefix, self.metrics, self.clock,
-                           lambda req, fill: self.refreshes.append((req, fill)), lambda now: None)
+                           lambda req, fill: self.refreshes.append((req, fill)), lambda now, names: None)
         return ClientCore(self.registry, settings=settings, cache=ctx)
 
     def statuses(self) -> dict[str, int]:
