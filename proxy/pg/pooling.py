@@ -343,12 +343,8 @@ class ClientCore:
         self.wait = wait
         self._held.extendleft(reversed(messages))
 
-    def _batching(self) -> bool:
-        cache = self.cache
-        return cache is not None and not cache.policy.disabled
-
     def _route(self, kind: int, raw: bytes) -> None:
-        if kind in _BATCHED and self._batching():
+        if kind in _BATCHED and self.cache is not None:
             self._batch.append((kind, raw))
             self._batch_bytes += len(raw)
             if self._batch_bytes > MAX_BATCH_BYTES:
@@ -402,9 +398,17 @@ class ClientCore:
         cache = self.cache
         assert cache is not None
         policy = cache.policy
-        if policy.disabled:
-            return self._obs("disabled", len(raw))
         ns = cache.ns
+        if policy.disabled:  # not cached, but a write still invalidates other configs' reads
+            if self.refresh_fill is not None:  # caching was turned off since the refresh began
+                ns.abort_fill(self.refresh_fill)
+                self.refresh_fill = None
+                return None
+            obs = self._obs("disabled", len(raw))
+            obs.writes_from(ns.catalog.decide(sql))
+            if obs.writes:
+                obs.invalidate()
+            return obs
         refresh = self.refresh_fill
         key = (cache.prefix, sql)
         if refresh is None and local and len(sql) <= MAX_KEY_BYTES and self._serve(key, len(raw), (), lambda: raw):
@@ -456,16 +460,16 @@ class ClientCore:
             if sync is not None:
                 self._send(0x53, sync, None)
             return
+        if self.refresh_fill is not None and cache.policy.disabled:
+            cache.ns.abort_fill(self.refresh_fill)  # caching was turned off since the refresh began
+            self.refresh_fill = None
+            return
         starts: dict[int, QueryObs] = {}
         ends: dict[int, QueryObs] = {}
         local = self.server is None and not self._queued and self.txn == b"I"
         shape = analyze_batch(batch) if sync is not None and len(executes) == 1 else None
         statements = self._batch_statements(batch)
-        if cache.policy.disabled:
-            for i in executes:
-                obs = self._obs("disabled", len(batch[i][1]))
-                starts[i] = ends[i] = obs
-        elif shape is not None:
+        if shape is not None and not cache.policy.disabled:
             obs = self._extended_obs(batch, sync, shape, local)  # type: ignore[arg-type]
             if obs is None:
                 return  # answered from the cache, or waiting
@@ -476,7 +480,14 @@ class ClientCore:
             for i in executes:
                 query = statements.get(i)
                 d = cache.ns.catalog.decide(query) if query is not None else None
-                if d is None:
+                if cache.policy.disabled:
+                    # Not cached, but its writes still invalidate other configs' reads.
+                    obs = self._obs("disabled", qbytes)
+                    if d is None:
+                        obs.write_all = True
+                    else:
+                        obs.writes_from(d)
+                elif d is None:
                     obs = self._obs("uncacheable" if self.refresh_fill is None else None, qbytes)
                     obs.write_all = True  # an unknown statement may write
                 else:

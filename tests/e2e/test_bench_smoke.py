@@ -29,3 +29,17 @@ def test_proxy_bench_quick_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["summary"]["hyperdrive"]["speedup_p50"] > 0
+
+
+@pytest.mark.slow
+def test_cache_bench_quick_run(tmp_path):
+    out = tmp_path / "cache.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.cache_bench", "--quick", "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    for mode in ("simple", "prepared"):
+        assert doc["summary"]["hit_latency"][mode]["p50_us"]["cache"] > 0
+        assert doc["summary"]["hit_latency"][mode]["ratio_p50"] > 0
+    assert doc["summary"]["pgbench"]["min_ratio"] > 0
+    assert all(tps > 0 for tps in doc["summary"]["pgbench"]["tps_cache"].values())

@@ -262,6 +262,11 @@ async def test_write_then_read_through_the_proxy_is_fresh_at_once(origin, stack)
         assert (await (await conn2.execute("select n from t where id = 1")).fetchone()) == (11,)
         await conn2.execute("update t set n = %s where id = %s", (12, 1))  # extended protocol, other config
         assert (await (await conn.execute("select n from t where id = 1")).fetchone()) == (12,)
+        # Hyperdrive's advice is a second, cache-disabled config for writes: its writes count too
+        writer = app_config(stack, origin, name="writer", caching_disabled=True)
+        async with await connect(stack, writer) as w:
+            await w.execute("update t set n = %s where id = 1", (14,))
+        assert (await (await conn.execute("select n from t where id = 1")).fetchone()) == (14,)
         async with conn.transaction():
             await conn.execute("update t set n = 13 where id = 1")
         assert (await (await conn2.execute("select n from t where id = 1")).fetchone()) == (13,)

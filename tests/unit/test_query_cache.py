@@ -608,3 +608,24 @@ def test_malformed_client_messages_are_protocol_errors(msgs):
     except ClientProtocolError:
         pass
 
+
+
+def test_writes_through_a_config_with_caching_disabled_still_invalidate():
+    """Hyperdrive's pattern: one cached config for reads, one uncached for writes. Writes
+    through the uncached one must drop the cached reads (same origin database)."""
+    w = World()
+    run_simple(w.core(), "SELECT * FROM items")
+    extended(w.core(), "SELECT * FROM orders WHERE id = $1", (b"1",))
+    assert w.ns.entries == 2
+    off = World.__new__(World)  # another config on the same namespace, caching off
+    off.__dict__.update(w.__dict__)
+    off.policy = CachePolicy(disabled=True)
+    writer = off.core()
+    run_simple(writer, "UPDATE items SET x = 1", answer=done("UPDATE 1"))
+    assert w.ns.entries == 1
+    writer.feed_client(encode_parse("", "DELETE FROM orders WHERE id = $1", ()) + bind("", (b"1",)) + execute() + SYNC)
+    writer.attach(ServerState())
+    take(writer.to_server)
+    writer.feed_server(PARSE_OK + BIND_OK + done("DELETE 1") + rfq())
+    assert w.ns.entries == 0
+    assert w.metrics.summary()["queries"]["by_cache_status"]["disabled"] == 2
