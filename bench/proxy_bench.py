@@ -48,12 +48,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -64,32 +60,24 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.common import (  # noqa: E402
     HOST,
-    RESULTS_DIR,
+    POOL,
     BenchError,
-    PgBouncer,
+    PgTargets,
     Profiler,
-    Stack,
-    _children_map,
     cpu_delta,
+    fmt_num,
     format_profile_summary,
     log,
-    machine_info,
-    now_iso,
-    parse_pgbench,
     percentile,
-    pgbench_argv,
-    source_digest,
-    pgbench_env,
-    pgbench_exe,
-    redact,
+    pgbench_arg_defaults,
+    pgbench_arg_parser,
+    run_bench,
     summarize_raw_profile,
     uses_uvloop,
 )
-from tests.harness.procs import WaitTimeout, base_env, connector_argv, poll_until  # noqa: E402
+from bench.common import run_pgbench as common_run_pgbench  # noqa: E402
+from tests.harness.procs import base_env, connector_argv, poll_until  # noqa: E402
 
-DB = "bench"
-USER = "bench"
-POOL = 20
 ALL_TARGETS = ("direct", "pgbouncer", "proxy", "tunnel", "tunnel-ha1")
 LABELS = {"direct": "direct", "pgbouncer": "PgBouncer", "proxy": "proxy", "tunnel": "tunnel",
           "tunnel-ha1": "tunnel ha1"}
@@ -109,64 +97,11 @@ PRODUCT = ("edge", "connector", "connector-ha1")
 # ------------------------------------------------------------------------------ set-up
 
 
-class ProxyBench:
+class ProxyBench(PgTargets):
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        self.args = args
-        self.stack = Stack(workdir)
-        self.workdir = workdir
-        self.password = secrets.token_urlsafe(16)
-        self.bouncer: PgBouncer | None = None
-        self.targets: dict[str, dict[str, Any]] = {}
+        super().__init__(args, workdir)
         self.connectors: dict[str, Any] = {}
         self.forwarder_port: int | None = None
-        self.notes: list[str] = []
-
-    @property
-    def cluster(self) -> Any:
-        return self.stack.pg
-
-    def hd(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Any:
-        from tests.harness.procs import hd_argv, run
-
-        r = run(hd_argv(*args), env={**self.stack.env, **(env or {})}, timeout=timeout, cwd=str(REPO_ROOT))
-        if r.returncode != 0:
-            raise BenchError(f"`hd {' '.join(args[:3])} …` failed ({r.returncode}):\n{r.stderr.strip()}")
-        return json.loads(r.stdout) if "--json" in args else r.stdout
-
-    def direct_dsn(self, port: int) -> str:
-        return f"postgresql://{USER}:{self.password}@{HOST}:{port}/{DB}?sslmode=require"
-
-    def start_postgres(self) -> None:
-        from tests.harness.pg import PgCluster
-
-        self.stack.pg = PgCluster(auth="scram-sha-256", tls=True,
-                                  settings={"shared_buffers": "256MB", "max_connections": 300}).start()
-        self.cluster.create_user(USER, self.password)
-        self.cluster.create_database(DB, USER)
-        log(f"postgres on port {self.cluster.port}; pgbench -i -s {self.args.scale}")
-        t0 = time.monotonic()
-        r = subprocess.run([pgbench_exe(), "-i", "-q", "-s", str(self.args.scale), self.direct_dsn(self.cluster.port)],
-                           capture_output=True, text=True, timeout=600, env=pgbench_env(), stdin=subprocess.DEVNULL)
-        if r.returncode != 0:
-            raise BenchError(f"pgbench -i failed:\n{r.stderr[-2000:]}")
-        log(f"pgbench -i done in {time.monotonic() - t0:.1f}s")
-        self.stack.tracked.add("postgres", self.cluster.pid, True)
-
-    def start_pgbouncer(self) -> None:
-        c = self.cluster
-        self.bouncer = PgBouncer(self.stack.log_dir, pg_port=c.port, dbname=DB, user=USER, password=self.password,
-                                 cert=c.server_cert_path, key=c.tls_dir / "server.key", pool_size=POOL)
-        self.stack.tracked.add("pgbouncer", self.bouncer.pid)
-        log(f"pgbouncer {'.'.join(map(str, self.bouncer.version))} on port {self.bouncer.port}")
-        self.targets["pgbouncer"] = {"dsn": self.direct_dsn(self.bouncer.port)}
-        if not self.bouncer.supports_prepared:
-            self.notes.append(f"PgBouncer {'.'.join(map(str, self.bouncer.version))} has no max_prepared_statements "
-                              "(1.21+): its `prepared` rows ran `-M extended` (marked ext).")
-
-    def start_edge(self) -> dict[str, Any]:
-        info = self.stack.start_edge()
-        log(f"edge up: api {info['api_url']}, postgres proxy {info.get('pg_listen')}")
-        return info
 
     def start_tunnel(self, tunnel: str, hostname: str, ha: int, proc_name: str, token: dict[str, Any]) -> None:
         t = self.hd("tunnel", "create", tunnel, "--json")
@@ -191,15 +126,6 @@ class ProxyBench:
         self.stack.tracked.add(proc_name, p.pid)
         self.connectors[proc_name] = p
         log(f"tunnel {tunnel}: connector with {ha} connection(s) registered")
-
-    def create_config(self, name: str, *flags: str, env: dict[str, str] | None = None) -> str:
-        self.hd("hyperdrive", "create", name, "--database", DB, "--origin-user", USER,
-                "--origin-connection-limit", str(POOL), "--caching-disabled", "true", *flags, "--json",
-                env={"HD_ORIGIN_PASSWORD": self.password, **(env or {})}, timeout=90.0)
-        dsn = self.hd("hyperdrive", "get", name, "--connection-string").strip()
-        if not dsn.startswith("postgres"):
-            raise BenchError(f"hd hyperdrive get {name} --connection-string printed {dsn!r}")
-        return dsn
 
     def setup(self) -> None:
         want = self.args.targets
@@ -235,81 +161,14 @@ class ProxyBench:
         log(f"delay forwarder on port {self.forwarder_port} ({self.args.delay_ms:g} ms each way)")
         return self.forwarder_port
 
-    def close(self) -> None:
-        if self.stack.profiler is not None:
-            self.stack.profiler.stop()
-        for p in reversed(self.stack.procs):
-            try:
-                p.stop(timeout=5.0)
-            except Exception as exc:
-                log(f"stopping {p.name}: {exc}")
-        self.stack.procs.clear()
-        if self.bouncer is not None:
-            try:
-                self.bouncer.stop()
-            except Exception as exc:
-                log(f"stopping pgbouncer: {exc}")
-        if self.stack.pg is not None:
-            try:
-                self.stack.pg.stop()
-            except Exception as exc:
-                log(f"stopping postgres: {exc}")
-
 
 # ------------------------------------------------------------------------------ part 1: pgbench
 
 
-def _backends(pm: int) -> int:
-    return len(_children_map().get(pm, ()))
-
-
 def run_pgbench(b: ProxyBench, target: str, mode: str, clients: int, duration: float,
                 tag: str | None = None) -> dict[str, Any]:
-    dsn = b.targets[target]["dsn"]
-    eff_mode = mode
-    if target == "pgbouncer" and mode == "prepared" and b.bouncer is not None and not b.bouncer.supports_prepared:
-        eff_mode = "extended"
-    argv = pgbench_argv(dsn, mode=eff_mode, clients=clients, duration=duration)
-    pm = b.cluster.pid
-    base = _backends(pm)
-    prof = b.stack.profiler if (tag is not None and target in ("proxy", "tunnel", "tunnel-ha1")) else None
-    if prof is not None:
-        prof.start(tag, {n: pid for n, (pid, _) in b.stack.tracked.procs.items() if n in PRODUCT})
-    timeout = duration + 90.0
-    try:
-        before = b.stack.tracked.snapshot()
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=pgbench_env(),
-                               stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"pgbench ({target}, {mode}, c={clients}) did not finish within {timeout:.0f}s") from None
-        if target == "direct":  # let postgres reap pgbench's backends so their CPU lands in cutime
-            try:
-                poll_until(lambda: _backends(pm) <= base, 3.0, what="postgres backends to exit")
-            except WaitTimeout:
-                pass
-        after = b.stack.tracked.snapshot()
-    finally:
-        if prof is not None:
-            prof.stop()
-    text = r.stdout + r.stderr
-    res: dict[str, Any] = {"target": target, "mode": mode, "pgbench_mode": eff_mode, "clients": clients,
-                           "argv": redact(argv), "rc": r.returncode}
-    res.update(parse_pgbench(text))
-    if r.returncode != 0 or "tps" not in res:
-        res["error"] = text.strip()[-1500:]
-        log(f"pgbench {target} {mode} c={clients} FAILED ({r.returncode}): {text.strip()[-300:]}")
-    cpu = cpu_delta(before, after)
-    cpu["cpu_s"]["pgbench"] = cpu.pop("reaped_children_cpu_s")
-    res["cpu"] = cpu
-    n = res.get("transactions")
-    if n:
-        cpu["cost_unit"] = "us_per_transaction"
-        cpu["cost"] = {k: round(v * 1e6 / n, 1) + 0.0 for k, v in cpu["cpu_s"].items()}
-    if "tps" in res:
-        log(f"{tag or 'warm-up'}: {target:<10} {mode:<8} c={clients:<3} tps={res['tps']:>9,.0f} "
-            f"lat={res.get('latency_avg_ms', 0):.3f} ms")
-    return res
+    return common_run_pgbench(b, target, mode, clients, duration, tag,
+                              profile=PRODUCT if target in ("proxy", "tunnel", "tunnel-ha1") else ())
 
 
 def measure_pgbench(b: ProxyBench) -> list[dict[str, Any]]:
@@ -467,12 +326,6 @@ def measure_hyperdrive(b: ProxyBench) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ report
 
 
-def _f(v: Any, nd: int = 0, suffix: str = "") -> str:
-    if v is None:
-        return "—"
-    return f"{v:,.{nd}f}{suffix}"
-
-
 def print_report(res: dict[str, Any]) -> None:
     P = lambda *a: print(*a, flush=True)  # noqa: E731
     cfg = res["config"]
@@ -501,7 +354,7 @@ def print_report(res: dict[str, Any]) -> None:
                 lat = r["latency_avg_ms"].get(t)
                 mark = "ext " if (t == "pgbouncer" and r["mode"] == "prepared"
                                   and not res.get("pgbouncer", {}).get("supports_prepared", True)) else ""
-                cells.append(f"{mark}{_f(tps)} ({_f(lat, 3)})" if tps is not None else "error")
+                cells.append(f"{mark}{fmt_num(tps)} ({fmt_num(lat, 3)})" if tps is not None else "error")
             P(f"{r['mode']:<9}{r['clients']:>3} " + "".join(f"{c:>{w + 10}}" for c in cells))
         P()
         P("ratios (tps) and targets: proxy ≥ 0.6× PgBouncer, tunnel ≥ 0.3× PgBouncer")
@@ -512,10 +365,10 @@ def print_report(res: dict[str, Any]) -> None:
         P(hdr)
         P("-" * len(hdr))
         for r in rows:
-            line = f"{r['mode']:<9}{r['clients']:>3} {_f(r['vs_direct'].get('pgbouncer'), 2, '×'):>11}"
+            line = f"{r['mode']:<9}{r['clients']:>3} {fmt_num(r['vs_direct'].get('pgbouncer'), 2, '×'):>11}"
             for t in prox:
                 v = r["verdict"].get(t)
-                line += (f" {_f(r['vs_pgbouncer'].get(t), 2, '×'):>15} {_f(r['vs_direct'].get(t), 2, '×'):>15}"
+                line += (f" {fmt_num(r['vs_pgbouncer'].get(t), 2, '×'):>15} {fmt_num(r['vs_direct'].get(t), 2, '×'):>15}"
                          f" {v or '—':>5}")
             P(line)
         s = res.get("summary", {})
@@ -542,7 +395,7 @@ def print_report(res: dict[str, Any]) -> None:
         for k, label in names.items():
             c = hd["cases"].get(k)
             if c:
-                P(f"{label:<52} {_f(c['p50_ms'], 1):>9} {_f(c['p99_ms'], 1):>9} {_f(c['mean_ms'], 1):>9} {c['n']:>4}")
+                P(f"{label:<52} {fmt_num(c['p50_ms'], 1):>9} {fmt_num(c['p99_ms'], 1):>9} {fmt_num(c['mean_ms'], 1):>9} {c['n']:>4}")
         if "speedup_p50" in hd:
             P(f"speed-up (a)/(b): p50 {hd['speedup_p50']:.2f}×, p99 {hd['speedup_p99']:.2f}× — target ≥ "
               f"{HYPERDRIVE_GOAL:g}× — {'PASS' if hd['pass'] else 'MISS'}"
@@ -570,7 +423,7 @@ def print_report(res: dict[str, Any]) -> None:
                 continue
             cost = c["cpu"]["cost"]
             other = 100.0 * c["cpu"]["box_other_cpu_s"] / max(1e-9, c["cpu"]["wall_s"] * (m["nproc"] or 1))
-            P(f"{key:<26}" + "".join(f"{_f(cost.get(n), 0):>{cw + 1}}" for n in order) + f"{other:>{cw}.0f}%")
+            P(f"{key:<26}" + "".join(f"{fmt_num(cost.get(n), 0):>{cw + 1}}" for n in order) + f"{other:>{cw}.0f}%")
     P()
     P(f"JSON: {res['json_path']}")
 
@@ -594,39 +447,22 @@ def summarize(res: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.proxy_bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 2 s cells, clients 1 and 16, no ha1 tunnel, 5 connects")
-    ap.add_argument("--duration", type=float, default=None, help="pgbench -T seconds per cell (default 10; quick 2)")
-    ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="comma-separated client counts (default 1,16,64; quick 1,16)")
-    ap.add_argument("--modes", type=lambda s: s.split(","), default=None,
-                    help="pgbench -M modes (default simple,prepared; extended is allowed too)")
+    ap = pgbench_arg_parser("bench.proxy_bench", __doc__, quick_duration=2.0, scale=10,
+                            quick_help="smoke run: 2 s cells, clients 1 and 16, no ha1 tunnel, 5 connects")
     ap.add_argument("--targets", type=lambda s: s.split(","), default=None,
                     help=f"subset of {','.join(ALL_TARGETS)} (default all; quick: no tunnel-ha1)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the median is reported (default 1)")
-    ap.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     ap.add_argument("--connects", type=int, default=None, help="connect + first query samples per case "
                                                                 "(default 20; quick 5)")
     ap.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay to the far origin (default 25)")
     ap.add_argument("--no-pgbench", action="store_true", help="skip part 1 (throughput)")
     ap.add_argument("--no-hyperdrive", action="store_true", help="skip part 2 (connect + first query)")
-    ap.add_argument("--json-out", type=Path, default=None,
-                    help="where to write JSON (default bench/results/proxy.json; quick: proxy-quick.json)")
-    ap.add_argument("--keep", action="store_true", help="keep the temp dir with the process logs")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="py-spy samples hd edge and the connectors during every proxy/tunnel cell (raw stacks "
                          "and a summary in DIR; figures are then a little lower: py-spy uses CPU too)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
+    a = pgbench_arg_defaults(ap, ap.parse_args(argv))
     q = a.quick
-    if a.duration is None:
-        a.duration = 2.0 if q else 10.0
-    if a.clients is None:
-        a.clients = [1, 16] if q else [1, 16, 64]
-    if a.modes is None:
-        a.modes = ["simple", "prepared"]
     if a.targets is None:
         a.targets = [t for t in ALL_TARGETS if not (q and t == "tunnel-ha1")]
     bad = [t for t in a.targets if t not in ALL_TARGETS]
@@ -637,8 +473,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.targets = [t for t in ALL_TARGETS if t in a.targets]
     if a.connects is None:
         a.connects = 5 if q else 20
-    if a.json_out is None:
-        a.json_out = RESULTS_DIR / ("proxy-quick.json" if q else "proxy.json")
     return a
 
 
@@ -646,31 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.probe:
         return probe_main()
-    cmdline = [sys.executable, "-m", "bench.proxy_bench", *(sys.argv[1:] if argv is None else argv)]
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    if pgbench_exe() is None:
-        log("pgbench is not installed")
-        return 1
-    workdir = Path(tempfile.mkdtemp(prefix="hd-proxy-bench-"))
-    b = ProxyBench(args, workdir)
-    started = time.monotonic()
-    res: dict[str, Any] = {
-        "timestamp": now_iso(),
-        "command": cmdline,
-        "machine": machine_info(),
-        "product_source": source_digest(),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "probe"},
-        "goals": {"tps_vs_pgbouncer": GOALS, "hyperdrive_speedup_p50": HYPERDRIVE_GOAL},
-        "descriptions": DESCRIPTIONS,
-    }
-    ok = False
-    try:
-        log(f"workdir {workdir}")
+    def body(b: ProxyBench, res: dict[str, Any]) -> None:
         if args.profile is not None:
             b.stack.profiler = Profiler(args.profile)
         b.setup()
@@ -692,45 +503,27 @@ def main(argv: list[str] | None = None) -> int:
             res["hyperdrive"] = measure_hyperdrive(b)
         res["notes"] = b.notes
         res["summary"] = summarize(res, res.get("pgbench", {}).get("rows", []))
-        ok = True
-    except KeyboardInterrupt:
-        log("interrupted; stopping everything")
-        res["error"] = "interrupted"
-    except (BenchError, WaitTimeout, AssertionError, OSError, subprocess.SubprocessError) as exc:
-        log(f"FAILED: {exc}")
-        res["error"] = str(exc)
-    except Exception as exc:  # a bug here: still stop everything and say what happened
-        import traceback
 
-        traceback.print_exc()
-        log(f"FAILED: {type(exc).__name__}: {exc}")
-        res["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        b.close()
-        if args.keep or not ok:
-            log(f"logs kept in {b.stack.log_dir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    res["elapsed_s"] = round(time.monotonic() - started, 1)
-    res["json_path"] = str(args.json_out)
-    if b.stack.profiler is not None and ok:
-        summaries = {}
-        texts = []
-        for phase, name, path in b.stack.profiler.files:
-            s = summarize_raw_profile(path)
-            if s:
-                summaries[f"{phase}/{name}"] = s
-                texts.append(format_profile_summary(f"{phase} / {name}", s))
-        (args.profile / "summary.txt").write_text("\n\n".join(texts) + "\n")
-        res["profile"] = {"dir": str(args.profile), "summaries": summaries}
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2) + "\n")
-    if ok:
+    def finish(b: ProxyBench, res: dict[str, Any], ok: bool) -> None:
+        if b.stack.profiler is not None and ok:
+            summaries = {}
+            texts = []
+            for phase, name, path in b.stack.profiler.files:
+                s = summarize_raw_profile(path)
+                if s:
+                    summaries[f"{phase}/{name}"] = s
+                    texts.append(format_profile_summary(f"{phase} / {name}", s))
+            (args.profile / "summary.txt").write_text("\n\n".join(texts) + "\n")
+            res["profile"] = {"dir": str(args.profile), "summaries": summaries}
+
+    def report(res: dict[str, Any]) -> None:
         print_report(res)
-        if b.stack.profiler is not None:
+        if args.profile is not None:
             print(f"py-spy summaries (product functions by inclusive time) in {args.profile}/summary.txt")
-        log(f"done in {res['elapsed_s']:.0f}s")
-    return 0 if ok else 1
+
+    return run_bench("bench.proxy_bench", args, argv, ProxyBench, body, report, finish=finish,
+                     header={"goals": {"tps_vs_pgbouncer": GOALS, "hyperdrive_speedup_p50": HYPERDRIVE_GOAL},
+                             "descriptions": DESCRIPTIONS})
 
 
 if __name__ == "__main__":

@@ -198,8 +198,9 @@ class ProxyService:
     async def catalog_ready(self, config: Any) -> None:
         """Load the origin's catalog for the cache once, before a config's first client runs
         queries (bounded; on failure the cache fails closed and retries later)."""
+        # Configs with caching off need it too: their writes invalidate the others' reads.
         ns = self.namespace_for(config)
-        if config.caching_disabled or ns.catalog.loaded:
+        if ns.catalog.loaded:
             return
         pending = self._reload_catalog(ns, config.id, self.cache.clock(), frozenset())
         if pending is not None:

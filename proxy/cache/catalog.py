@@ -247,7 +247,9 @@ class OriginCatalog:
                 d = self.decide_classified(self.classifier.get(text))
         else:
             d = self.decide_classified(self.classifier.get(text))
-        if not d.unknown and len(key) <= self.classifier.max_sql_len:
+        # Verdicts with unknown names are kept too: a reload (which clears them all) is what can
+        # change them, and the session asks for one whenever it meets `unknown`.
+        if len(key) <= self.classifier.max_sql_len:
             decisions[key] = d
             if len(decisions) > self._max_decisions:
                 decisions.popitem(last=False)

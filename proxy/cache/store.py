@@ -245,6 +245,9 @@ class QueryCache:
 
 
 def _key_size(key: Hashable) -> int:
-    if isinstance(key, tuple):
-        return sum(len(p) if isinstance(p, (bytes, str)) else 16 for p in key)
-    return 64
+    n = 64
+    if type(key) is tuple:
+        for part in key:
+            if type(part) is bytes:
+                n += len(part)
+    return n

@@ -60,8 +60,20 @@ class CacheContext:
 class QueryObs:
     """One query on its way through the proxy (see the module docstring)."""
 
-    __slots__ = ("ctx", "status", "t0", "qbytes", "rbytes", "record", "buf", "fill", "key", "tokens",
-                 "failed", "head_check", "write_tokens", "write_all", "reload", "done", "unstorable")
+    # No __slots__: most queries never touch most of these, and class-level defaults make a
+    # new QueryObs cost five attribute stores (it is made for every query).
+    record = False
+    buf: bytearray | None = None
+    fill: Fill | None = None
+    key: Hashable = None
+    tokens: frozenset[int] = frozenset()
+    failed = False
+    head_check = False  # decide miss vs transaction when its answer starts (pipelining)
+    write_tokens: frozenset[int] = frozenset()
+    write_all = False
+    reload = False
+    done = False
+    unstorable = False  # a notice or setting change came with the rows
 
     def __init__(self, ctx: CacheContext, status: str | None, t0: float, qbytes: int) -> None:
         self.ctx = ctx
@@ -69,18 +81,6 @@ class QueryObs:
         self.t0 = t0
         self.qbytes = qbytes
         self.rbytes = 0
-        self.record = False
-        self.buf: bytearray | None = None
-        self.fill: Fill | None = None
-        self.key: Hashable = None
-        self.tokens: frozenset[int] = frozenset()
-        self.failed = False
-        self.head_check = False  # decide miss vs transaction when its answer starts (pipelining)
-        self.write_tokens: frozenset[int] = frozenset()
-        self.write_all = False
-        self.reload = False
-        self.done = False
-        self.unstorable = False  # a notice or setting change came with the rows
 
     # -- set-up -----------------------------------------------------------------------------
     def writes_from(self, decision: Any) -> None:

@@ -57,6 +57,7 @@ _RFQ_CURRENT = b"Z\x00\x00\x00\x05?"
 _EXTENDED = frozenset(b"PBDECH")
 _BATCHED = frozenset(b"PBDEC")  # collected up to Sync when caching is on
 MAX_BATCH_BYTES = 1 << 20
+_SYNC = b"S\x00\x00\x00\x04"
 # Decisions per statement text: workloads repeat a small set of statements.
 _REFUSALS: dict[bytes, tuple[str, str] | None] = {}
 _MISSING = object()  # Parse, Bind, Describe, Execute, Close, Flush
@@ -235,20 +236,20 @@ class ClientCore:
             end = off + 1 + length
             if end > n:
                 break
-            if (kind == 0x42 or kind == 0x50) and self.server is None and self._fast_ok():
-                try:
-                    done = self._fast_hit(buf, off, n)
-                except (ValueError, IndexError, struct.error):
-                    done = 0  # malformed: the ordinary path says so
-                if done:
-                    off = done
+            if (kind == 0x42 or kind == 0x50) and self.cache is not None and self.server is None and self._fast_ok():
+                parsed = self._fast_parse(buf, off, n)
+                if parsed is not None:
+                    off = self._fast_batch(parsed, off)
                     continue
             raw = bytes(buf[off:end])
             off = end
             if self.wait is not None:
                 self._held.append((kind, raw))
             else:
-                self._route_checked(kind, raw)
+                try:
+                    self._route(kind, raw)
+                except (ValueError, IndexError, struct.error) as exc:  # a truncated name, a short field, ...
+                    raise ClientProtocolError(f"malformed {chr(kind)!r} message ({exc})") from None
         del buf[:off]
         self._drain_fakes()
 
@@ -257,69 +258,90 @@ class ClientCore:
         return (cache is not None and not cache.policy.disabled and self.wait is None and not self._batch
                 and not self._queued and self.txn == b"I" and self.refresh_fill is None and not self.expect)
 
-    def _fast_hit(self, buf: bytearray, off: int, n: int) -> int:
-        """The hot path of cached extended-protocol queries: `[Parse] Bind [Describe P] Execute
-        Sync` whole in the buffer and fresh in the cache is answered straight from the bytes.
-        Returns the offset after the Sync, or 0 to take the ordinary path."""
-        pos = off
-        parse_raw = None
-        if buf[pos] == 0x50:
+    def _fast_parse(self, buf: bytearray, off: int, n: int) -> tuple[Any, ...] | None:
+        """The hot path of extended-protocol queries: `[Parse] Bind [Describe P] Execute Sync`
+        whole in the buffer, with its statement known. Reads only (no side effects); None to
+        take the ordinary per-message path (another shape, an incomplete or malformed batch)."""
+        try:
+            pos = off
+            parse_raw = None
+            if buf[pos] == 0x50:
+                end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
+                if end + 5 > n or buf[end] != 0x42:
+                    return None
+                parse_raw = bytes(buf[pos:end])
+                pos = end
             end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
-            if end + 5 > n or buf[end] != 0x42:
-                return 0
-            parse_raw = bytes(buf[pos:end])
+            if end + 5 > n:
+                return None
+            bind_raw = bytes(buf[pos:end])
             pos = end
-        end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
-        if end + 5 > n:
-            return 0
-        bind_raw = bytes(buf[pos:end])
-        pos = end
-        portal_end = bind_raw.index(b"\x00", 5)
-        portal = bind_raw[5:portal_end]
-        describe_portal = False
-        if buf[pos] == 0x44:
+            portal_end = bind_raw.index(b"\x00", 5)
+            portal = bind_raw[5:portal_end]
+            describe_raw = None
+            if buf[pos] == 0x44:
+                end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
+                if end + 5 > n or buf[pos + 5] != 0x50 or buf[pos + 6:end - 1] != portal:
+                    return None
+                describe_raw = bytes(buf[pos:end])
+                pos = end
+            if buf[pos] != 0x45:
+                return None
             end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
-            if end + 5 > n or buf[pos + 5] != 0x50 or buf[pos + 6:end - 1] != portal:
-                return 0
-            describe_portal = True
+            if end + 5 > n or buf[pos + 5:end - 4] != portal + b"\x00" or buf[end - 4:end] != b"\x00\x00\x00\x00":
+                return None  # another portal, or a row limit
+            execute_raw = bytes(buf[pos:end])
             pos = end
-        if buf[pos] != 0x45:
-            return 0
-        end = pos + 1 + _I32.unpack_from(buf, pos + 1)[0]
-        if end + 5 > n or buf[pos + 5:end - 4] != portal + b"\x00" or buf[end - 4:end] != b"\x00\x00\x00\x00":
-            return 0  # another portal, or a row limit
-        pos = end
-        if buf[pos:pos + 5] != b"S\x00\x00\x00\x04":
-            return 0
-        pos += 5
-        stmt_end = bind_raw.index(b"\x00", portal_end + 1)
-        stmt = bind_raw[portal_end + 1:stmt_end]
-        if parse_raw is not None:
-            name, query, oids = parse_fields(parse_raw)
-            if name != stmt:
-                return 0
-        elif stmt:
-            st = self.statements.get(stmt.decode("utf-8", "surrogateescape"))
-            if st is None:
-                return 0
-            query, oids = st.query, st.param_oids
-        else:
-            if self._unnamed_parse is None:
-                return 0
-            _, query, oids = parse_fields(self._unnamed_parse)
+            if buf[pos:pos + 5] != _SYNC:
+                return None
+            pos += 5
+            stmt_end = bind_raw.index(b"\x00", portal_end + 1)
+            stmt = bind_raw[portal_end + 1:stmt_end]
+            if parse_raw is not None:
+                name, query, oids = parse_fields(parse_raw)
+                if name != stmt:
+                    return None
+            elif stmt:
+                st = self.statements.get(stmt.decode("utf-8", "surrogateescape"))
+                if st is None:
+                    return None
+                query, oids = st.query, st.param_oids
+            else:
+                if self._unnamed_parse is None:
+                    return None
+                _, query, oids = parse_fields(self._unnamed_parse)
+        except (ValueError, IndexError, struct.error):
+            return None  # malformed: the ordinary path says so
+        return (pos, parse_raw, bind_raw, describe_raw, execute_raw, portal, stmt, bind_raw[stmt_end + 1:],
+                query, oids)
+
+    def _fast_batch(self, parsed: tuple[Any, ...], off: int) -> int:
+        """Answer a batch `_fast_parse` read: from the cache when fresh, else as the ordinary
+        path would (miss, stale hit, coalescing), without re-reading it. Returns its end."""
+        pos, parse_raw, bind_raw, describe_raw, execute_raw, portal, stmt, tail, query, oids = parsed
         cache = self.cache
         assert cache is not None
+        key = (cache.prefix, b"E", query, oids, tail, False, describe_raw is not None)
         now = cache.clock()
-        entry = cache.ns.get((cache.prefix, b"E", query, oids, bind_raw[stmt_end + 1:], False, describe_portal))
-        if entry is None or now - entry.stored_at >= cache.policy.max_age:
-            return 0  # a miss, or stale: the ordinary path decides
-        out = self.to_client
-        if parse_raw is not None:
-            self._parse_local(parse_raw)
-            out += PARSE_COMPLETE
-        out += entry.payload
-        out += Z_IDLE
-        cache.metrics.query("hit", True, cache.clock() - now, pos - off, len(entry.payload))
+        entry = cache.ns.get(key)
+        if entry is not None and now - entry.stored_at < cache.policy.max_age:
+            out = self.to_client
+            if parse_raw is not None:
+                self._parse_local(parse_raw)
+                out += PARSE_COMPLETE
+            out += entry.payload
+            out += Z_IDLE
+            cache.metrics.query("hit", True, cache.clock() - now, pos - off, len(entry.payload))
+            return pos
+        batch: list[tuple[int, bytes]] = [(0x50, parse_raw)] if parse_raw is not None else []
+        first = len(batch)
+        batch.append((0x42, bind_raw))
+        if describe_raw is not None:
+            batch.append((0x44, describe_raw))
+        batch.append((0x45, execute_raw))
+        shape = ExtendedShape([parse_raw] if parse_raw is not None else [], first, first, len(batch) - 1, stmt,
+                              portal, tail, 0, False, describe_raw is not None)
+        self._send_shaped(batch, _SYNC, shape, True, (query, oids), key, pos - off)
         return pos
 
     def resume(self, *, timed_out: bool = False) -> None:
@@ -344,20 +366,28 @@ class ClientCore:
         self._held.extendleft(reversed(messages))
 
     def _route(self, kind: int, raw: bytes) -> None:
-        if kind in _BATCHED and self.cache is not None:
-            self._batch.append((kind, raw))
-            self._batch_bytes += len(raw)
-            if self._batch_bytes > MAX_BATCH_BYTES:
-                self._flush_batch(None)
-            return
-        if kind == 0x53 and self._batch:  # 'S' Sync ends a batch
-            self._flush_batch(raw)
-            return
+        cache = self.cache
+        caching = cache is not None and not cache.policy.disabled
+        if caching:
+            if kind in _BATCHED:
+                self._batch.append((kind, raw))
+                self._batch_bytes += len(raw)
+                if self._batch_bytes > MAX_BATCH_BYTES:
+                    self._flush_batch(None)
+                return
+            if kind == 0x53 and self._batch:  # 'S' Sync ends a batch
+                self._flush_batch(raw)
+                return
         if self._batch:
             self._flush_batch(None)
         if kind == 0x51:  # 'Q'
             self._query(raw)
-        elif kind == 0x46 and self.cache is not None:  # 'F' FunctionCall: may write anything
+        elif cache is not None and kind == 0x42:  # caching off: note what the portal runs
+            self._note_bind(raw)
+            self._send(kind, raw, None)
+        elif cache is not None and kind == 0x45:  # caching off: counted, and its writes invalidate
+            self._send(kind, raw, self._uncached_execute(raw))
+        elif kind == 0x46 and cache is not None:  # 'F' FunctionCall: may write anything
             obs = self._obs("notaquery" if not self.cache.policy.disabled else "disabled", len(raw))
             obs.write_all = True
             obs.invalidate()
@@ -370,6 +400,29 @@ class ClientCore:
             self._queued.append((kind, raw, obs))
         else:
             self._client_message(kind, raw, obs)
+
+    def _note_bind(self, raw: bytes) -> None:
+        portal, statement, _ = bind_fields(raw)
+        st = self._statement_of(statement, {})
+        if st is not None:
+            self._portals[portal] = st
+        else:
+            self._portals.pop(portal, None)
+
+    def _uncached_execute(self, raw: bytes) -> QueryObs:
+        """An Execute on a config with caching off: not batched, not cached; still counted,
+        and its writes invalidate the cached reads of other configs on the same origin."""
+        cache = self.cache
+        assert cache is not None
+        st = self._portals.get(raw[5:-5])
+        obs = self._obs("disabled", len(raw))
+        if st is None:
+            obs.write_all = True  # cannot tell what it runs
+        else:
+            obs.writes_from(cache.ns.catalog.decide(st[0]))
+        if obs.writes:
+            obs.invalidate()
+        return obs
 
     def _obs(self, status: str | None, qbytes: int) -> QueryObs:
         cache = self.cache
@@ -467,15 +520,13 @@ class ClientCore:
         starts: dict[int, QueryObs] = {}
         ends: dict[int, QueryObs] = {}
         local = self.server is None and not self._queued and self.txn == b"I"
-        shape = analyze_batch(batch) if sync is not None and len(executes) == 1 else None
-        statements = self._batch_statements(batch)
-        if shape is not None and not cache.policy.disabled:
-            obs = self._extended_obs(batch, sync, shape, local)  # type: ignore[arg-type]
-            if obs is None:
-                return  # answered from the cache, or waiting
-            starts[shape.first] = obs
-            ends[shape.execute] = obs
+        shape = (analyze_batch(batch) if sync is not None and len(executes) == 1 and not cache.policy.disabled
+                 else None)
+        if shape is not None:
+            self._send_shaped(batch, sync, shape, local)  # type: ignore[arg-type]
+            return
         else:
+            statements = self._batch_statements(batch)
             qbytes = sum(len(r) for _, r in batch) // len(executes)
             for i in executes:
                 query = statements.get(i)
@@ -505,6 +556,19 @@ class ClientCore:
             self._send(kind, raw, None if start is None and end is None else _Marks(start, end))
         if sync is not None:
             self._send(0x53, sync, None)
+
+    def _send_shaped(self, batch: list[tuple[int, bytes]], sync: bytes, shape: ExtendedShape, local: bool,
+                     st: tuple[bytes, tuple[int, ...]] | None = None, key: Any = None, qbytes: int = 0) -> None:
+        """A single-query batch: answered from the cache, held, or sent with its QueryObs."""
+        obs = self._extended_obs(batch, sync, shape, local, st, key, qbytes)
+        if obs is None:
+            return  # answered from the cache, or waiting
+        for i, (kind, raw) in enumerate(batch):
+            if i == shape.first or i == shape.execute:
+                self._send(kind, raw, _Marks(obs if i == shape.first else None, obs if i == shape.execute else None))
+            else:
+                self._send(kind, raw, None)
+        self._send(0x53, sync, None)
 
     def _statement_of(self, name: bytes, batch_parses: dict[bytes, tuple[bytes, tuple[int, ...]]]
                       ) -> tuple[bytes, tuple[int, ...]] | None:
@@ -545,18 +609,22 @@ class ClientCore:
         self._portals = portals
         return out
 
-    def _extended_obs(self, batch: list[tuple[int, bytes]], sync: bytes, shape: ExtendedShape,
-                      local: bool) -> QueryObs | None:
+    def _extended_obs(self, batch: list[tuple[int, bytes]], sync: bytes, shape: ExtendedShape, local: bool,
+                      st: tuple[bytes, tuple[int, ...]] | None = None, key: Any = None,
+                      qbytes: int = 0) -> QueryObs | None:
         cache = self.cache
         assert cache is not None
         ns = cache.ns
-        parses: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}
-        for raw in shape.parses:
-            name, query, oids = parse_fields(raw)
-            parses[name] = (query, oids)
-        st = self._statement_of(shape.statement, parses)
-        qbytes = sum(len(r) for _, r in batch)
+        if st is None:
+            parses: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}
+            for raw in shape.parses:
+                name, query, oids = parse_fields(raw)
+                parses[name] = (query, oids)
+            st = self._statement_of(shape.statement, parses)
+        qbytes = qbytes or sum(len(r) for _, r in batch)
         refresh = self.refresh_fill
+        if st is not None and self.txn != b"I":
+            self._portals[shape.portal] = st  # a portal outlives its Sync inside a transaction block
         if st is None:
             obs = self._obs("uncacheable" if refresh is None else None, qbytes)
             obs.write_all = True
@@ -566,7 +634,8 @@ class ClientCore:
                 ns.abort_fill(refresh)
             return obs
         query, oids = st
-        key = (cache.prefix, b"E", query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
+        if key is None:
+            key = (cache.prefix, b"E", query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
         oversized = len(query) + len(shape.bind_tail) > MAX_KEY_BYTES
         if refresh is None and local and shape.max_rows == 0 and not oversized:
             def request() -> bytes:
@@ -1026,7 +1095,11 @@ class ClientCore:
                         self._emit(buf, run_start, off)
                         run_start = off
                         self._begin(nxt[4])
-        self._emit(buf, run_start, off)
+        if run_start < off:
+            chunk = buf[run_start:off]
+            self.to_client += chunk
+            if self._rec is not None:
+                self._rec.take(chunk)
         del buf[:off]
 
     def _fail_until_sync(self) -> None:

@@ -140,7 +140,7 @@ def test_ddl_asks_for_a_catalog_reload(catalog):
     assert not catalog.decide(b"INSERT INTO items VALUES (1)").reload_catalog
 
 
-def test_unknown_names_fail_closed_and_are_not_remembered(catalog):
+def test_unknown_names_fail_closed_until_a_reload_finds_them(catalog):
     d = catalog.decide(b"SELECT brand_new(1)")
     assert d.status == "volatile" and d.unknown == {"brand_new"} and d.write_all
     d = catalog.decide(b"SELECT * FROM brand_new_table")
