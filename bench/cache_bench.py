@@ -77,6 +77,8 @@ DESCRIPTIONS = {
 }
 HIT_KEY = 42
 HIT_SQL = f"SELECT abalance FROM pgbench_accounts WHERE aid = {HIT_KEY};\n"
+# A read a little more like an application's: 100 rows by range (an index range scan at the origin).
+RANGE_SQL = "SELECT aid, bid, abalance FROM pgbench_accounts WHERE aid BETWEEN 1001 AND 1100;\n"
 HIT_GOAL = 1.0  # hit p50 / direct p50 must be below this
 TPS_GOAL = 1.5  # cache-on tps / PgBouncer tps (issue 5)
 WARM_RATIO = 0.98  # a warm-up run's hit ratio that ends the cache warm-up
@@ -156,10 +158,10 @@ def latency_summary(us: list[int]) -> dict[str, Any]:
             "max_us": max(us)}
 
 
-def measure_hits(b: CacheBench) -> dict[str, Any]:
+def measure_hits(b: CacheBench, sql: str = HIT_SQL, name: str = "hit") -> dict[str, Any]:
     args = b.args
-    script = b.workdir / "hit.sql"
-    script.write_text(HIT_SQL)
+    script = b.workdir / f"{name}.sql"
+    script.write_text(sql)
     logdir = b.workdir / "latency"
     logdir.mkdir(exist_ok=True)
     cells: list[dict[str, Any]] = []
@@ -168,8 +170,8 @@ def measure_hits(b: CacheBench) -> dict[str, Any]:
             w = run_cell(b, target, mode, 1, args.hit_warmup, extra=["-f", str(script)], select_only=False)
             if "error" in w:
                 log(f"hit warm-up of {target} {mode} failed; the measured run will show it")
-            prefix = logdir / f"{target}-{mode}"
-            tag = f"hit-{target}-{mode}"
+            prefix = logdir / f"{name}-{target}-{mode}"
+            tag = f"{name}-{target}-{mode}"
             r = run_cell(b, target, mode, 1, args.duration, tag, select_only=False,
                          extra=["-f", str(script), "-l", f"--log-prefix={prefix}"])
             r["latency"] = latency_summary(read_latency_log(prefix))
@@ -194,7 +196,7 @@ def measure_hits(b: CacheBench) -> dict[str, Any]:
             s["pass"] = s["ratio_p50"] < HIT_GOAL
         s["hit_ratio"] = by.get("cache", {}).get("cache", {}).get("hit_ratio")
         summary[mode] = s
-    return {"sql": HIT_SQL.strip(), "clients": 1, "duration_s": args.duration, "warmup_s": args.hit_warmup,
+    return {"sql": sql.strip(), "clients": 1, "duration_s": args.duration, "warmup_s": args.hit_warmup,
             "cells": cells, "summary": summary}
 
 
@@ -293,6 +295,32 @@ def _cpu_table(P: Any, res: dict[str, Any], cells: list[dict[str, Any]], key: An
         P(f"{key(c):<28}" + "".join(f"{fmt_num(cost.get(n), 0):>10}" for n in order) + f"{other:>9.0f}%")
 
 
+def _print_hits(P: Any, res: dict[str, Any], hits: dict[str, Any], what: str) -> None:
+    cfg = res["config"]
+    P()
+    P(f"Part 1 — cache-hit latency: `{hits['sql']}` ({what}), pgbench -c 1, {hits['duration_s']:g} s per "
+      f"cell after {hits['warmup_s']:g} s untimed; per-transaction latency (pgbench -l), µs")
+    P(f"{'mode':<9}{'target':<14}{'p50':>8}{'p99':>8}{'mean':>8}{'tps':>9}  {'vs direct p50':>13}  hit ratio")
+    P("-" * 96)
+    for mode in cfg["modes"]:
+        d = hits["summary"][mode]["p50_us"].get("direct")
+        for c in (x for x in hits["cells"] if x["mode"] == mode):
+            lat = c["latency"]
+            hr = c.get("cache", {})
+            hit_txt = (f"{100 * hr['hit_ratio']:.2f}% ({hr['by_cache_status'].get('hit', 0):,} hits / "
+                       f"{hr['queries']:,})") if hr.get("hit_ratio") is not None else ""
+            rel = fmt_num(lat["p50_us"] / d, 2, "×") if d and lat.get("p50_us") else "—"
+            P(f"{mode:<9}{_ext(res, c['target'], mode) + LABELS[c['target']]:<14}{fmt_num(lat.get('p50_us')):>8}"
+              f"{fmt_num(lat.get('p99_us')):>8}{fmt_num(lat.get('mean_us')):>8}{fmt_num(c.get('tps')):>9}"
+              f"  {rel:>13}  {hit_txt}")
+    P()
+    for mode in cfg["modes"]:
+        s = hits["summary"][mode]
+        if "ratio_p50" in s:
+            P(f"  {mode:<9} hit p50 / direct p50 = {s['ratio_p50']:.2f}× (p99 {s['ratio_p99']:.2f}×) — target < 1 "
+              f"(a hit is faster than the database directly) — {'PASS' if s['pass'] else 'MISS'}")
+
+
 def print_report(res: dict[str, Any]) -> None:
     P = lambda *a: print(*a, flush=True)  # noqa: E731
     cfg = res["config"]
@@ -313,30 +341,9 @@ def print_report(res: dict[str, Any]) -> None:
     P(f"  cb-cache max_age {MAX_AGE} s is the maximum: no entry expires during the run")
     for n in res.get("notes", []):
         P(f"  note: {n}")
-    hits = res.get("hit_latency")
-    if hits:
-        P()
-        P(f"Part 1 — cache-hit latency: `{hits['sql']}` (one fixed key), pgbench -c 1, {hits['duration_s']:g} s per "
-          f"cell after {hits['warmup_s']:g} s untimed; per-transaction latency (pgbench -l), µs")
-        P(f"{'mode':<9}{'target':<14}{'p50':>8}{'p99':>8}{'mean':>8}{'tps':>9}  {'vs direct p50':>13}  hit ratio")
-        P("-" * 96)
-        for mode in cfg["modes"]:
-            d = hits["summary"][mode]["p50_us"].get("direct")
-            for c in (x for x in hits["cells"] if x["mode"] == mode):
-                lat = c["latency"]
-                hr = c.get("cache", {})
-                hit_txt = (f"{100 * hr['hit_ratio']:.2f}% ({hr['by_cache_status'].get('hit', 0):,} hits / "
-                           f"{hr['queries']:,})") if hr.get("hit_ratio") is not None else ""
-                rel = fmt_num(lat["p50_us"] / d, 2, "×") if d and lat.get("p50_us") else "—"
-                P(f"{mode:<9}{_ext(res, c['target'], mode) + LABELS[c['target']]:<14}{fmt_num(lat.get('p50_us')):>8}"
-                  f"{fmt_num(lat.get('p99_us')):>8}{fmt_num(lat.get('mean_us')):>8}{fmt_num(c.get('tps')):>9}"
-                  f"  {rel:>13}  {hit_txt}")
-        P()
-        for mode in cfg["modes"]:
-            s = hits["summary"][mode]
-            if "ratio_p50" in s:
-                P(f"  {mode:<9} hit p50 / direct p50 = {s['ratio_p50']:.2f}× (p99 {s['ratio_p99']:.2f}×) — target < 1 "
-                  f"(a hit is faster than the database directly) — {'PASS' if s['pass'] else 'MISS'}")
+    for key, what in (("hit_latency", "one fixed key"), ("hit_latency_range", "100 rows by range")):
+        if res.get(key):
+            _print_hits(P, res, res[key], what)
     pg = res.get("pgbench")
     if pg:
         P()
@@ -370,9 +377,10 @@ def print_report(res: dict[str, Any]) -> None:
     P()
     P("CPU µs per transaction per process; other = box CPU not charged to these processes, in % of the cell's")
     P("wall time × CPUs (large = something else loaded the box)")
-    if hits:
-        P("part 1 (one fixed key, -c 1):")
-        _cpu_table(P, res, hits["cells"], lambda c: f"hit/{c['target']}/{c['mode']}")
+    for key, name in (("hit_latency", "hit"), ("hit_latency_range", "range")):
+        if res.get(key):
+            P(f"part 1 ({'one fixed key' if name == 'hit' else '100 rows by range'}, -c 1):")
+            _cpu_table(P, res, res[key]["cells"], lambda c, name=name: f"{name}/{c['target']}/{c['mode']}")
     if pg:
         P("part 2 (pgbench -S):")
         _cpu_table(P, res, pg["cells"], lambda c: f"{c['target']}/{c['mode']}/c{c['clients']}")
@@ -383,8 +391,10 @@ def print_report(res: dict[str, Any]) -> None:
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
     s: dict[str, Any] = {}
     if "hit_latency" in res:
-        s["hit_latency"] = {mode: {k: v for k, v in x.items() if k in ("ratio_p50", "ratio_p99", "pass", "hit_ratio")}
-                            | {"p50_us": x["p50_us"]} for mode, x in res["hit_latency"]["summary"].items()}
+        for key in ("hit_latency", "hit_latency_range"):
+            if key in res:
+                s[key] = {mode: {k: v for k, v in x.items() if k in ("ratio_p50", "ratio_p99", "pass", "hit_ratio")}
+                          | {"p50_us": x["p50_us"]} for mode, x in res[key]["summary"].items()}
     rows = res.get("pgbench", {}).get("rows", [])
     ratios = [r["cache_vs_pgbouncer"] for r in rows if r["cache_vs_pgbouncer"] is not None]
     if ratios:
@@ -427,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         res["pgbouncer"] = b.bouncer.describe() if b.bouncer is not None else None
         if not args.no_hits:
             res["hit_latency"] = measure_hits(b)
+            res["hit_latency_range"] = measure_hits(b, RANGE_SQL, "range")
         if not args.no_pgbench:
             res["pgbench"] = measure_pgbench(b)
         final = b.metrics()

@@ -80,6 +80,7 @@ class ProxyService:
         self.cache = QueryCache(cache_max_bytes, clock=clock or time.monotonic)
         self.metrics = MetricsRegistry(clock=wall_clock or time.time)
         self._policies: dict[str, CachePolicy] = {}
+        self._ns_of: dict[str, Namespace] = {}  # config id -> the namespace its policy counts in
         self._refreshing: dict[str, int] = {}  # config id -> background refreshes running
 
     # ------------------------------------------------------------------ lifecycle
@@ -170,6 +171,15 @@ class ProxyService:
         # `hd edge --cache-size 0` turns caching off for every config.
         policy.disabled = bool(config.caching_disabled) or self.cache.max_bytes <= 0
         policy.max_age, policy.swr = float(config.max_age), float(config.swr)
+        ns = self.namespace_for(config)
+        old = self._ns_of.get(config.id)
+        if old is not None and old is not ns:
+            old.cached_by.discard(config.id)  # the config now points elsewhere
+        self._ns_of[config.id] = ns
+        if policy.disabled:
+            ns.cached_by.discard(config.id)
+        else:
+            ns.cached_by.add(config.id)
         return policy
 
     def namespace_for(self, config: Any) -> Namespace:
@@ -286,6 +296,9 @@ class ProxyService:
         pool = self._pools.pop(config_id, None)
         self._registries.pop(config_id, None)
         self._policies.pop(config_id, None)
+        ns = self._ns_of.pop(config_id, None)
+        if ns is not None:
+            ns.cached_by.discard(config_id)
         self.metrics.drop(config_id)
         if pool is not None:
             pool.close()

@@ -80,6 +80,7 @@ class Namespace:
         self.catalog = OriginCatalog()
         self.catalog_loading: Any = None  # a future while a load runs (set by the service)
         self.catalog_stale = False  # DDL went through: reload before the next decision
+        self.cached_by: set[str] = set()  # ids of the configs with caching on that use this origin
         self.by_token: dict[int, set[Hashable]] = {}
         self.keys: set[Hashable] = set()
         self.fills: dict[Hashable, Fill] = {}
@@ -167,6 +168,12 @@ class Namespace:
                 keys.discard(entry.key)
                 if not keys:
                     del self.by_token[t]
+
+    @property
+    def watched(self) -> bool:
+        """Whether writes must invalidate: some config caches this origin, or entries or fills
+        remain. Configs with caching off skip classifying their queries otherwise."""
+        return bool(self.cached_by or self.keys or self.fills)
 
     @property
     def entries(self) -> int:

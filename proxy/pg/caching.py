@@ -157,16 +157,15 @@ class QueryObs:
                 ctx.ns.complete_fill(fill, bytes(self.buf), self.tokens, now)
             else:
                 ctx.ns.abort_fill(fill)
-        self.buf = None
+            self.buf = None
         if self.status is None:
             ctx.metrics.refresh(not self.failed)
         else:
             ctx.metrics.query(self.status, not self.failed, now - self.t0, self.qbytes, self.rbytes)
-        pending = False
-        if self.writes:
+        if self.write_all or self.write_tokens:
             self.invalidate()  # committed (or rolled back) now: the second invalidation
-            pending = txn != b"I"
-        return pending
+            return txn != b"I"
+        return False
 
     def abandon(self) -> None:
         """It will never complete (connection lost, no server, client gone)."""

@@ -236,7 +236,8 @@ class ClientCore:
             end = off + 1 + length
             if end > n:
                 break
-            if (kind == 0x42 or kind == 0x50) and self.cache is not None and self.server is None and self._fast_ok():
+            if ((kind == 0x42 or kind == 0x50) and self.server is None and self.cache is not None
+                    and not self.cache.policy.disabled and self._fast_ok()):
                 parsed = self._fast_parse(buf, off, n)
                 if parsed is not None:
                     off = self._fast_batch(parsed, off)
@@ -382,18 +383,20 @@ class ClientCore:
             self._flush_batch(None)
         if kind == 0x51:  # 'Q'
             self._query(raw)
-        elif cache is not None and kind == 0x42:  # caching off: note what the portal runs
-            self._note_bind(raw)
-            self._send(kind, raw, None)
-        elif cache is not None and kind == 0x45:  # caching off: counted, and its writes invalidate
+        elif kind == 0x45 and cache is not None:  # caching off: counted, and its writes invalidate
             self._send(kind, raw, self._uncached_execute(raw))
         elif kind == 0x46 and cache is not None:  # 'F' FunctionCall: may write anything
-            obs = self._obs("notaquery" if not self.cache.policy.disabled else "disabled", len(raw))
+            obs = self._obs("notaquery" if not cache.policy.disabled else "disabled", len(raw))
             obs.write_all = True
             obs.invalidate()
             self._send(kind, raw, obs)
         else:
-            self._send(kind, raw, None)
+            if kind == 0x42 and cache is not None and cache.ns.watched:  # caching off: what the portal runs
+                self._note_bind(raw)
+            if self.server is None and kind != 0x58:  # 'X' Terminate needs no server
+                self._queued.append((kind, raw, None))
+            else:
+                self._client_message(kind, raw, None)
 
     def _send(self, kind: int, raw: bytes, obs: Any) -> None:
         if self.server is None and kind != 0x58:  # 'X' Terminate needs no server
@@ -414,8 +417,10 @@ class ClientCore:
         and its writes invalidate the cached reads of other configs on the same origin."""
         cache = self.cache
         assert cache is not None
-        st = self._portals.get(raw[5:-5])
         obs = self._obs("disabled", len(raw))
+        if not cache.ns.watched:
+            return obs  # nothing is cached from this origin: nothing to invalidate
+        st = self._portals.get(raw[5:-5])
         if st is None:
             obs.write_all = True  # cannot tell what it runs
         else:
@@ -458,9 +463,10 @@ class ClientCore:
                 self.refresh_fill = None
                 return None
             obs = self._obs("disabled", len(raw))
-            obs.writes_from(ns.catalog.decide(sql))
-            if obs.writes:
-                obs.invalidate()
+            if ns.watched:
+                obs.writes_from(ns.catalog.decide(sql))
+                if obs.writes:
+                    obs.invalidate()
             return obs
         refresh = self.refresh_fill
         key = (cache.prefix, sql)
@@ -1008,7 +1014,8 @@ class ClientCore:
                     if obs.complete(status):
                         self._txn_writes.append(obs)
                 self.txn = status
-                self._ready(status)
+                if self._await_sync or (status == b"I" and (self._txn_writes or self._portals)):
+                    self._ready(status)
                 self._sync_ignored = False
                 if len(expect) <= 1:  # the last outstanding request: nothing unsynced remains
                     self._unsynced = False
@@ -1092,9 +1099,12 @@ class ClientCore:
                         run_start = off
                         self._drain_fakes()
                     elif nxt[4] is not None:
-                        self._emit(buf, run_start, off)
-                        run_start = off
-                        self._begin(nxt[4])
+                        if run_start < off:
+                            self._emit(buf, run_start, off)
+                            run_start = off
+                        obs = self._rec = nxt[4]
+                        if obs.head_check:
+                            obs.begin(self.txn)
         if run_start < off:
             chunk = buf[run_start:off]
             self.to_client += chunk
