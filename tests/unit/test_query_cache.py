@@ -15,6 +15,7 @@ from proxy.cache.store import MAX_RESULT_BYTES, QueryCache
 from proxy.pg.caching import CacheContext, CachePolicy, analyze_batch, extended_request, text_params_have_time_words
 from proxy.pg.pooling import ClientCore, ServerState, encode_parse, message
 from proxy.pg.statements import StatementRegistry
+from tests.unit.test_pg_pooling import BIND_OK, PARSE_OK, SYNC, done, q, rfq, row, take
 
 I16 = struct.Struct("!H")
 I32 = struct.Struct("!I")
@@ -214,10 +215,6 @@ def test_results_over_50_mb_are_not_stored():
 
 
 # --- the pooling core with the cache ------------------------------------------------------------
-def q(sql: str) -> bytes:
-    return message(b"Q", sql.encode() + b"\x00")
-
-
 def bind(stmt: str, params: tuple[bytes, ...] = (), portal: str = "", result_formats: tuple[int, ...] = ()) -> bytes:
     body = portal.encode() + b"\x00" + stmt.encode() + b"\x00" + I16.pack(0) + I16.pack(len(params))
     for p in params:
@@ -234,29 +231,8 @@ def describe(kind: bytes, name: str = "") -> bytes:
     return message(b"D", kind + name.encode() + b"\x00")
 
 
-SYNC = message(b"S", b"")
-PARSE_OK = message(b"1", b"")
-BIND_OK = message(b"2", b"")
 ROWDESC = message(b"T", I16.pack(1) + b"v\x00" + I32.pack(0) + I16.pack(0) + I32.pack(25) + I16.pack(65535)
                   + I32.pack(0xFFFFFFFF) + I16.pack(0))
-
-
-def row(v: bytes) -> bytes:
-    return message(b"D", I16.pack(1) + I32.pack(len(v)) + v)
-
-
-def done(tag: str) -> bytes:
-    return message(b"C", tag.encode() + b"\x00")
-
-
-def rfq(status: bytes = b"I") -> bytes:
-    return message(b"Z", status)
-
-
-def take(buf: bytearray) -> bytes:
-    data = bytes(buf)
-    buf.clear()
-    return data
 
 
 class Clock:
