@@ -16,6 +16,14 @@ It takes client bytes and server bytes, and produces bytes for each side, while:
 
 Every request that draws a response pushes an entry on `expect`; server messages pop them
 (PgBouncer's outstanding-request queue, reference/hyperdrive_caching.md §5).
+
+With a `CacheContext` (proxy/pg/caching.py) it also runs the query cache: every simple Query and
+every Execute gets a QueryObs (cache status, latency, bytes) carried on the expect entries where
+its answer starts and ends; outside a transaction, with no server held, a cached answer is written
+without a server (`_serve`, and `_fast_parse`/`_fast_batch` for whole extended batches in one read),
+identical misses wait on one fill (`wait`/`resume`), and writes invalidate the origin's entries when
+sent and again at their ReadyForQuery. Extended-protocol messages are collected up to Sync so a
+batch is judged whole.
 """
 
 from __future__ import annotations
