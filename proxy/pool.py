@@ -151,7 +151,6 @@ class Pool:
         self._waiters: deque[asyncio.Future[ServerConn]] = deque()
         self.parameters: dict[str, str] = {}
         self.stats = {"connects": 0, "connect_errors": 0, "acquire_timeouts": 0, "resets": 0}
-        self.connect_ms: deque[float] = deque(maxlen=1000)
         self._on_connect = on_connect  # (seconds, ok): the config's connection-latency metric
 
     # ------------------------------------------------------------------ introspection
@@ -218,7 +217,6 @@ class Pool:
             raise
         finally:
             self._opening -= 1
-        self.connect_ms.append((time.monotonic() - started) * 1000)
         if self._on_connect is not None:
             self._on_connect(time.monotonic() - started, True)
         self.stats["connects"] += 1

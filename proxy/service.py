@@ -244,7 +244,7 @@ class ProxyService:
         started = time.monotonic()
         try:
             results = await run_query(self.pool_for(config), CATALOG_SQL, CATALOG_TIMEOUT)
-            ns.catalog.load(results, now=self.cache.clock())
+            ns.catalog.load(results)
         except Exception as exc:  # fail closed: unknown names stay volatile/uncacheable
             log.warning("could not read the catalog of %s for the query cache: %s", config.name, exc)
             return
@@ -353,15 +353,18 @@ class ProxyService:
 
     def prometheus_text(self) -> str:
         names = {c.id: c.name for c in self.store.list_hyperdrives()}
-        pool_samples = []
+        pool_samples: list[tuple[dict[str, str], float]] = []
+        waiting: list[tuple[dict[str, str], float]] = []
         for cid, pool in self._pools.items():
             info = pool.info()
             labels = {"config_id": cid, "config_name": names.get(cid, cid)}
-            pool_samples += [({**labels, "state": "open"}, info["open"]), ({**labels, "state": "idle"}, info["idle"]),
-                             ({**labels, "state": "waiting"}, info["waiting"])]
+            pool_samples += [({**labels, "state": "open"}, info["open"]), ({**labels, "state": "idle"}, info["idle"])]
+            waiting.append((labels, info["waiting"]))
         gauges = [
-            Gauge("hd_hyperdrive_pool_connections", "Origin connections per config (open, idle) and clients waiting.",
+            Gauge("hd_hyperdrive_pool_connections", "Origin connections per config (open; idle of those).",
                   pool_samples),
+            Gauge("hd_hyperdrive_pool_waiting_clients", "Clients waiting for an origin connection, per config.",
+                  waiting),
             Gauge("hd_hyperdrive_cache_entries", "Query cache entries in this process.", [({}, len(self.cache))]),
             Gauge("hd_hyperdrive_cache_bytes", "Bytes held by the query cache in this process.",
                   [({}, self.cache.bytes)]),

@@ -22,7 +22,6 @@ the search_path of the session is not known here.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -126,11 +125,9 @@ class OriginCatalog:
     def __init__(self, classifier: ClassificationCache | None = None, *, max_decisions: int = 4096) -> None:
         self.classifier = classifier or ClassificationCache()
         self.loaded = False
-        self.loaded_at = float("-inf")
         self.attempted_at = float("-inf")
         self.missing: set[str] = set()  # names reloads were started for (still unknown: absent)
         self.missing_since = float("-inf")
-        self.version = 0
         # bare name -> overloads (schema, fewest arguments, most arguments, provolatile)
         self._overloads: dict[str, list[tuple[str, int, int, str]]] = {}
         self._writers: set[str] = set()  # bare and "schema.name" names that may write tables
@@ -143,7 +140,7 @@ class OriginCatalog:
         self._max_decisions = max_decisions
 
     # ------------------------------------------------------------------ loading
-    def load(self, results: Sequence[Rows], now: float | None = None) -> None:
+    def load(self, results: Sequence[Rows]) -> None:
         """Replace the snapshot with the four result sets of `CATALOG_SQL` (text values)."""
         if len(results) != 4:
             raise ValueError(f"the catalog query returned {len(results)} result sets, expected 4")
@@ -200,8 +197,6 @@ class OriginCatalog:
         self._family, self._cascades = family, cascades
         self._decisions.clear()
         self.loaded = True
-        self.loaded_at = time.monotonic() if now is None else now
-        self.version += 1
 
     def may_reload(self, now: float, names: frozenset[str] = frozenset()) -> bool:
         """Unknown names justify a reload at most once per RELOAD_MIN_INTERVAL, and names that

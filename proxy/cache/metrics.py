@@ -56,24 +56,53 @@ def _iso(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+class _Latency:
+    """One minute's latencies: a sparse histogram (most minutes see a few buckets only), the sum,
+    the smallest and the largest."""
+
+    __slots__ = ("hist", "sum", "min", "max")
+
+    def __init__(self) -> None:
+        self.hist: dict[int, int] = {}
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, latency_s: float) -> None:
+        if not latency_s >= 0.0:  # negative or NaN: a caller's clock bug must not poison the sums
+            latency_s = 0.0
+        b = _bisect_left(BOUNDS, latency_s)
+        h = self.hist
+        h[b] = h.get(b, 0) + 1
+        self.sum += latency_s
+        if latency_s < self.min:
+            self.min = latency_s
+        if latency_s > self.max:
+            self.max = latency_s
+
+
+def _merged(lats: Iterable[_Latency]) -> tuple[dict[int, int], float, float]:
+    """(histogram, min, max) of several minutes' latencies."""
+    hist: dict[int, int] = {}
+    lo, hi = math.inf, -math.inf
+    for lat in lats:
+        for b, n in lat.hist.items():
+            hist[b] = hist.get(b, 0) + n
+        lo, hi = min(lo, lat.min), max(hi, lat.max)
+    return hist, lo, hi
+
+
 class _Minute:
     """What happened in one minute (the unit of time windows and of retention)."""
 
-    __slots__ = ("counts", "qbytes", "rbytes", "qhist", "qsum", "qmin", "qmax",
-                 "chist", "csum", "cmin", "cmax", "cerrors", "refreshes")
+    __slots__ = ("counts", "qbytes", "rbytes", "query", "connection", "cerrors", "refreshes")
 
     def __init__(self) -> None:
         self.counts = [0] * _SLOTS
         self.qbytes = 0
         self.rbytes = 0
-        self.qhist: dict[int, int] = {}  # sparse: most minutes see a few latency buckets only
-        self.qsum = 0.0
-        self.qmin = math.inf
-        self.qmax = -math.inf
-        self.chist: dict[int, int] = {}
-        self.csum = 0.0
-        self.cmin = math.inf
-        self.cmax = -math.inf
+        self.query = _Latency()
+        self.connection = _Latency()
         self.cerrors = 0
         self.refreshes = [0, 0]  # complete, error
 
@@ -99,12 +128,12 @@ class _Totals:
             self.counts[i] += n
         self.qbytes += m.qbytes
         self.rbytes += m.rbytes
-        for b, n in m.qhist.items():
+        for b, n in m.query.hist.items():
             self.qhist[b] += n
-        self.qsum += m.qsum
-        for b, n in m.chist.items():
+        self.qsum += m.query.sum
+        for b, n in m.connection.hist.items():
             self.chist[b] += n
-        self.csum += m.csum
+        self.csum += m.connection.sum
         self.cerrors += m.cerrors
         self.refreshes[0] += m.refreshes[0]
         self.refreshes[1] += m.refreshes[1]
@@ -176,8 +205,6 @@ class ConfigMetrics:
             raise ValueError(f"unknown cache status {cache_status!r} (one of {', '.join(CACHE_STATUSES)})") from None
         if not ok:
             slot += 1
-        if not latency_s >= 0.0:  # negative or NaN: a caller's clock bug must not poison the sums
-            latency_s = 0.0
         now = self._clock()
         cur = self._cur
         if now // _MINUTE != self._cur_minute:
@@ -185,14 +212,7 @@ class ConfigMetrics:
         cur.counts[slot] += 1
         cur.qbytes += query_bytes
         cur.rbytes += result_bytes
-        b = _bisect_left(BOUNDS, latency_s)
-        h = cur.qhist
-        h[b] = h.get(b, 0) + 1
-        cur.qsum += latency_s
-        if latency_s < cur.qmin:
-            cur.qmin = latency_s
-        if latency_s > cur.qmax:
-            cur.qmax = latency_s
+        cur.query.add(latency_s)
 
     def connection(self, latency_s: float, ok: bool) -> None:
         """A new origin connection: its setup latency when it worked; a failed attempt counts as an
@@ -204,16 +224,7 @@ class ConfigMetrics:
         if not ok:
             cur.cerrors += 1
             return
-        if not latency_s >= 0.0:
-            latency_s = 0.0
-        b = _bisect_left(BOUNDS, latency_s)
-        h = cur.chist
-        h[b] = h.get(b, 0) + 1
-        cur.csum += latency_s
-        if latency_s < cur.cmin:
-            cur.cmin = latency_s
-        if latency_s > cur.cmax:
-            cur.cmax = latency_s
+        cur.connection.add(latency_s)
 
     def refresh(self, ok: bool) -> None:
         """A background stale-while-revalidate refresh (not a client's query)."""
@@ -248,13 +259,8 @@ class ConfigMetrics:
         counts = [0] * _SLOTS
         qbytes = rbytes = cerrors = 0
         refreshes = [0, 0]
-        qhist: dict[int, int] = {}
-        chist: dict[int, int] = {}
-        qmin = cmin = math.inf
-        qmax = cmax = -math.inf
-        for minute, m in self._minutes.items():
-            if not first <= minute <= last:
-                continue
+        minutes = [m for minute, m in self._minutes.items() if first <= minute <= last]
+        for m in minutes:
             for i, n in enumerate(m.counts):
                 counts[i] += n
             qbytes += m.qbytes
@@ -262,12 +268,8 @@ class ConfigMetrics:
             cerrors += m.cerrors
             refreshes[0] += m.refreshes[0]
             refreshes[1] += m.refreshes[1]
-            for b, n in m.qhist.items():
-                qhist[b] = qhist.get(b, 0) + n
-            for b, n in m.chist.items():
-                chist[b] = chist.get(b, 0) + n
-            qmin, qmax = min(qmin, m.qmin), max(qmax, m.qmax)
-            cmin, cmax = min(cmin, m.cmin), max(cmax, m.cmax)
+        qhist, qmin, qmax = _merged(m.query for m in minutes)
+        chist, cmin, cmax = _merged(m.connection for m in minutes)
         by_cache = {s: counts[2 * i] + counts[2 * i + 1] for i, s in enumerate(CACHE_STATUSES)}
         hits, misses = by_cache["hit"], by_cache["miss"]
         connection = _latency_ms(chist, cmin, cmax)
@@ -302,17 +304,17 @@ class ConfigMetrics:
         live = self._cur_minute >= 0  # else `_cur` is the unused placeholder (all zeros anyway)
         qhist, chist = list(t.qhist), list(t.chist)
         if live:
-            for b, n in m.qhist.items():
+            for b, n in m.query.hist.items():
                 qhist[b] += n
-            for b, n in m.chist.items():
+            for b, n in m.connection.hist.items():
                 chist[b] += n
         return {
             "queries": {(s, e): t.counts[2 * i + j] + m.counts[2 * i + j]
                         for i, s in enumerate(CACHE_STATUSES) for j, e in enumerate(EVENT_STATUSES)},
             "query_bytes": t.qbytes + m.qbytes,
             "result_bytes": t.rbytes + m.rbytes,
-            "query_latency": {"buckets": qhist, "sum": t.qsum + m.qsum, "count": sum(qhist)},
-            "connection_latency": {"buckets": chist, "sum": t.csum + m.csum, "count": sum(chist)},
+            "query_latency": {"buckets": qhist, "sum": t.qsum + m.query.sum, "count": sum(qhist)},
+            "connection_latency": {"buckets": chist, "sum": t.csum + m.connection.sum, "count": sum(chist)},
             "connection_errors": t.cerrors + m.cerrors,
             "refreshes": {"complete": t.refreshes[0] + m.refreshes[0], "error": t.refreshes[1] + m.refreshes[1]},
         }

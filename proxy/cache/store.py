@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
 from proxy.cache.catalog import OriginCatalog
+from proxy.sql.classify import ClassificationCache
 
 MAX_RESULT_BYTES = 50 * 1024 * 1024  # larger results are returned but not cached (as Hyperdrive)
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -43,7 +44,7 @@ class Entry:
 class Fill:
     """One origin query whose result will fill `key`; others may wait for it."""
 
-    __slots__ = ("key", "ns", "seq", "callbacks", "done", "entry")
+    __slots__ = ("key", "ns", "seq", "callbacks", "done")
     # How long a client waits for someone else's fill before asking the origin itself: the
     # origin's statement timeout (60 s) plus a pool wait (15 s), with a margin.
     timeout = 90.0
@@ -54,7 +55,6 @@ class Fill:
         self.seq = seq
         self.callbacks: list[Callable[[], None]] = []
         self.done = False
-        self.entry: Entry | None = None
 
     def add_callback(self, fn: Callable[[], None]) -> None:
         if self.done:
@@ -77,7 +77,8 @@ class Namespace:
     def __init__(self, cache: QueryCache, ident: Hashable) -> None:
         self.cache = cache
         self.ident = ident
-        self.catalog = OriginCatalog()
+        # A statement's classification depends only on its text: one parse serves every origin.
+        self.catalog = OriginCatalog(cache.classifier)
         self.catalog_loading: Any = None  # a future while a load runs (set by the service)
         self.catalog_stale = False  # DDL went through: reload before the next decision
         self.cached_by: set[str] = set()  # ids of the configs with caching on that use this origin
@@ -114,7 +115,6 @@ class Namespace:
         elif len(payload) <= MAX_RESULT_BYTES:
             entry = self.cache.put(fill.key, self, payload, tokens, now)
             self.stats["stores"] += 1
-        fill.entry = entry
         fill._finish()
         return entry
 
@@ -191,6 +191,7 @@ class QueryCache:
         self._entries: OrderedDict[Hashable, Entry] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
+        self.classifier = ClassificationCache()
         self._namespaces: dict[Hashable, Namespace] = {}
         self._prefixes: dict[tuple[Any, ...], int] = {}
         self._next_prefix = 0

@@ -62,8 +62,7 @@ class QueryObs:
 
     # No __slots__: most queries never touch most of these, and class-level defaults make a
     # new QueryObs cost five attribute stores (it is made for every query).
-    record = False
-    buf: bytearray | None = None
+    buf: bytearray | None = None  # the answer so far while it is being recorded for the cache
     fill: Fill | None = None
     key: Hashable = None
     tokens: frozenset[int] = frozenset()
@@ -102,7 +101,6 @@ class QueryObs:
             ns.invalidate(self.write_tokens)
 
     def start_recording(self, fill: Fill | None, key: Hashable, tokens: frozenset[int]) -> None:
-        self.record = True
         self.fill = fill
         self.key = key
         self.tokens = tokens
@@ -117,7 +115,7 @@ class QueryObs:
             self.status = "transaction"
             self._stop_recording()
             return
-        if self.record and self.fill is None:
+        if self.buf is not None and self.fill is None:
             ns = self.ctx.ns
             if self.key in ns.fills:
                 self._stop_recording()  # another query is filling it already
@@ -127,7 +125,7 @@ class QueryObs:
     # -- the answer -------------------------------------------------------------------------
     def take(self, chunk: bytes | bytearray) -> None:
         self.rbytes += len(chunk)
-        if self.record:
+        if self.buf is not None:
             if self.rbytes > MAX_RESULT_BYTES:
                 self._stop_recording()
                 if self.status == "miss":
@@ -136,7 +134,6 @@ class QueryObs:
                 self.buf += chunk  # type: ignore[operator]
 
     def _stop_recording(self) -> None:
-        self.record = False
         self.buf = None
         if self.fill is not None:
             self.ctx.ns.abort_fill(self.fill)
@@ -153,15 +150,12 @@ class QueryObs:
         fill = self.fill
         if fill is not None:
             self.fill = None
-            if self.record and not self.failed and not self.unstorable and txn == b"I" and self.buf is not None:
+            if self.buf is not None and not self.failed and not self.unstorable and txn == b"I":
                 ctx.ns.complete_fill(fill, bytes(self.buf), self.tokens, now)
             else:
                 ctx.ns.abort_fill(fill)
             self.buf = None
-        if self.status is None:
-            ctx.metrics.refresh(not self.failed)
-        else:
-            ctx.metrics.query(self.status, not self.failed, now - self.t0, self.qbytes, self.rbytes)
+        self._report(now)
         if self.write_all or self.write_tokens:
             self.invalidate()  # committed (or rolled back) now: the second invalidation
             return txn != b"I"
@@ -173,17 +167,17 @@ class QueryObs:
             return
         self.failed = True
         self.done = True
-        if self.fill is not None:
-            self.ctx.ns.abort_fill(self.fill)
-            self.fill = None
-        self.buf = None
-        now = self.ctx.clock()
-        if self.status is None:
-            self.ctx.metrics.refresh(False)
-        else:
-            self.ctx.metrics.query(self.status, False, now - self.t0, self.qbytes, self.rbytes)
+        self._stop_recording()
+        self._report(self.ctx.clock())
         if self.writes:
             self.invalidate()  # it may have run before the connection went
+
+    def _report(self, now: float) -> None:
+        metrics = self.ctx.metrics
+        if self.status is None:
+            metrics.refresh(not self.failed)
+        else:
+            metrics.query(self.status, not self.failed, now - self.t0, self.qbytes, self.rbytes)
 
 
 # --------------------------------------------------------------------------- extended protocol
@@ -193,7 +187,6 @@ class ExtendedShape:
 
     parses: list[bytes]  # raw Parse messages (answered with ParseComplete on a hit)
     first: int  # index in the batch of the first message whose answer is recorded
-    bind: int
     execute: int
     statement: bytes  # the statement the Bind names
     portal: bytes
@@ -239,7 +232,6 @@ def analyze_batch(batch: Sequence[tuple[int, bytes]]) -> ExtendedShape | None:
         i += 1
     if i >= n or batch[i][0] != 0x42:  # Bind
         return None
-    bind_i = i
     portal, statement, tail = bind_fields(batch[i][1])
     if describe_statement is not None and describe_statement != statement:
         return None
@@ -260,10 +252,7 @@ def analyze_batch(batch: Sequence[tuple[int, bytes]]) -> ExtendedShape | None:
     (max_rows,) = _I32.unpack_from(exe, off)
     if i + 1 != n:
         return None
-    for p in parses:
-        if cstring(p, 5)[0] == statement:
-            break
-    return ExtendedShape(parses, first, bind_i, i, statement, portal, tail, max_rows,
+    return ExtendedShape(parses, first, i, statement, portal, tail, max_rows,
                          describe_statement is not None, describe_portal)
 
 

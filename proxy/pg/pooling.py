@@ -244,8 +244,7 @@ class ClientCore:
             end = off + 1 + length
             if end > n:
                 break
-            if ((kind == 0x42 or kind == 0x50) and self.server is None and self.cache is not None
-                    and not self.cache.policy.disabled and self._fast_ok()):
+            if (kind == 0x42 or kind == 0x50) and self._fast_ok():
                 parsed = self._fast_parse(buf, off, n)
                 if parsed is not None:
                     off = self._fast_batch(parsed, off)
@@ -255,17 +254,17 @@ class ClientCore:
             if self.wait is not None:
                 self._held.append((kind, raw))
             else:
-                try:
-                    self._route(kind, raw)
-                except (ValueError, IndexError, struct.error) as exc:  # a truncated name, a short field, ...
-                    raise ClientProtocolError(f"malformed {chr(kind)!r} message ({exc})") from None
+                self._route_checked(kind, raw)
         del buf[:off]
         self._drain_fakes()
 
     def _fast_ok(self) -> bool:
+        """Whether a batch may be answered from the cache as it is read (no server held, nothing
+        before it, outside a transaction)."""
         cache = self.cache
-        return (cache is not None and not cache.policy.disabled and self.wait is None and not self._batch
-                and not self._queued and self.txn == b"I" and self.refresh_fill is None and not self.expect)
+        return (cache is not None and not cache.policy.disabled and self.server is None and self.wait is None
+                and not self._batch and not self._queued and self.txn == b"I" and self.refresh_fill is None
+                and not self.expect)
 
     def _fast_parse(self, buf: bytearray, off: int, n: int) -> tuple[Any, ...] | None:
         """The hot path of extended-protocol queries: `[Parse] Bind [Describe P] Execute Sync`
@@ -331,16 +330,12 @@ class ClientCore:
         cache = self.cache
         assert cache is not None
         key = (cache.prefix, b"E", query, oids, tail, False, describe_raw is not None)
-        now = cache.clock()
-        entry = cache.ns.get(key)
-        if entry is not None and now - entry.stored_at < cache.policy.max_age:
-            out = self.to_client
-            if parse_raw is not None:
-                self._parse_local(parse_raw)
-                out += PARSE_COMPLETE
-            out += entry.payload
-            out += Z_IDLE
-            cache.metrics.query("hit", True, cache.clock() - now, pos - off, len(entry.payload))
+        parses = [parse_raw] if parse_raw is not None else []
+
+        def request() -> bytes:
+            return extended_request(query, oids, tail, False, describe_raw is not None)
+
+        if self._serve(key, pos - off, parses, request):
             return pos
         batch: list[tuple[int, bytes]] = [(0x50, parse_raw)] if parse_raw is not None else []
         first = len(batch)
@@ -348,9 +343,8 @@ class ClientCore:
         if describe_raw is not None:
             batch.append((0x44, describe_raw))
         batch.append((0x45, execute_raw))
-        shape = ExtendedShape([parse_raw] if parse_raw is not None else [], first, first, len(batch) - 1, stmt,
-                              portal, tail, 0, False, describe_raw is not None)
-        self._send_shaped(batch, _SYNC, shape, True, (query, oids), key, pos - off)
+        shape = ExtendedShape(parses, first, len(batch) - 1, stmt, portal, tail, 0, False, describe_raw is not None)
+        self._send_shaped(batch, _SYNC, shape, True, (query, oids), key, pos - off, looked_up=True)
         return pos
 
     def resume(self, *, timed_out: bool = False) -> None:
@@ -401,10 +395,7 @@ class ClientCore:
         else:
             if kind == 0x42 and cache is not None and cache.ns.watched:  # caching off: what the portal runs
                 self._note_bind(raw)
-            if self.server is None and kind != 0x58:  # 'X' Terminate needs no server
-                self._queued.append((kind, raw, None))
-            else:
-                self._client_message(kind, raw, None)
+            self._send(kind, raw, None)
 
     def _send(self, kind: int, raw: bytes, obs: Any) -> None:
         if self.server is None and kind != 0x58:  # 'X' Terminate needs no server
@@ -531,50 +522,49 @@ class ClientCore:
             cache.ns.abort_fill(self.refresh_fill)  # caching was turned off since the refresh began
             self.refresh_fill = None
             return
-        starts: dict[int, QueryObs] = {}
-        ends: dict[int, QueryObs] = {}
-        local = self.server is None and not self._queued and self.txn == b"I"
         shape = (analyze_batch(batch) if sync is not None and len(executes) == 1 and not cache.policy.disabled
                  else None)
         if shape is not None:
+            local = self.server is None and not self._queued and self.txn == b"I"
             self._send_shaped(batch, sync, shape, local)  # type: ignore[arg-type]
             return
-        else:
-            statements = self._batch_statements(batch)
-            qbytes = sum(len(r) for _, r in batch) // len(executes)
-            for i in executes:
-                query = statements.get(i)
-                d = cache.ns.catalog.decide(query) if query is not None else None
-                if cache.policy.disabled:
-                    # Not cached, but its writes still invalidate other configs' reads.
-                    obs = self._obs("disabled", qbytes)
-                    if d is None:
-                        obs.write_all = True
-                    else:
-                        obs.writes_from(d)
-                elif d is None:
-                    obs = self._obs("uncacheable" if self.refresh_fill is None else None, qbytes)
-                    obs.write_all = True  # an unknown statement may write
+        # Several Executes, a batch cut short, or caching off: each Execute is judged alone.
+        observed: dict[int, QueryObs] = {}
+        statements = self._batch_statements(batch)
+        qbytes = sum(len(r) for _, r in batch) // len(executes)
+        for i in executes:
+            query = statements.get(i)
+            d = cache.ns.catalog.decide(query) if query is not None else None
+            if cache.policy.disabled:
+                # Not cached, but its writes still invalidate other configs' reads.
+                obs = self._obs("disabled", qbytes)
+                if d is None:
+                    obs.write_all = True
                 else:
-                    obs = self._obs(d.status, qbytes)
                     obs.writes_from(d)
-                    if d.cacheable:
-                        # several Executes in one Sync run as one implicit transaction
-                        obs.status = "multiplestatements" if len(executes) > 1 else "uncacheable"
-                        obs.head_check = True
-                if obs.writes:
-                    obs.invalidate()
-                starts[i] = ends[i] = obs
+            elif d is None:
+                obs = self._obs("uncacheable" if self.refresh_fill is None else None, qbytes)
+                obs.write_all = True  # an unknown statement may write
+            else:
+                obs = self._obs(d.status, qbytes)
+                obs.writes_from(d)
+                if d.cacheable:
+                    # several Executes in one Sync run as one implicit transaction
+                    obs.status = "multiplestatements" if len(executes) > 1 else "uncacheable"
+                    obs.head_check = True
+            if obs.writes:
+                obs.invalidate()
+            observed[i] = obs
         for i, (kind, raw) in enumerate(batch):
-            start, end = starts.get(i), ends.get(i)
-            self._send(kind, raw, None if start is None and end is None else _Marks(start, end))
+            self._send(kind, raw, observed.get(i))
         if sync is not None:
             self._send(0x53, sync, None)
 
     def _send_shaped(self, batch: list[tuple[int, bytes]], sync: bytes, shape: ExtendedShape, local: bool,
-                     st: tuple[bytes, tuple[int, ...]] | None = None, key: Any = None, qbytes: int = 0) -> None:
+                     st: tuple[bytes, tuple[int, ...]] | None = None, key: Any = None, qbytes: int = 0,
+                     looked_up: bool = False) -> None:
         """A single-query batch: answered from the cache, held, or sent with its QueryObs."""
-        obs = self._extended_obs(batch, sync, shape, local, st, key, qbytes)
+        obs = self._extended_obs(batch, sync, shape, local, st, key, qbytes, looked_up)
         if obs is None:
             return  # answered from the cache, or waiting
         for i, (kind, raw) in enumerate(batch):
@@ -625,7 +615,9 @@ class ClientCore:
 
     def _extended_obs(self, batch: list[tuple[int, bytes]], sync: bytes, shape: ExtendedShape, local: bool,
                       st: tuple[bytes, tuple[int, ...]] | None = None, key: Any = None,
-                      qbytes: int = 0) -> QueryObs | None:
+                      qbytes: int = 0, looked_up: bool = False) -> QueryObs | None:
+        """The cache's part for a single-query batch (see `_query_obs`). `looked_up`: the
+        fast path already found no usable entry for `key`."""
         cache = self.cache
         assert cache is not None
         ns = cache.ns
@@ -651,7 +643,7 @@ class ClientCore:
         if key is None:
             key = (cache.prefix, b"E", query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
         oversized = len(query) + len(shape.bind_tail) > MAX_KEY_BYTES
-        if refresh is None and local and shape.max_rows == 0 and not oversized:
+        if refresh is None and local and shape.max_rows == 0 and not oversized and not looked_up:
             def request() -> bytes:
                 return extended_request(query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
 
@@ -926,7 +918,8 @@ class ClientCore:
     def _begin(self, obs: QueryObs) -> None:
         """`obs`'s answer comes next."""
         self._rec = obs
-        obs.begin(self.txn)
+        if obs.head_check:
+            obs.begin(self.txn)
 
     def _emit(self, buf: bytearray, start: int, stop: int) -> None:
         """Forward buf[start:stop] to the client (and to the query being recorded)."""
@@ -954,18 +947,18 @@ class ClientCore:
             if self._portals:
                 self._portals = {}
 
+    def drop_queued(self) -> list[int]:
+        """No server will come: forget the queued messages (their queries end as errors) and
+        return their kinds, so the session can answer each as the server would have."""
+        queued, self._queued = self._queued, []
+        for o in _observations(x for _, _, x in queued):
+            o.abandon()
+        return [kind for kind, _, _ in queued]
+
     def abandon_all(self) -> None:
         """The session ends or lost its server: every query in flight ends as an error."""
-        obs_seen: list[QueryObs] = []
-        for entry in self.expect:
-            for o in (entry[4], entry[5]):
-                if o is not None:
-                    obs_seen.append(o)
-        for _, _, o in self._queued:
-            if isinstance(o, _Marks):
-                obs_seen.extend(x for x in (o.start, o.end) if x is not None)
-            elif o is not None:
-                obs_seen.append(o)
+        obs_seen = _observations(x for entry in self.expect for x in (entry[4], entry[5]))
+        obs_seen += _observations(x for _, _, x in self._queued)
         if self._rec is not None:
             obs_seen.append(self._rec)
         obs_seen.extend(self._await_sync)
@@ -1107,17 +1100,10 @@ class ClientCore:
                         run_start = off
                         self._drain_fakes()
                     elif nxt[4] is not None:
-                        if run_start < off:
-                            self._emit(buf, run_start, off)
-                            run_start = off
-                        obs = self._rec = nxt[4]
-                        if obs.head_check:
-                            obs.begin(self.txn)
-        if run_start < off:
-            chunk = buf[run_start:off]
-            self.to_client += chunk
-            if self._rec is not None:
-                self._rec.take(chunk)
+                        self._emit(buf, run_start, off)
+                        run_start = off
+                        self._begin(nxt[4])
+        self._emit(buf, run_start, off)
         del buf[:off]
 
     def _fail_until_sync(self) -> None:
@@ -1141,6 +1127,17 @@ class ClientCore:
         self.copy_in = False
         self._sync_ignored = False
         self._unsynced = False
+
+
+def _observations(marks: Any) -> list[QueryObs]:
+    """The QueryObs in an iterable of QueryObs, _Marks and None."""
+    out: list[QueryObs] = []
+    for m in marks:
+        if isinstance(m, _Marks):
+            out.extend(x for x in (m.start, m.end) if x is not None)
+        elif m is not None:
+            out.append(m)
+    return out
 
 
 class _Marks:

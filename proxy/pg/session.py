@@ -220,15 +220,10 @@ class ClientSession:
     def _error_and_drop_queue(self, text: str) -> None:
         """No server for this client: answer its pending requests with one error."""
         core = self.core
-        for _, _, marks in core._queued:
-            for obs in (getattr(marks, "start", None), getattr(marks, "end", None), marks):
-                if obs is not None and hasattr(obs, "abandon"):
-                    obs.abandon()
-        queued, core._queued = core._queued, []
         # One answer per request that expects a ReadyForQuery, as the server would give.
         out = bytearray()
         errored = False
-        for kind, _, _ in queued:
+        for kind in core.drop_queued():
             if kind == 0x51 or kind == 0x46 or (kind == 0x53 and not errored):  # Query / FunctionCall / first Sync
                 out += error_message("58000", text) + ready_for_query(core.txn)
                 errored = True

@@ -55,7 +55,7 @@ FKS = [("109", "108")]  # children REFERENCES parents ON DELETE CASCADE
 @pytest.fixture
 def catalog() -> OriginCatalog:
     c = OriginCatalog()
-    c.load([FUNCS, RELS, INHERITS, FKS], now=0.0)
+    c.load([FUNCS, RELS, INHERITS, FKS])
     return c
 
 
@@ -146,7 +146,7 @@ def test_unknown_names_fail_closed_until_a_reload_finds_them(catalog):
     assert d.status == "volatile" and d.unknown == {"brand_new"} and d.write_all
     d = catalog.decide(b"SELECT * FROM brand_new_table")
     assert d.status == "uncacheable" and d.unknown == {"brand_new_table"}
-    catalog.load([FUNCS + [("public", "brand_new", "1", "0", "f", "i", "f")], RELS, INHERITS, FKS], now=5.0)
+    catalog.load([FUNCS + [("public", "brand_new", "1", "0", "f", "i", "f")], RELS, INHERITS, FKS])
     assert catalog.decide(b"SELECT brand_new(1)").cacheable
 
 
@@ -250,7 +250,7 @@ class World:
         self.clock = Clock()
         self.cache = QueryCache(clock=self.clock)
         self.ns = self.cache.namespace("origin")
-        self.ns.catalog.load([FUNCS, RELS, INHERITS, FKS], now=self.clock())
+        self.ns.catalog.load([FUNCS, RELS, INHERITS, FKS])
         self.policy = CachePolicy(disabled, max_age, swr)
         self.metrics = ConfigMetrics("cfg", clock=lambda: 0.0)
         self.refreshes: list[tuple[bytes, object]] = []
