@@ -77,13 +77,20 @@ def common_options(fn: Callable) -> Callable:
 class Duration(click.ParamType):
     name = "DURATION"
 
+    def __init__(self, *, positive: bool = False) -> None:
+        self.positive = positive  # refuse 0, negative and infinite durations
+
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
         if isinstance(value, (int, float)):
-            return float(value)
-        try:
-            return parse_duration(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
+            seconds = float(value)
+        else:
+            try:
+                seconds = parse_duration(value)
+            except ValueError as e:
+                self.fail(str(e), param, ctx)
+        if self.positive and not (math.isfinite(seconds) and seconds > 0):
+            self.fail("must be more than 0, e.g. 15m, 1h or 24h", param, ctx)
+        return seconds
 
 
 def run_async(coro: Coroutine, *, fast_loop: bool = False) -> Any:
@@ -825,17 +832,6 @@ def hyperdrive_get(opts: Opts, name: str, want_url: bool) -> None:
     out.say(f"Next: psql \"$(hd hyperdrive get {c['name']} --connection-string)\"")
 
 
-def _since_text(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """--since as typed (the API parses the same durations), once it is known to be valid."""
-    try:
-        seconds = parse_duration(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise click.BadParameter("must be more than 0, e.g. 15m, 1h or 24h")
-    return value.strip()
-
-
 def _fmt_bytes(n: Any) -> str:
     value = float(n or 0)
     if value < 1024:
@@ -906,17 +902,17 @@ def _say_metrics(m: dict, requested_s: float, api_url: str) -> None:
 
 @hyperdrive.command("metrics")
 @click.argument("name")
-@click.option("--since", default="1h", show_default=True, metavar="DURATION", callback=_since_text,
+@click.option("--since", type=Duration(positive=True), default="1h", show_default=True,
               help="How far back to look, e.g. 15m, 1h or 24h (metrics are kept for 24h).")
 @common_options
-def hyperdrive_metrics(opts: Opts, name: str, since: str) -> None:
+def hyperdrive_metrics(opts: Opts, name: str, since: float) -> None:
     """Show a config's queries by cache status and event status, query and result bytes, and
     query and connection latency percentiles."""
     client = opts.client()
-    m = client.get(f"/v1/hyperdrive/configs/{quote(name)}/metrics?{urllib.parse.urlencode({'since': since})}")
+    m = client.get(f"/v1/hyperdrive/configs/{quote(name)}/metrics?{urllib.parse.urlencode({'since': f'{since:g}'})}")
     if opts.json:
         return out.emit_json(m)
-    _say_metrics(m, parse_duration(since), client.base_url)
+    _say_metrics(m, since, client.base_url)
 
 
 @hyperdrive.command("delete")

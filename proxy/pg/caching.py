@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
 from proxy.cache.store import MAX_RESULT_BYTES, Fill, Namespace
+from proxy.sql.classify import TIME_WORDS
 
 Z_IDLE = b"Z\x00\x00\x00\x05I"
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 MAX_KEY_BYTES = 1 << 20  # statement + parameters larger than this: `oversizedquery`
 _I16 = struct.Struct("!H")
 _I32 = struct.Struct("!I")
-_TIME_WORD = re.compile(rb"\b(?:now|today|tomorrow|yesterday)\b", re.IGNORECASE)
+_TIME_WORD = re.compile(TIME_WORDS.encode(), re.IGNORECASE)
 
 
 class CachePolicy:

@@ -357,7 +357,8 @@ class _Walk:
 
 _PARSE_ERROR_PREFIX: Final = "parse: "
 # Date/time input words whose value depends on when the statement runs.
-_TIME_WORD: Final = re.compile(r"\b(?:now|today|tomorrow|yesterday)\b", re.IGNORECASE)
+TIME_WORDS: Final = r"\b(?:now|today|tomorrow|yesterday)\b"  # also matched in parameter bytes
+_TIME_WORD: Final = re.compile(TIME_WORDS, re.IGNORECASE)
 
 
 def _parse(sql: str) -> list[dict[str, Any]]:
