@@ -4,13 +4,10 @@ background refreshes of stale cache entries (stale-while-revalidate)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from proxy.pg import protocol as pgp
 from proxy.pg.pooling import encode_query
-
-log = logging.getLogger("proxy.oneshot")
 
 Rows = list[list[str | None]]
 
@@ -24,22 +21,16 @@ class _Collector:
 
     def __init__(self, fut: asyncio.Future[list[Rows]]) -> None:
         self.fut = fut
-        self.buf = bytearray()
+        self.reader = pgp.MessageReader()
         self.results: list[Rows] = []
         self.rows: Rows | None = None
         self.error: str | None = None
 
     def server_data(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        off = 0
-        while len(buf) - off >= 5:
-            kind = buf[off]
-            length = int.from_bytes(buf[off + 1:off + 5], "big")
-            end = off + 1 + length
-            if end > len(buf):
-                break
-            payload = bytes(buf[off + 5:end])
+        reader = self.reader
+        for msg in reader.feed(data):
+            kind = msg[0]
+            payload = reader.payload(msg)
             if kind == 0x54:  # RowDescription
                 self.rows = []
             elif kind == 0x44 and self.rows is not None:  # DataRow
@@ -55,8 +46,6 @@ class _Collector:
                     self.fut.set_exception(QueryFailed(self.error))
                 else:
                     self.fut.set_result(self.results)
-            off = end
-        del buf[:off]
 
     def server_lost(self, exc: Exception | None) -> None:
         if not self.fut.done():

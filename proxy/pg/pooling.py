@@ -361,8 +361,8 @@ class ClientCore:
     def _route_checked(self, kind: int, raw: bytes) -> None:
         try:
             self._route(kind, raw)
-        except (ValueError, IndexError, struct.error) as exc:  # a truncated name, a short field, ...
-            raise ClientProtocolError(f"malformed {chr(kind)!r} message ({exc})") from None
+        except (ValueError, IndexError, struct.error):  # a name without its NUL, a short field, ...
+            raise ClientProtocolError(f"malformed {chr(kind)!r} message: a name or field is cut short") from None
 
     def _hold(self, wait: Any, messages: list[tuple[int, bytes]]) -> None:
         self.wait = wait
