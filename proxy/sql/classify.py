@@ -247,7 +247,6 @@ class _Walk:
     """Collects facts from a libpg_query JSON parse tree in one pass."""
 
     __slots__ = (
-        "functions",
         "tables",
         "write_tables",
         "casts",
@@ -262,7 +261,6 @@ class _Walk:
     )
 
     def __init__(self) -> None:
-        self.functions: set[str] = set()
         self.tables: set[str] = set()
         self.write_tables: set[str] = set()
         self.casts: set[str] = set()
@@ -307,13 +305,11 @@ class _Walk:
             if key == "FuncCall" or key == "funccall":  # funccall: CallStmt's typed field
                 names = val.get("funcname", ())
                 fname = ".".join(n["String"]["sval"] for n in names)
-                self.functions.add(fname)
                 nargs = -1 if val.get("func_variadic") else len(val.get("args", ()))
                 self.calls.add((fname, nargs))
             elif key == "SQLValueFunction":
                 op: str = val.get("op", "")
                 name = op.removeprefix("SVFOP_").removesuffix("_N").lower()
-                self.functions.add(name or "sqlvaluefunction")
                 self.calls.add((name or "sqlvaluefunction", 0))
             elif key == "LockingClause":
                 self.locking = True
@@ -434,7 +430,7 @@ def _classify(sql: str) -> Classification:
             w.rel(target, written=True)
     is_write = w.dml or w.select_into
     facts = dict(
-        functions=frozenset(w.functions),
+        functions=frozenset(name for name, _ in w.calls),
         tables=frozenset(w.tables),
         is_write=is_write,
         is_ddl=is_ddl,
