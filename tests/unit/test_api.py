@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import time
@@ -60,19 +61,26 @@ class FakeRelay:
         return {"connectors": 0, "streams_total": 7}
 
 
+@contextlib.asynccontextmanager
+async def api_client(store, relay, proxy=None, edge_info=None):
+    """The API over `store` on a test server; the store is closed afterwards."""
+    app = make_app(store, relay, admin_token=ADMIN, edge_info=dict(edge_info or EDGE_INFO), proxy=proxy)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+        store.close()
+
+
 @pytest.fixture
 async def env(tmp_path):
     store = Store(tmp_path / "state.db", SecretBox(os.urandom(32)))
     relay = FakeRelay()
     relay.store = store
-    app = make_app(store, relay, admin_token=ADMIN, edge_info=dict(EDGE_INFO))
-    client = TestClient(TestServer(app, host="127.0.0.1"))
-    await client.start_server()
-    try:
+    async with api_client(store, relay) as client:
         yield client, store, relay
-    finally:
-        await client.close()
-        store.close()
 
 
 async def call(client, method: str, path: str, json=None, headers=AUTH, **kw):
@@ -655,15 +663,8 @@ BAD_PASSWORD = OriginError(2013, "invalid credentials for user app: password aut
 async def hd_env(tmp_path):
     store = Store(tmp_path / "state.db", SecretBox(os.urandom(32)))
     proxy = FakeProxy()
-    app = make_app(store, FakeRelay(), admin_token=ADMIN, edge_info={**EDGE_INFO, "pg_listen": "0.0.0.0:6543"},
-                   proxy=proxy)
-    client = TestClient(TestServer(app, host="127.0.0.1"))
-    await client.start_server()
-    try:
+    async with api_client(store, FakeRelay(), proxy, {**EDGE_INFO, "pg_listen": "0.0.0.0:6543"}) as client:
         yield client, store, proxy
-    finally:
-        await client.close()
-        store.close()
 
 
 DIRECT = {"origin_host": "db.example", "origin_port": 5432, "database": "app", "origin_user": "app",
@@ -917,14 +918,8 @@ class MetricsProxy(FakeProxy):
 async def metrics_env(tmp_path):
     store = Store(tmp_path / "state.db", SecretBox(os.urandom(32)))
     proxy = MetricsProxy(store)
-    app = make_app(store, FakeRelay(), admin_token=ADMIN, edge_info=dict(EDGE_INFO), proxy=proxy)
-    client = TestClient(TestServer(app, host="127.0.0.1"))
-    await client.start_server()
-    try:
+    async with api_client(store, FakeRelay(), proxy) as client:
         yield client, store, proxy
-    finally:
-        await client.close()
-        store.close()
 
 
 async def test_hyperdrive_metrics_summarise_the_window_asked_for(metrics_env) -> None:
