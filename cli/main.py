@@ -268,9 +268,14 @@ def tunnel_info(opts: Opts, name: str) -> None:
     if routes:
         out.say(out.table(
             ["HOSTNAME", "SERVICE", "PUBLIC", "CONNECT TIMEOUT"],
-            [[r["hostname"], r["service"], "yes" if r["public"] else "no", format_duration(r["connect_timeout"])]
+            [[r["hostname"], _service_text(r), "yes" if r["public"] else "no", format_duration(r["connect_timeout"])]
              for r in routes],
         ))
+        local = [r["hostname"] for r in routes if not r["service"]]
+        if local and len(local) < len(routes):
+            # the pushed config replaces each connector's file, so these hostnames hit the catch-all
+            out.say(f"Note: some routes name a service, so the edge pushes this tunnel's ingress config and it"
+                    f" replaces the connectors' local --config: {', '.join(local)} fall to the catch-all (404)")
     else:
         out.say("No routes.")
     out.say()
@@ -305,13 +310,16 @@ def tunnel_delete(opts: Opts, name: str) -> None:
 @tunnel.command("route")
 @click.argument("name")
 @click.argument("hostname")
-@click.option("--service", required=True, metavar="URL",
-              help="tcp://host:port, ssh://host[:port] or http_status:NNN (as seen from the connector).")
+@click.option("--service", metavar="URL",
+              help="tcp://host:port, ssh://host[:port] or http_status:NNN (as seen from the connector)."
+                   " Without it, the connector's local --config decides where HOSTNAME goes.")
 @click.option("--public", is_flag=True, help="Reachable without an Access application (no credentials).")
 @click.option("--connect-timeout", type=Duration(), default="10s", show_default=True,
-              help="How long the connector waits for the origin to accept, e.g. 10s, 1m.")
+              help="How long the connector waits for the origin to accept, e.g. 10s, 1m (without --service:"
+                   " how long the edge waits, so at least the local config's connectTimeout).")
 @common_options
-def tunnel_route(opts: Opts, name: str, hostname: str, service: str, public: bool, connect_timeout: float) -> None:
+def tunnel_route(opts: Opts, name: str, hostname: str, service: str | None, public: bool,
+                 connect_timeout: float) -> None:
     """Route HOSTNAME to a service through tunnel NAME (replaces an existing route)."""
     r = opts.client().post(
         f"/v1/tunnels/{quote(name)}/routes",
@@ -320,7 +328,7 @@ def tunnel_route(opts: Opts, name: str, hostname: str, service: str, public: boo
     if opts.json:
         return out.emit_json(r)
     verb = "Re-routed" if r.get("replaced") else "Routed"
-    out.say(f"{verb} {r['hostname']} -> {r['service']} through tunnel {r.get('tunnel_name', name)}"
+    out.say(f"{verb} {r['hostname']} -> {_service_text(r)} through tunnel {r.get('tunnel_name', name)}"
             f" (config version {r.get('config_version')}, {'public' if r['public'] else 'not public'})")
     if r["public"]:
         example = r["hostname"].replace("*", "NAME", 1)
@@ -328,6 +336,10 @@ def tunnel_route(opts: Opts, name: str, hostname: str, service: str, public: boo
     else:
         out.say(f"Next: allow it with an Access application (hd access app create NAME --domain {r['hostname']}"
                 " --service-token TOKEN), or re-run with --public; until then it is refused")
+
+
+def _service_text(route: dict) -> str:
+    return route["service"] or "(connector's local config)"
 
 
 # --- hd access tcp / ssh --------------------------------------------------------------------

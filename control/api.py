@@ -402,9 +402,8 @@ class _Api:
 
     async def add_route(self, request: web.Request) -> web.Response:
         body = await self._body(request, {"hostname", "service", "public", "connect_timeout"})
-        for key in ("hostname", "service"):
-            if key not in body:
-                raise ValidationError(f"missing field: {key}")
+        if "hostname" not in body:
+            raise ValidationError("missing field: hostname")
         timeout = body.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
         if isinstance(timeout, str):
             try:
@@ -413,8 +412,9 @@ class _Api:
                 raise ValidationError(f"connect_timeout: {e}") from None
         t = self._tunnel(request)
         previous = self.store.get_route_exact(normalize_hostname(body["hostname"]))
-        route = self.store.add_route(t.id, body["hostname"], body["service"], body.get("public", False), timeout)
-        log.info("route %s -> %s via tunnel %s", route.hostname, route.service, t.name)
+        # no service (absent or null): the connector's local --config decides where the hostname goes
+        route = self.store.add_route(t.id, body["hostname"], body.get("service"), body.get("public", False), timeout)
+        log.info("route %s -> %s via tunnel %s", route.hostname, route.service or "(connector's local config)", t.name)
         self._notify("config_changed", t.id)
         if previous is not None and previous.tunnel_id != t.id:
             self._notify("config_changed", previous.tunnel_id)

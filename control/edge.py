@@ -44,7 +44,7 @@ DB_FILE = "state.db"
 DEFAULT_KEY_ROTATION = 1008 * 3600.0  # 6 weeks, as Cloudflare Access
 KEY_CHECK_INTERVAL = 600.0
 
-# relay_factory(store, ssl_context, hash_key=...) -> the relay (relay.server.Relay)
+# relay_factory(store, ssl_context, hash_key=..., quic_cert=(cert, key)) -> the relay (relay.server.Relay)
 RelayFactory = Callable[..., Any]
 # proxy_factory(store, relay) -> the database proxy the control API uses (control.api.Proxy:
 # probe, config_changed, config_deleted)
@@ -202,7 +202,7 @@ async def run_edge(
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (embedded in tests): rely on stop_event
-        relay = relay_factory(store, server_ssl_context(cert, key), hash_key=hash_key)
+        relay = relay_factory(store, server_ssl_context(cert, key), hash_key=hash_key, quic_cert=(cert, key))
         try:
             await relay.start(tun_host, tun_port)
             relay_started = True

@@ -185,13 +185,15 @@ OPENAPI: dict[str, Any] = {
                 params=[_ID_PARAM],
                 body={
                     "type": "object",
-                    "required": ["hostname", "service"],
+                    "required": ["hostname"],
                     "additionalProperties": False,
                     "properties": {
                         "hostname": {"type": "string", "description": "exact name or *.suffix; no port, no scheme"},
                         "service": {
-                            "type": "string",
-                            "description": "tcp://host:port, ssh://host[:port] (default 22) or http_status:NNN",
+                            "type": ["string", "null"],
+                            "description": "tcp://host:port, ssh://host[:port] (default 22) or http_status:NNN. Absent"
+                            " or null: the connector's local --config decides (a locally-managed tunnel: while no"
+                            " route of the tunnel names a service, the edge pushes no ingress config)",
                         },
                         "public": {"type": "boolean", "default": False},
                         "connect_timeout": {
@@ -510,7 +512,7 @@ OPENAPI: dict[str, Any] = {
                     "hostname": {"type": "string"},
                     "tunnel_id": {"type": "string"},
                     "tunnel_name": {"type": "string"},
-                    "service": {"type": "string"},
+                    "service": {"type": "string", "description": "empty: the connector's local --config decides"},
                     "public": {"type": "boolean"},
                     "connect_timeout": {"type": "number"},
                     "created_at": {"type": "string", "format": "date-time"},

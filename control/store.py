@@ -36,6 +36,7 @@ ACCESS_LOG_KEYS = ("time", "decision", "status", "client_id", "token_id", "token
 DEFAULT_CONNECT_TIMEOUT = 10.0
 MAX_CONNECT_TIMEOUT = 3600.0
 CATCH_ALL_RULE = {"service": "http_status:404"}
+LOCAL_SERVICE = ""  # a route's service when the connector's local --config decides where the hostname goes
 
 
 class StoreError(Exception):
@@ -140,7 +141,7 @@ class Tunnel:
 class Route:
     hostname: str
     tunnel_id: str
-    service: str
+    service: str  # LOCAL_SERVICE ("") when the connector's local config decides
     public: bool
     connect_timeout: float
     created_at: float
@@ -574,7 +575,10 @@ def normalize_hostname(hostname: object) -> str:
 def normalize_service(service: object) -> str:
     """Validate a service URL and return its canonical form (ssh gets its default port 22)."""
     if not isinstance(service, str) or not service.strip():
-        raise ValidationError("service must not be empty (e.g. tcp://127.0.0.1:5432)")
+        raise ValidationError(
+            "service must not be empty (e.g. tcp://127.0.0.1:5432); leave it out to let the connector's"
+            " local --config decide"
+        )
     s = service.strip()
     hint = "expected tcp://host:port, ssh://host[:port] or http_status:NNN"
     if s.lower().startswith("http_status:"):
@@ -753,14 +757,15 @@ class Store:
         self,
         tunnel_id: str,
         hostname: str,
-        service: str,
+        service: str | None,
         public: bool,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> Route:
         """Route `hostname` to `service` through the tunnel (id or name), replacing any existing
-        route for that hostname. Bumps the config version of every tunnel whose rules changed."""
+        route for that hostname. Bumps the config version of every tunnel whose rules changed.
+        `service` None: the connector's local --config decides (stored as LOCAL_SERVICE)."""
         hostname = normalize_hostname(hostname)
-        service = normalize_service(service)
+        service = LOCAL_SERVICE if service is None else normalize_service(service)
         if not isinstance(public, bool):
             raise ValidationError("public must be true or false")
         connect_timeout = validate_connect_timeout(connect_timeout)
@@ -835,14 +840,21 @@ class Store:
                 self._bump(route.tunnel_id)
             return route
 
-    def ingress_config(self, tunnel_id: str) -> tuple[int, list[dict]]:
-        """(config_version, ingress rules) to push to the tunnel's connectors."""
+    def ingress_config(self, tunnel_id: str) -> tuple[int, list[dict]] | None:
+        """(config_version, ingress rules) to push to the tunnel's connectors, or None when the
+        tunnel is locally managed (no route names a service): as in cloudflared, nothing is pushed
+        then, so each connector's --config file applies. Once a route names a service, the pushed
+        config (version >= 0) replaces any file (version -1), and service-less routes fall to the
+        catch-all."""
         with self._lock:
             row = self._db.execute("SELECT config_version FROM tunnels WHERE id = ?", (tunnel_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no tunnel with id {tunnel_id!r}")
+            routes = [r for r in self.routes_for(tunnel_id) if r.service != LOCAL_SERVICE]
+            if not routes:
+                return None
             rules = []
-            for r in self.routes_for(tunnel_id):
+            for r in routes:
                 rule: dict = {
                     "hostname": r.hostname,
                     "service": r.service,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from tunnel.link import Link, StreamInbox
 
@@ -20,6 +20,7 @@ class ConnectorConnection:
     link: Link
     control: StreamInbox  # the control stream, for pushing messages
     remote: str = ""
+    hostname: str = ""  # of the connector's machine, as it reports it
     connection_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     since: float = field(default_factory=time.time)
     config_version: int = -1  # last version pushed
@@ -35,7 +36,10 @@ class ConnectorConnection:
             "protocol": self.protocol,
             "version": self.version,
             "since": self.since,
+            "uptime": max(0.0, time.time() - self.since),
             "remote": self.remote,
+            "hostname": self.hostname,
+            "draining": self.draining,
             "streams": max(0, self.link.stream_count - 1),  # data streams (not the control stream)
             "streams_total": self.streams_total,
             "config_version": self.acked_version,
@@ -65,9 +69,11 @@ class Registry:
     def all(self) -> list[ConnectorConnection]:
         return [c for conns in self._by_tunnel.values() for c in conns]
 
-    def pick(self, tunnel_id: str) -> ConnectorConnection | None:
+    def pick(self, tunnel_id: str, exclude: Iterable[ConnectorConnection] = ()) -> ConnectorConnection | None:
         """Least-loaded live connection; round robin among equals so load spreads."""
-        live = [c for c in self._by_tunnel.get(tunnel_id, ()) if not c.draining and not c.link.is_closed]
+        skip = set(exclude)
+        live = [c for c in self._by_tunnel.get(tunnel_id, ())
+                if not c.draining and not c.link.is_closed and c not in skip]
         if not live:
             return None
         n = self._rr.get(tunnel_id, 0)

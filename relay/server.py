@@ -17,6 +17,7 @@ import logging
 import os
 import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from websockets.http11 import Request, Response
@@ -26,7 +27,8 @@ from access.gatekeeper import Gatekeeper
 from access.tokens import SecretHasher
 from relay.registry import ConnectorConnection, Registry
 from tunnel.client import StreamRefused
-from tunnel.link import MuxLink, StreamInbox, refuse
+from tunnel.link import Link, MuxLink, StreamInbox, refuse
+from tunnel.quiclink import QuicLink, serve_quic_links
 from tunnel.wslink import WsLinkProtocol, http_response
 from tunnel.messages import (
     RST_PROTOCOL,
@@ -45,13 +47,16 @@ log = logging.getLogger("relay")
 REGISTER_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 10.0  # client must send its ConnectRequest within this
 RESPONSE_MARGIN = 5.0  # connector answers within the route's connect timeout + this
+PICK_ATTEMPTS = 3  # connector connections tried for one stream (see _open_upstream)
 
 
 class Relay:
     def __init__(self, store: Store, ssl_context: ssl.SSLContext | None, *, hash_key: bytes | None = None,
-                 issuer: str = "") -> None:
+                 issuer: str = "", quic_cert: tuple[Path, Path] | None = None) -> None:
         self.store = store
         self.ssl_context = ssl_context
+        self.quic_cert = quic_cert  # (cert, key): also accept connectors over QUIC on the same port
+        self._quic_server: Any = None
         self.registry = Registry()
         self.gatekeeper = Gatekeeper(store, SecretHasher(hash_key or os.urandom(32)), None)
         self._issuer = issuer
@@ -74,7 +79,28 @@ class Relay:
             lambda: WsLinkProtocol(client=False, on_open=self._on_open, on_http=self._http),
             host, port, ssl=self.ssl_context, ssl_handshake_timeout=15)
         self._spawn(self._flush_logs_periodically())
-        log.info("relay listening on %s:%d", host, self.port)
+        log.info("relay listening on %s:%d (WebSocket over TLS)", host, self.port)
+        if self.quic_cert is not None:
+            await self.start_quic(host)
+
+    async def start_quic(self, host: str) -> None:
+        """Listen for QUIC connector links on UDP, on the same port number as the TCP listener."""
+        assert self.quic_cert is not None
+        try:
+            self._quic_server = await serve_quic_links(host, self.port, *self.quic_cert, self._on_quic_link)
+        except OSError as exc:
+            # Connectors on `auto` fall back to WebSocket; say why QUIC is missing.
+            log.error("QUIC disabled: cannot listen on UDP %s:%d: %s", host, self.port, exc.strerror or exc)
+            return
+        log.info("relay listening on %s:%d/udp (QUIC)", host, self.port)
+
+    def stop_quic(self) -> None:
+        if self._quic_server is not None:
+            for conn in self.registry.all():
+                if isinstance(conn.link, QuicLink):
+                    conn.link.abort("relay stopped its QUIC listener")
+            self._quic_server.close()
+            self._quic_server = None
 
     @property
     def port(self) -> int:
@@ -87,15 +113,11 @@ class Relay:
         # Safe to call even when start() failed.
         if self._server is not None:
             self._server.close()
+            self.stop_quic()
             for conn in self.registry.all():
-                conn.link.close_reason = "relay shutting down"
-                proto = getattr(conn.link, "proto", None)
-                if proto is not None:
-                    proto.abort()
+                conn.link.abort("relay shutting down")
             for link in list(self._client_links):
-                proto = getattr(link, "proto", None)
-                if proto is not None:
-                    proto.abort()
+                link.abort("relay shutting down")
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 10)
             except asyncio.TimeoutError:
@@ -213,23 +235,31 @@ class Relay:
         # Handlers are attached now, synchronously: the peer's first frames may arrive in the
         # same read as the end of the handshake, before any task would run.
         if proto.request.path == "/tunnel":
-            registered: asyncio.Future[StreamInbox] = asyncio.get_running_loop().create_future()
-
-            def on_stream(stream: Any) -> None:
-                # The first stream a connector opens is its control stream; it opens no others.
-                if registered.done():
-                    stream.reset(RST_PROTOCOL, "connectors may open only the control stream")
-                    return
-                registered.set_result(StreamInbox(stream))
-
-            link.on_stream = on_stream
-            self._spawn(self._serve_connector(link, remote, registered))
+            self._accept_connector(link, remote)
         else:
             link.on_stream = lambda stream: self._spawn(self._client_stream(StreamInbox(stream), remote))
             self._spawn(self._serve_client(link, remote))
 
+    def _on_quic_link(self, link: QuicLink) -> None:
+        # Only connectors speak QUIC to the relay (clients use the WebSocket /client link).
+        host, port = link.remote_address
+        self._accept_connector(link, f"{host}:{port}")
+
+    def _accept_connector(self, link: Link, remote: str) -> None:
+        registered: asyncio.Future[StreamInbox] = asyncio.get_running_loop().create_future()
+
+        def on_stream(stream: Any) -> None:
+            # The first stream a connector opens is its control stream; it opens no others.
+            if registered.done():
+                stream.reset(RST_PROTOCOL, "connectors may open only the control stream")
+                return
+            registered.set_result(StreamInbox(stream))
+
+        link.on_stream = on_stream
+        self._spawn(self._serve_connector(link, remote, registered))
+
     # ------------------------------------------------------------------ connectors
-    async def _serve_connector(self, link: MuxLink, remote: str,
+    async def _serve_connector(self, link: Link, remote: str,
                                registered: asyncio.Future[StreamInbox]) -> None:
         runner = asyncio.create_task(link.run())
         conn: ConnectorConnection | None = None
@@ -262,7 +292,7 @@ class Relay:
                 pass
 
     def _register(
-        self, link: MuxLink, control: StreamInbox, msg: dict[str, Any], remote: str
+        self, link: Link, control: StreamInbox, msg: dict[str, Any], remote: str
     ) -> ConnectorConnection | None:
         def fail(code: str, message: str, permanent: bool = True) -> None:
             log.warning("refused connector registration from %s: %s", remote, message)
@@ -293,12 +323,17 @@ class Relay:
             connector_id=str(msg.get("connector_id", ""))[:64],
             conn_index=int(msg.get("conn_index", 0)) if str(msg.get("conn_index", "0")).isdigit() else 0,
             version=str(msg.get("version", ""))[:32],
-            protocol=str(msg.get("protocol", "websocket"))[:16],
+            protocol="quic" if isinstance(link, QuicLink) else "websocket",
+            hostname=str(msg.get("hostname", ""))[:255],
             link=link,
             control=control,
             remote=remote,
         )
-        control.send_message({"type": "registered", "connection_id": conn.connection_id})
+        # Locally-managed tunnels (no route names a service) get no config push: the
+        # connector then serves its own --config file at once instead of waiting for one.
+        remote_config = self.store.ingress_config(tunnel.id) is not None
+        control.send_message({"type": "registered", "connection_id": conn.connection_id,
+                              "remotely_managed": remote_config})
         self.registry.add(conn)
         self._push_keys(conn)
         self._push_config(conn)
@@ -309,7 +344,10 @@ class Relay:
         return conn
 
     def _push_config(self, conn: ConnectorConnection) -> None:
-        version, rules = self.store.ingress_config(conn.tunnel_id)
+        config = self.store.ingress_config(conn.tunnel_id)
+        if config is None:  # locally managed: the connector's own file decides
+            return
+        version, rules = config
         if version <= conn.config_version:
             return
         conn.config_version = version
@@ -370,17 +408,36 @@ class Relay:
         if route.service.startswith("http_status:"):
             code = int(route.service.split(":", 1)[1])
             raise _Refused(code, "http_status", f"{req.hostname} answers with status {code}")
-        conn = self.registry.pick(route.tunnel_id)
-        if conn is None:
-            raise _Refused(503, "no_connector", f"no connector is connected for the tunnel serving {req.hostname}")
+        # A connection that dies (SIGKILLed replica) or is draining (SIGTERM) before the
+        # connector answered never dialled the origin for us, or its origin socket died with
+        # it: the stream is safe to try once more on another live connection.
+        tried: list[ConnectorConnection] = []
+        retry: _Refused | None = None
+        for _ in range(PICK_ATTEMPTS):
+            conn = self.registry.pick(route.tunnel_id, exclude=tried)
+            if conn is None:
+                break
+            tried.append(conn)
+            try:
+                return await self._ask_connector(conn, route, req, verdict.assertion, remote)
+            except _Retry as r:
+                retry = r.refusal
+                log.info("stream to %s: connector %s conn %d could not take it (%s); trying another connection",
+                         req.hostname, conn.connector_id, conn.conn_index, r.refusal.error)
+        if retry is not None:
+            raise retry
+        raise _Refused(503, "no_connector", f"no connector is connected for the tunnel serving {req.hostname}")
+
+    async def _ask_connector(self, conn: ConnectorConnection, route: Route, req: ConnectRequest,
+                             assertion: str | None, remote: str) -> tuple[StreamInbox, ConnectResponse]:
         try:
             upstream = conn.link.open_stream()
         except Exception as exc:  # link died between pick and open
-            raise _Refused(503, "no_connector", f"connector connection unavailable: {exc}") from None
+            raise _Retry(_Refused(503, "no_connector", f"connector connection unavailable: {exc}")) from None
         conn.streams_total += 1
         up = StreamInbox(upstream)
         up.send_message(ConnectRequest(hostname=req.hostname, type=req.type, metadata={"src": remote},
-                                       assertion=verdict.assertion).to_dict())
+                                       assertion=assertion).to_dict())
         try:
             resp = ConnectResponse.from_dict(await up.read_message(route.connect_timeout + RESPONSE_MARGIN))
         except (TimeoutError, asyncio.TimeoutError):
@@ -389,11 +446,18 @@ class Relay:
         except (EOFError, ConnectionResetError, MessageError) as exc:
             if not upstream.closed:
                 upstream.reset(RST_PROTOCOL, "bad ConnectResponse")
-            raise _Refused(502, "connector_error", f"the connector dropped the stream: {exc}") from None
+            refusal = _Refused(502, "connector_error", f"the connector dropped the stream: {exc}")
+            if conn.link.is_closed:
+                raise _Retry(refusal) from None
+            raise refusal from None
         if not resp.ok:
             if not upstream.closed:
                 upstream.reset(RST_SHUTDOWN, "refused")
-            raise _Refused(resp.status, resp.code, resp.error)
+            refusal = _Refused(resp.status, resp.code, resp.error)
+            if resp.code == "connector_draining":
+                conn.draining = True  # the unregister may still be in flight
+                raise _Retry(refusal)
+            raise refusal
         return up, resp
 
     def _route(self, hostname: str) -> Route | None:
@@ -443,6 +507,14 @@ class _Refused(Exception):
     def __init__(self, status: int, code: str, error: str) -> None:
         super().__init__(error)
         self.status, self.code, self.error = status, code, error
+
+
+class _Retry(Exception):
+    """The picked connection could not take the stream, and another one may."""
+
+    def __init__(self, refusal: _Refused) -> None:
+        super().__init__(refusal.error)
+        self.refusal = refusal
 
 
 class LocalEdgeSession:

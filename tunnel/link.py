@@ -79,8 +79,8 @@ class Link(ABC):
     @abstractmethod
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
     @abstractmethod
-    def go_away(self, code: int = 0, reason: str = "") -> None: ...
-
+    def abort(self, reason: str = "") -> None:
+        """Drop the connection now, without a closing handshake; `run()` then returns."""
     @property
     @abstractmethod
     def stream_count(self) -> int: ...
@@ -209,6 +209,9 @@ class MuxLink(Link):
         raise NotImplementedError
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
+        raise NotImplementedError
+
+    def abort(self, reason: str = "") -> None:
         raise NotImplementedError
 
     def _dispatch(self, events: list[Any]) -> None:

@@ -130,6 +130,11 @@ def verify_pin(ssl_object: ssl.SSLObject | ssl.SSLSocket, pin: str) -> None:
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         raise PinMismatch("the edge presented no TLS certificate; refusing to continue")
+    verify_pin_der(der, pin)
+
+
+def verify_pin_der(der: bytes, pin: str) -> None:
+    """Raise PinMismatch unless the DER certificate's pin equals `pin` (TLS and QUIC links)."""
     actual = pin_of_der(der)
     if not hmac.compare_digest(actual.encode(), pin.strip().lower().encode()):
         raise PinMismatch(

@@ -121,6 +121,11 @@ class WsLink(MuxLink):
         except asyncio.TimeoutError:
             self.proto.abort()
 
+    def abort(self, reason: str = "") -> None:
+        if not self.close_reason:
+            self.close_reason = reason
+        self.proto.abort()
+
     # Called by the protocol.
     def _message(self, data: bytes) -> None:
         self.bytes_in += len(data)

@@ -32,6 +32,16 @@ from tests.harness.origins import (
 from tests.harness.procs import async_poll_until, free_port, hd_argv, open_sockets, poll_until
 
 
+@pytest.fixture(params=["websocket", "quic"], autouse=True)
+def link_protocol(request):
+    """Every test here runs over both tunnel transports (the connector's --protocol)."""
+    ConnectorProc.default_protocol = request.param
+    try:
+        yield request.param
+    finally:
+        ConnectorProc.default_protocol = None
+
+
 def make_tunnel(edge: EdgeProc, name: str, routes: dict[str, str], *, public: bool = True,
                 extra: tuple[str, ...] = ()) -> dict:
     t = edge.hd("tunnel", "create", name)

@@ -232,9 +232,14 @@ class EdgeProc:
         except ValueError:
             return status, raw.decode("utf-8", "replace")
 
-    def tunnel_connections(self, tunnel: str) -> int:
-        """Live connections of a tunnel as reported by ``hd tunnel info NAME --json``."""
-        return count_connections(self.hd("tunnel", "info", tunnel))
+    def tunnel_connections(self, tunnel: str, protocol: str | None = None) -> int:
+        """Live connections of a tunnel as reported by ``hd tunnel info NAME --json`` (only those
+        over `protocol` when given)."""
+        info = self.hd("tunnel", "info", tunnel)
+        if protocol is not None:
+            info = dict(info, connections=[c for c in info.get("connections") or []
+                                           if isinstance(c, dict) and c.get("protocol") == protocol])
+        return count_connections(info)
 
 
 def count_connections(info: Mapping[str, Any]) -> int:
@@ -272,9 +277,15 @@ class ConnectorProc:
     """``hd-connector --token T`` in a subprocess; ``start()`` waits until the edge reports at
     least ``min_connections`` live connections for the tunnel (``hd tunnel info ID --json``)."""
 
+    # Tests that run once per transport set this (tests/e2e/test_tunnel_e2e.py): every connector
+    # then dials with --protocol X and start() waits for connections over X specifically.
+    default_protocol: str | None = None
+
     def __init__(self, edge: EdgeProc, token: str, *, tunnel: str | None = None, extra_args: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None, name: str = "connector", use_token_flag: bool = True):
+                 env: Mapping[str, str] | None = None, name: str = "connector", use_token_flag: bool = True,
+                 protocol: str | None = None):
         self.edge = edge
+        self.protocol = protocol or ConnectorProc.default_protocol
         self.token = token
         self.tunnel = tunnel or tunnel_id_from_token(token)
         self.extra_args = list(extra_args)
@@ -284,7 +295,8 @@ class ConnectorProc:
         self.proc: Proc | None = None
 
     def start(self, min_connections: int = 1, timeout: float = START_TIMEOUT) -> "ConnectorProc":
-        argv = connector_argv(*(["--token", self.token] if self.use_token_flag else []), *self.extra_args)
+        proto = ["--protocol", self.protocol] if self.protocol and "--protocol" not in self.extra_args else []
+        argv = connector_argv(*(["--token", self.token] if self.use_token_flag else []), *proto, *self.extra_args)
         env = {k: v for k, v in self.env.items()}
         self.proc = Proc(argv, env=env, name=self.name, log_dir=self.edge.state_dir / "logs",
                          cwd=self.edge.state_dir)
@@ -296,8 +308,10 @@ class ConnectorProc:
     def wait_connections(self, n: int = 1, timeout: float = START_TIMEOUT) -> int:
         if not self.tunnel:
             raise ValueError("ConnectorProc needs tunnel= (the tunnel id or name) to check connections")
-        return self.proc.wait_for(lambda: (lambda c: c if c >= n else 0)(self.edge.tunnel_connections(self.tunnel)),
-                                  timeout, what=f">= {n} live connections of tunnel {self.tunnel}")
+        proto = self.protocol if self.protocol in ("quic", "websocket") else None
+        return self.proc.wait_for(
+            lambda: (lambda c: c if c >= n else 0)(self.edge.tunnel_connections(self.tunnel, proto)),
+            timeout, what=f">= {n} live {proto or ''} connections of tunnel {self.tunnel}")
 
     @property
     def pid(self) -> int:

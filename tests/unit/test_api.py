@@ -252,7 +252,7 @@ async def test_routes_crud_and_relay_notifications(env) -> None:
     "payload, status, message",
     [
         ({"service": "tcp://h:1"}, 400, "missing field: hostname"),
-        ({"hostname": "a.example"}, 400, "missing field: service"),
+        ({"hostname": "a.example", "service": ""}, 400, "leave it out"),
         ({"hostname": "a.example:22", "service": "tcp://h:1"}, 400, "no port"),
         ({"hostname": "a.example", "service": "udp://h:1"}, 400, "unsupported service scheme"),
         ({"hostname": "a.example", "service": "tcp://h:1", "public": "yes"}, 400, "public"),
@@ -268,6 +268,18 @@ async def test_route_validation_errors(env, payload, status, message) -> None:
     got, body = await call(client, "POST", "/v1/tunnels/a/routes", payload)
     assert got == status and message in body["error"], body
     assert relay.events == []
+
+
+async def test_a_route_without_service_is_left_to_the_connectors_local_config(env) -> None:
+    client, store, relay = env
+    _, a = await call(client, "POST", "/v1/tunnels", {"name": "a"})
+    for payload in ({"hostname": "db.a.example"}, {"hostname": "ssh.a.example", "service": None, "public": True}):
+        status, r = await call(client, "POST", "/v1/tunnels/a/routes", payload)
+        assert status == 201 and r["service"] == "", r
+    assert relay.events == [("config_changed", a["id"])] * 2
+    _, info = await call(client, "GET", "/v1/tunnels/a")
+    assert [(x["hostname"], x["service"]) for x in info["routes"]] == [("db.a.example", ""), ("ssh.a.example", "")]
+    assert store.ingress_config(a["id"]) is None  # locally managed: nothing to push
 
 
 async def test_route_on_unknown_tunnel_is_404(env) -> None:

@@ -37,7 +37,7 @@ HD = Path(sys.executable).with_name("hd")
 class FakeRelay:
     """Stands in for relay.server.Relay: listens (TLS) so the port is real, nothing more."""
 
-    def __init__(self, store: Store, ssl_context, *, hash_key: bytes) -> None:
+    def __init__(self, store: Store, ssl_context, *, hash_key: bytes, quic_cert=None) -> None:
         self.store, self.ssl_context, self.hash_key = store, ssl_context, hash_key
         self.issuer: str | None = None  # set by run_edge before it serves
         self.issuer_at_api_start: str | None = None
@@ -330,6 +330,27 @@ def test_tunnel_create_for_people_says_what_next(edge, capsys) -> None:
     assert "Next: hd tunnel route people HOSTNAME --service tcp://HOST:PORT, then run: hd-connector --token " in out
 
 
+def test_route_without_service_is_shown_as_the_connectors_local_config(edge, capsys) -> None:
+    hd_in(capsys, edge, "tunnel", "create", "loc")
+    rc, out, err = hd_in(capsys, edge, "tunnel", "route", "loc", "db.loc.example")
+    assert rc == 0 and err == ""
+    assert "Routed db.loc.example -> (connector's local config) through tunnel loc" in out
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "route", "loc", "*.ssh.loc.example", "--public", "--json")
+    assert one_json(out)["service"] == ""
+
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "info", "loc")
+    lines = out.splitlines()
+    assert any(line.split()[:4] == ["db.loc.example", "(connector's", "local", "config)"] for line in lines)
+    assert "Note:" not in out
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "info", "loc", "--json")
+    assert [r["service"] for r in one_json(out)["routes"]] == ["", ""]
+
+    # one route naming a service: the pushed config replaces the connectors' files
+    hd_in(capsys, edge, "tunnel", "route", "loc", "pg.loc.example", "--service", "tcp://127.0.0.1:5432")
+    rc, out, _ = hd_in(capsys, edge, "tunnel", "info", "loc")
+    assert "replaces the connectors' local --config: db.loc.example, *.ssh.loc.example fall to the catch-all" in out
+
+
 def test_route_info_list_delete(edge, capsys) -> None:
     _, out, _ = hd_in(capsys, edge, "tunnel", "create", "rt", "--json")
     tid = one_json(out)["id"]
@@ -393,7 +414,7 @@ def test_route_info_list_delete(edge, capsys) -> None:
         (["tunnel", "route", "dup", "a.example:1", "--service", "tcp://h:1"], "no port", 1),
         (["tunnel", "route", "dup", "a.example", "--service", "tcp://h:1", "--connect-timeout", "soon"],
          "invalid duration", 2),
-        (["tunnel", "route", "dup", "a.example"], "Missing option '--service'", 2),
+        (["tunnel", "route", "dup", "a.example", "--service", ""], "leave it out", 1),
         (["tunnel", "create"], "Missing argument 'NAME'", 2),
         (["tunnel", "frobnicate"], "No such command", 2),
         (["tunnel", "delete", "ghost"], "no tunnel", 1),

@@ -290,9 +290,39 @@ def test_ingress_config_orders_rules_and_ends_with_catch_all(store: Store) -> No
     assert rules[1] == {"hostname": "zz.example.com", "service": "tcp://h:2", "originRequest": {"connectTimeout": 3.0}}
     assert rules[-1] == {"service": "http_status:404"}
     other = store.create_tunnel("other")
-    assert store.ingress_config(other.id) == (1, [{"service": "http_status:404"}])
+    assert store.ingress_config(other.id) is None  # no route names a service: nothing to push
     with pytest.raises(NotFoundError):
         store.ingress_config("missing")
+
+
+def test_a_route_without_service_leaves_the_tunnel_to_the_connectors_local_config(store: Store) -> None:
+    t = store.create_tunnel("t")
+    r = store.add_route(t.id, "db.example", None, False)
+    assert r.service == "" and store.get_route("db.example").service == ""
+    assert store.ingress_config(t.id) is None  # locally managed: the relay pushes nothing
+    assert store.add_route(t.id, "db.example", None, False) == r  # unchanged: no new version
+    v = store.get_tunnel("t").config_version
+
+    # one route naming a service makes the tunnel remotely managed; service-less routes are left out
+    store.add_route(t.id, "*.ssh.example", "ssh://h", True)
+    version, rules = store.ingress_config(t.id)
+    assert version == v + 1
+    assert rules == [{"hostname": "*.ssh.example", "service": "ssh://h:22", "originRequest": {"connectTimeout": 10.0}},
+                     {"service": "http_status:404"}]
+
+    store.delete_route("*.ssh.example")
+    assert store.ingress_config(t.id) is None
+    store.add_route(t.id, "db.example", "tcp://h:1", False)  # a local route given a service
+    assert store.ingress_config(t.id)[1][0]["service"] == "tcp://h:1"
+    store.add_route(t.id, "db.example", None, False)  # and back
+    assert store.ingress_config(t.id) is None
+
+
+def test_an_empty_service_is_refused_with_the_way_to_leave_it_out(store: Store) -> None:
+    t = store.create_tunnel("t")
+    for service in ("", "  "):
+        with pytest.raises(ValidationError, match="leave it out to let the connector's local --config decide"):
+            store.add_route(t.id, "a.example", service, False)
 
 
 # --- schema migration -----------------------------------------------------------------------
