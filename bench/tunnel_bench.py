@@ -1,39 +1,50 @@
-"""Tunnel benchmark: the direct path vs the tunnel path, in one run, as ratios.
+"""Tunnel benchmark: the direct path vs the tunnel path over each connector transport, in one run.
 
-    .venv/bin/python -m bench.tunnel_bench             # full run (~3 min), table + bench/results/tunnel.json
-    .venv/bin/python -m bench.tunnel_bench --quick     # smoke run (~20 s), bench/results/tunnel-quick.json
+    .venv/bin/python -m bench.tunnel_bench             # full run (~6 min), table + bench/results/tunnel.json
+    .venv/bin/python -m bench.tunnel_bench --quick     # smoke run (~40 s), bench/results/tunnel-quick.json
+    .venv/bin/python -m bench.tunnel_bench --protocols quic      # only one connector transport
     .venv/bin/python -m bench.tunnel_bench --profile /tmp/prof   # + py-spy stacks of the hd processes
     .venv/bin/python -m bench.tunnel_bench --hold      # start everything, print ports/pids, wait for Ctrl-C
 
 Everything runs on 127.0.0.1, each part in its own OS process, started and stopped here:
 
     loadgen ──TCP──> origin                                                (direct path)
-    loadgen ──TCP──> hd access tcp ══WSS══> hd edge (relay) ══WSS══> hd-connector ──TCP──> origin
+    loadgen ──TCP──> hd access tcp ══WSS══> hd edge (relay) ══WSS or QUIC══> hd-connector ──TCP──> origin
                                                                            (tunnel path)
 
 * origin   `python -m bench.origin`: uvloop asyncio Protocol echo server and byte-counting sink.
 * edge     `python -m cli.main edge --state-dir TMP --api-listen 127.0.0.1:0 --tunnel-listen 127.0.0.1:0`
+           (the relay takes WebSocket connections on that TCP port and QUIC ones on the same UDP port)
 * tunnel   `hd tunnel create bench`, `hd tunnel route bench echo.bench|sink.bench|pg.bench --public`,
-           `python -m connector.main --token-file F --ha-connections 1`
+           `python -m connector.main --token-file F --ha-connections 1 --protocol P`
 * access   `python -m cli.main access tcp --hostname echo.bench --url 127.0.0.1:PORT` (and sink, pg)
 * loadgen  `python -m bench.loadgen`: uvloop, Protocol callbacks only; driven phase by phase over a pipe.
 
-Measured for both paths, --repeat times (default 3), direct and tunnel alternating per figure; the
-median run of each figure is reported with the tunnel's min–max:
+The tunnel path is measured once per connector transport in --protocols (default websocket,quic):
+only the connector⇄relay hop changes (`hd access tcp` always reaches the relay over WebSocket). One
+connector runs at a time; it is restarted with the other `--protocol` between paths, and a path is
+measured only once `hd tunnel info` shows its single connection on that transport.
+
+Measured per path (direct, then each transport), --repeat times (default 3): every round measures the
+direct path, then each transport (the one already running first, so rounds alternate the order and the
+connector restarts once per round); the median run of each figure is reported with its min–max:
   1. round trip of 64-byte messages on one connection: p50/p99 over --rtt-count after --rtt-warmup;
   2. requests/s, 64-byte ping-pong, one outstanding request per connection, 1/10/100 connections,
      --duration seconds each (after a short warm-up);
   3. bulk: --bulk-mib MiB one way into the sink, timed until the sink confirms the byte count;
   4. (extra) connection set-up: new TCP connection + one echo + close, p50/p99.
 Then, when `pgbench` is installed: `pgbench -S -c 10 -j 2 -T D` against a throwaway PostgreSQL
-(tests/harness/pg.py), directly, through `hd access tcp`, and through PgBouncer (transaction pooling)
-when `pgbouncer` is installed.
+(tests/harness/pg.py), directly, through `hd access tcp` over each transport, and through PgBouncer
+(transaction pooling) when `pgbouncer` is installed.
 
 Around every phase the CPU time (utime+stime from /proc/PID/stat) of every process is read, so the
 tables show which process is CPU-bound on which path, the CPU cost per round trip / transaction / GiB
 of each process, and the kernel share of it; box-wide busy/softirq/steal comes from /proc/stat, and
 "other" is box CPU not charged to our processes (other programs on a shared box: a noise warning).
 Targets (issue): tunnel bulk >= 1 Gbit/s, added p50 round trip <= 1 ms, 100-connection rate >= 10k/s.
+JSON: paths.direct.FIGURE, paths.tunnel.PROTOCOL.FIGURE, pgbench.{direct,tunnel.PROTOCOL,pgbouncer},
+summary.tunnel.PROTOCOL (ratios to direct, targets, busiest processes); summary.targets are those of
+the transport `--protocol auto` starts with (connector/protocol.py AUTO_PREFERS) when it was measured.
 Exit status 0 when the run completed (targets missed or not), 1 when it failed.
 """
 
@@ -62,6 +73,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from connector.protocol import AUTO_PREFERS, PROTOCOLS  # noqa: E402
 from tests.harness.procs import (  # noqa: E402
     Proc,
     WaitTimeout,
@@ -373,6 +385,10 @@ class Stack:
         self.tracked = Tracked()
         self.profiler: Profiler | None = None
         self.env = {"HD_STATE_DIR": str(self.state_dir), "HD_LOG_LEVEL": "WARNING"}
+        self.token = ""
+        self.connector: Proc | None = None
+        self.protocol: str | None = None  # the running connector's --protocol
+        self.connectors: list[dict[str, Any]] = []  # every connector started: protocol, pid, its connection
 
     def start_proc(self, name: str, argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> Proc:
         p = Proc(argv, env=env, name=name, log_dir=self.log_dir, cwd=str(REPO_ROOT), **kw)
@@ -418,22 +434,46 @@ class Stack:
         self.tracked.add("edge", p.pid)
         return info
 
-    def start_connector(self, token: str) -> Proc:
+    def start_connector(self, token: str, protocol: str | None = None) -> Proc:
+        """Start the connector (`--protocol protocol`; None: the connector's default, auto) and
+        wait until the relay lists its one connection, on `protocol` when given."""
         tf = self.workdir / "tunnel.token"
         tf.write_text(token)
         os.chmod(tf, 0o600)
-        p = self.start_proc("connector", connector_argv("--token-file", str(tf), "--ha-connections", "1",
-                                                         "--loglevel", "warning"))
+        self.token = token
+        extra = ("--protocol", protocol) if protocol else ()
+        p = self.start_proc(f"connector-{len(self.connectors) + 1}-{protocol or 'auto'}",
+                            connector_argv("--token-file", str(tf), "--ha-connections", "1",
+                                           "--loglevel", "warning", *extra))
         self.tracked.add("connector", p.pid)
+        conn: dict[str, Any] = {}
 
         def connected() -> bool:
             p.check_alive()
-            info = self.hd("tunnel", "info", "bench", "--json")
-            return bool(info.get("connections"))
+            conns = self.hd("tunnel", "info", "bench", "--json").get("connections") or []
+            if len(conns) != 1 or (protocol and conns[0].get("protocol") != protocol):
+                return False  # not yet, or the previous connector's connection is still listed
+            conn.update(conns[0])
+            return True
 
-        poll_until(connected, 30.0, interval=0.05, what="the connector to register",
+        poll_until(connected, 30.0, interval=0.05, what=f"the connector to register over {protocol or 'auto'}",
                    on_timeout=p.diagnostics)
+        self.connector, self.protocol = p, protocol
+        self.connectors.append({"protocol": protocol, "pid": p.pid, "connection": conn})
         return p
+
+    def use_protocol(self, protocol: str) -> bool:
+        """Make the running connector one started with `--protocol protocol` (restart it when it
+        is not). True when it was (re)started."""
+        if self.connector is not None and self.protocol == protocol and self.connector.alive():
+            return False
+        if self.connector is not None:
+            self.connector.stop(timeout=10.0)  # SIGTERM: drains (no streams are open between phases)
+            self.procs.remove(self.connector)
+            self.connector = None
+        log(f"connector: --protocol {protocol}")
+        self.start_connector(self.token, protocol)
+        return True
 
     def start_access(self, name: str, hostname: str) -> int:
         port = free_port(HOST)
@@ -496,7 +536,7 @@ def _profiled_pids(stack: Stack) -> dict[str, int]:
 
 def run_phase(stack: Stack, name: str, cmd: dict[str, Any]) -> dict[str, Any]:
     assert stack.loadgen is not None
-    prof = stack.profiler if name.startswith("tunnel/") else None
+    prof = stack.profiler if not name.startswith("direct/") else None
     if prof is not None:
         prof.start(name, _profiled_pids(stack))
     try:
@@ -549,12 +589,26 @@ def pick_median(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return chosen
 
 
-def measure(stack: Stack, args: argparse.Namespace, paths: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """Every figure --repeat times; direct and tunnel alternate per figure (so slow drift of a
-    shared box hits both alike); the median run of each figure is reported."""
+def round_order(stack: Stack, protocols: list[str]) -> list[str]:
+    """The transports in the order one round measures them: the running connector's first (so
+    rounds alternate the order, and the connector restarts once per round)."""
+    return sorted(protocols, key=lambda p: p != stack.protocol)
+
+
+def switch_to(stack: Stack, protocol: str, echo_port: int) -> None:
+    """The connector on `protocol`, answering, and warmed up (untimed: imports, first streams)."""
+    if stack.use_protocol(protocol):
+        wait_echo(echo_port, 30.0)
+        stack.loadgen.call({"op": "latency", "host": HOST, "port": echo_port, "warmup": 50, "count": 50})
+
+
+def measure(stack: Stack, args: argparse.Namespace, ports: dict[str, dict[str, int]],
+            protocols: list[str]) -> dict[str, Any]:
+    """Every figure --repeat times: each round measures the direct path, then the tunnel path over
+    each transport (so slow drift of a shared box hits all alike); the median run of each figure
+    is reported. Returns {"direct": figures, "tunnel": {protocol: figures}}."""
     t = float(args.duration)
-    for path, ports in paths.items():  # untimed warm-up of both paths (imports, first streams)
-        stack.loadgen.call({"op": "latency", "host": HOST, "port": ports["echo"], "warmup": 50, "count": 50})
+    stack.loadgen.call({"op": "latency", "host": HOST, "port": ports["direct"]["echo"], "warmup": 50, "count": 50})
     steps: list[tuple[str, str, dict[str, Any]]] = [
         ("latency", "echo", {"op": "latency", "warmup": args.rtt_warmup, "count": args.rtt_count, "size": 64,
                              "timeout": 120.0}),
@@ -564,13 +618,19 @@ def measure(stack: Stack, args: argparse.Namespace, paths: dict[str, dict[str, i
                                             "warmup_s": min(1.0, 0.2 * t), "timeout": t + 90.0}))
     steps.append(("bulk", "sink", {"op": "bulk", "mib": args.bulk_mib, "timeout": 300.0}))
     steps.append(("connect", "echo", {"op": "connect", "count": args.connect_count, "size": 64, "timeout": 120.0}))
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {p: {f: [] for f, _, _ in steps} for p in paths}
+    labels = ["direct", *protocols]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {p: {f: [] for f, _, _ in steps} for p in labels}
     for rep in range(args.repeat):
-        for figure, server, cmd in steps:
-            for path, ports in paths.items():
-                tag = f"{path}/{figure}" + (f" #{rep + 1}" if args.repeat > 1 else "")
-                runs[path][figure].append(run_phase(stack, tag, {**cmd, "host": HOST, "port": ports[server]}))
-    return {path: {fig: pick_median(rs, KEY_METRIC[fig]) for fig, rs in figs.items()} for path, figs in runs.items()}
+        for label in ["direct", *round_order(stack, protocols)]:
+            path = "direct" if label == "direct" else "tunnel"
+            if path == "tunnel":
+                switch_to(stack, label, ports[path]["echo"])
+            for figure, server, cmd in steps:
+                tag = f"{label}/{figure}" + (f" #{rep + 1}" if args.repeat > 1 else "")
+                runs[label][figure].append(run_phase(stack, tag, {**cmd, "host": HOST, "port": ports[path][server]}))
+    medians = {label: {fig: pick_median(rs, KEY_METRIC[fig]) for fig, rs in figs.items()}
+               for label, figs in runs.items()}
+    return {"direct": medians.pop("direct"), **({"tunnel": medians} if protocols else {})}
 
 
 # ------------------------------------------------------------------------------ pgbench
@@ -583,7 +643,8 @@ _FAILED = re.compile(r"number of failed transactions: (\d+)")
 _XACTS = re.compile(r"number of transactions actually processed: (\d+)")
 
 
-def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: dict[str, tuple[int, bool]]) -> dict[str, Any]:
+def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: dict[str, tuple[int, bool]],
+            profile: bool = False) -> dict[str, Any]:
     exe = shutil.which("pgbench")
     argv = [exe, "-S", "-n", "-c", "10", "-j", "2", "-T", str(int(max(1, duration))),
             "-h", HOST, "-p", str(port), "-U", "postgres", "postgres"]
@@ -592,7 +653,7 @@ def pgbench(stack: Stack, label: str, port: int, duration: float, extra_track: d
     for k, v in extra_track.items():
         stack.tracked.add(k, *v)
     backends0 = len(_children_map().get(stack.pg.pid, ()))
-    prof = stack.profiler if label == "tunnel" else None
+    prof = stack.profiler if profile else None
     if prof is not None:
         prof.start(f"pgbench/{label}", _profiled_pids(stack))
     try:
@@ -675,7 +736,10 @@ log_disconnections = 0
     return port
 
 
-def measure_pg(stack: Stack, args: argparse.Namespace, access_port: int | None) -> dict[str, Any]:
+def measure_pg(stack: Stack, args: argparse.Namespace, ports: dict[str, dict[str, int]],
+               protocols: list[str]) -> dict[str, Any]:
+    """pgbench directly, through `hd access tcp` over each transport, and through PgBouncer; rounds
+    as in measure(). Returns {"direct": r, "tunnel": {protocol: r}, "pgbouncer": r} (medians)."""
     cluster = stack.pg
     out: dict[str, Any] = {}
     init = subprocess.run([shutil.which("pgbench"), "-i", "-q", "-s", "1", "-h", HOST, "-p", str(cluster.port),
@@ -686,9 +750,7 @@ def measure_pg(stack: Stack, args: argparse.Namespace, access_port: int | None) 
         raise BenchError(f"pgbench -i failed:\n{init.stderr[-2000:]}")
     pg_track = {"postgres": (cluster.pid, True)}
     d = float(args.pg_duration)
-    targets: list[tuple[str, int, dict[str, tuple[int, bool]]]] = [("direct", cluster.port, pg_track)]
-    if access_port is not None:
-        targets.append(("tunnel", access_port, pg_track))
+    bport: int | None = None
     if args.no_pgbouncer:
         out["pgbouncer_note"] = "skipped (--no-pgbouncer)"
     else:
@@ -696,14 +758,23 @@ def measure_pg(stack: Stack, args: argparse.Namespace, access_port: int | None) 
         if bport is None:
             out["pgbouncer_note"] = "pgbouncer not installed (scripts/bootstrap.sh installs it)"
             log("pgbouncer not installed: skipping the PgBouncer anchor")
-        else:
-            targets.append(("pgbouncer", bport, {**pg_track, "pgbouncer": (stack.bouncer.pid, False)}))
-    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in targets}
+    runs: dict[str, list[dict[str, Any]]] = {}
     for rep in range(args.repeat):
-        for label, port, track in targets:
-            runs[label].append(pgbench(stack, label, port, d, track))
-    for label, rs in runs.items():
-        out[label] = pick_median(rs, "tps")
+        for label in ["direct", *round_order(stack, protocols), *(["pgbouncer"] if bport else [])]:
+            if label == "direct":
+                port, track = cluster.port, pg_track
+            elif label == "pgbouncer":
+                port, track = bport, {**pg_track, "pgbouncer": (stack.bouncer.pid, False)}
+            else:
+                switch_to(stack, label, ports["tunnel"]["echo"])
+                port, track = ports["tunnel"]["pg"], pg_track
+            runs.setdefault(label, []).append(pgbench(stack, label, port, d, track, profile=label in protocols))
+    medians = {label: pick_median(rs, "tps") for label, rs in runs.items()}
+    out["direct"] = medians.pop("direct")
+    if "pgbouncer" in medians:
+        out["pgbouncer"] = medians.pop("pgbouncer")
+    if protocols:
+        out["tunnel"] = {proto: medians[proto] for proto in protocols}
     return out
 
 
@@ -723,41 +794,103 @@ def _fmt(v: Any, unit: str = "", nd: int = 0) -> str:
 def _ratio(t: Any, d: Any) -> str:
     if t is None or d is None or not d:
         return "—"
-    return f"{t / d:.2f}×"
+    r = t / d
+    return f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"  # small ratios (bulk) keep two significant digits
+
+
+# (figure, metric) pairs compared with the direct path in summary.tunnel.PROTOCOL.ratio_to_direct
+RATIO_FIGURES = (("latency", "p50_us"), ("latency", "p99_us"), ("rps_1", "rps"), ("rps_10", "rps"),
+                 ("rps_100", "rps"), ("bulk", "gbit_s"), ("connect", "p50_us"), ("connect", "p99_us"))
+SHORT = {"websocket": "ws", "quic": "quic"}
+
+
+def busiest(cpu: dict[str, Any], top: int = 2) -> list[dict[str, Any]]:
+    """The `top` processes with the most CPU in a phase, as % of one core (~100 %: CPU-bound)."""
+    wall = cpu["wall_s"] or 1e-9
+    ranked = sorted(cpu["cpu_s"].items(), key=lambda kv: -kv[1])[:top]
+    return [{"proc": n, "cpu_pct": round(100 * v / wall)} for n, v in ranked]
+
+
+def pg_rows(pg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """pgbench results in table order: direct, each transport, pgbouncer."""
+    rows = [("direct", pg["direct"])] if "direct" in pg else []
+    rows += list((pg.get("tunnel") or {}).items())
+    return rows + ([("pgbouncer", pg["pgbouncer"])] if "pgbouncer" in pg else [])
+
+
+def cpu_phases(res: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, cpu) of every phase, grouped by figure: direct/F, PROTOCOL/F for each transport, ...;
+    then pgbench/LABEL."""
+    d, tunnel = res["paths"].get("direct", {}), res["paths"].get("tunnel", {})
+    phases: list[tuple[str, dict[str, Any]]] = []
+    for fig in dict.fromkeys([*d, *(f for figs in tunnel.values() for f in figs)]):
+        for label, figs in (("direct", d), *tunnel.items()):
+            if fig in figs:
+                phases.append((f"{label}/{fig}", figs[fig]["cpu"]))
+    phases += [(f"pgbench/{label}", r["cpu"]) for label, r in pg_rows(res.get("pgbench") or {})]
+    return phases
 
 
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
-    d, t = res["paths"].get("direct", {}), res["paths"].get("tunnel", {})
-    s: dict[str, Any] = {}
-    if t:
-        s["added_rtt_p50_us"] = t["latency"]["p50_us"] - d["latency"]["p50_us"]
-        s["added_rtt_p99_us"] = t["latency"]["p99_us"] - d["latency"]["p99_us"]
-        s["targets"] = {
-            "bulk_gbit_s": {"value": t["bulk"]["gbit_s"], "target": f">= {TARGETS['bulk_gbit_s']}",
-                            "pass": t["bulk"]["gbit_s"] >= TARGETS["bulk_gbit_s"]},
-            "added_rtt_p50_us": {"value": s["added_rtt_p50_us"], "target": f"<= {TARGETS['added_rtt_p50_us']:.0f}",
-                                 "pass": s["added_rtt_p50_us"] <= TARGETS["added_rtt_p50_us"]},
-            "rps_100": {"value": t["rps_100"]["rps"], "target": f">= {TARGETS['rps_100']:.0f}",
-                        "pass": t["rps_100"]["rps"] >= TARGETS["rps_100"]},
+    d, tunnel = res["paths"].get("direct", {}), res["paths"].get("tunnel", {})
+    pg = res.get("pgbench") or {}
+    per: dict[str, Any] = {}
+    for proto, t in tunnel.items():
+        added50 = t["latency"]["p50_us"] - d["latency"]["p50_us"]
+        ratios = {f"{fig}.{m}": round(t[fig][m] / d[fig][m], 4) for fig, m in RATIO_FIGURES if d[fig].get(m)}
+        tps = (pg.get("tunnel") or {}).get(proto, {}).get("tps")
+        if tps and pg.get("direct", {}).get("tps"):
+            ratios["pgbench.tps"] = round(tps / pg["direct"]["tps"], 4)
+        per[proto] = {
+            "added_rtt_p50_us": added50,
+            "added_rtt_p99_us": t["latency"]["p99_us"] - d["latency"]["p99_us"],
+            "ratio_to_direct": ratios,
+            "busiest": {fig: busiest(r["cpu"]) for fig, r in t.items()}
+                       | ({"pgbench": busiest(pg["tunnel"][proto]["cpu"])} if tps else {}),
+            "targets": {
+                "bulk_gbit_s": {"value": t["bulk"]["gbit_s"], "target": f">= {TARGETS['bulk_gbit_s']}",
+                                "pass": t["bulk"]["gbit_s"] >= TARGETS["bulk_gbit_s"]},
+                "added_rtt_p50_us": {"value": added50, "target": f"<= {TARGETS['added_rtt_p50_us']:.0f}",
+                                     "pass": added50 <= TARGETS["added_rtt_p50_us"]},
+                "rps_100": {"value": t["rps_100"]["rps"], "target": f">= {TARGETS['rps_100']:.0f}",
+                            "pass": t["rps_100"]["rps"] >= TARGETS["rps_100"]},
+            },
         }
+    s: dict[str, Any] = {"auto_prefers": AUTO_PREFERS}
+    if per:
+        # the headline figures: those of the transport a default (`--protocol auto`) connector uses
+        default = AUTO_PREFERS if AUTO_PREFERS in per else next(iter(per))
+        s.update({"targets_protocol": default, "targets": per[default]["targets"],
+                  "added_rtt_p50_us": per[default]["added_rtt_p50_us"],
+                  "added_rtt_p99_us": per[default]["added_rtt_p99_us"], "tunnel": per})
+        if len(per) == 2:
+            a, b = per
+            s[f"{b}_over_{a}"] = {k: round(per[b]["ratio_to_direct"][k] / v, 4)
+                                  for k, v in per[a]["ratio_to_direct"].items()
+                                  if v and k in per[b]["ratio_to_direct"]}
     return s
 
 
 def print_report(res: dict[str, Any]) -> None:
     P = lambda *a: print(*a, flush=True)  # noqa: E731
-    d, t = res["paths"].get("direct", {}), res["paths"].get("tunnel", {})
-    tg = res["summary"].get("targets", {})
+    d, tunnel = res["paths"].get("direct", {}), res["paths"].get("tunnel", {})
+    protos = list(tunnel)
+    per = res["summary"].get("tunnel", {})
 
-    def verdict(key: str) -> str:
-        if key not in tg:
+    def verdicts(key: str) -> str:
+        if not key or not per:
             return ""
-        x = tg[key]
-        return f"{x['target']:>9}  {'PASS' if x['pass'] else 'MISS'}"
+        first = next(iter(per.values()))["targets"][key]
+        marks = "  ".join(f"{SHORT.get(pr, pr)} {'PASS' if per[pr]['targets'][key]['pass'] else 'MISS'}"
+                          for pr in protos)
+        return f"{first['target']:>9}  {marks}"
 
     P()
     P(f"Tunnel benchmark — {res['timestamp']} — {res['machine']['nproc']} CPUs, Python "
       f"{res['machine']['python']}, uvloop {'yes' if res['machine']['uvloop'] else 'no'}"
       f" — median of {res['config']['repeat']} run(s) per figure" + ("  [QUICK]" if res["config"]["quick"] else ""))
+    P(f"connector transports: {', '.join(protos) or 'none'}; `--protocol auto` prefers {AUTO_PREFERS}"
+      " (connector/protocol.py)")
     P()
     rows: list[tuple[str, str, str, str, str]] = []  # label, figure, metric, kind, target key
     rows.append(("RTT 64 B p50 (µs)", "latency", "p50_us", "lat", ""))
@@ -775,24 +908,34 @@ def print_report(res: dict[str, Any]) -> None:
             return ""
         return f"{_fmt(rep['min'], nd=nd)}–{_fmt(rep['max'], nd=nd)}"
 
+    def pair(x: dict) -> str:
+        return f"{_fmt(x.get('p50_us'))}/{_fmt(x.get('p99_us'))}" if x else "—"
+
+    cmp = f"{SHORT.get(protos[1], protos[1])}/{SHORT.get(protos[0], protos[0])}" if len(protos) == 2 else ""
     w = 30
-    P(f"{'figure':<{w}} {'direct':>14} {'tunnel':>14} {'tunnel/direct':>14} {'tunnel min–max':>16}   {'target':>9}")
-    P("-" * (w + 81))
+    P(f"{'figure':<{w}} {'direct':>12}" + "".join(f" │ {pr:>12} {'×direct':>8} {'min–max':>15}" for pr in protos)
+      + (f" │ {cmp:>8}" if cmp else "") + f" │ {'target':>9}")
+    P("-" * (w + 13 + 40 * len(protos) + (11 if cmp else 0) + 25))
     for label, fig, metric, kind, key in rows:
-        df, tf = d.get(fig, {}), t.get(fig, {})
+        df = d.get(fig, {})
         if kind == "pair":
-            ds = f"{_fmt(df.get('p50_us'))}/{_fmt(df.get('p99_us'))}" if df else "—"
-            ts = f"{_fmt(tf.get('p50_us'))}/{_fmt(tf.get('p99_us'))}" if tf else "—"
-            P(f"{label:<{w}} {ds:>14} {ts:>14}")
+            P(f"{label:<{w}} {pair(df):>12}" + "".join(f" │ {pair(tunnel[pr].get(fig, {})):>12} {'':>8} {'':>15}"
+                                                       for pr in protos))
             continue
         nd = 2 if kind == "gbit" else 0
-        dv, tv = df.get(metric), tf.get(metric)
-        P(f"{label:<{w}} {_fmt(dv, nd=nd):>14} {_fmt(tv, nd=nd):>14} {_ratio(tv, dv):>14} "
-          f"{spread(t, fig, metric, nd):>16}   {verdict(key)}")
-    if t:
-        s = res["summary"]
-        P(f"{'added RTT p50 / p99 (µs)':<{w}} {'':>14} {_fmt(s['added_rtt_p50_us']) + ' / ' + _fmt(s['added_rtt_p99_us']):>14}"
-          f" {'':>14} {'':>16}   {verdict('added_rtt_p50_us')}")
+        dv = df.get(metric)
+        line = f"{label:<{w}} {_fmt(dv, nd=nd):>12}"
+        vals = [tunnel[pr].get(fig, {}).get(metric) for pr in protos]
+        for pr, tv in zip(protos, vals):
+            line += f" │ {_fmt(tv, nd=nd):>12} {_ratio(tv, dv):>8} {spread(tunnel[pr], fig, metric, nd):>15}"
+        if cmp:
+            line += f" │ {_ratio(vals[1], vals[0]):>8}"
+        P(line + (f" │ {verdicts(key)}" if key else ""))
+    if protos:
+        line = f"{'added RTT p50 / p99 (µs)':<{w}} {'':>12}"
+        for pr in protos:
+            line += f" │ {_fmt(per[pr]['added_rtt_p50_us']) + ' / ' + _fmt(per[pr]['added_rtt_p99_us']):>12} {'':>8} {'':>15}"
+        P(line + (f" │ {'':>8}" if cmp else "") + f" │ {verdicts('added_rtt_p50_us')}")
     else:
         P(f"(tunnel path not measured: {res.get('tunnel_note', '')})")
 
@@ -800,30 +943,33 @@ def print_report(res: dict[str, Any]) -> None:
     if pg:
         P()
         P(f"pgbench -S -c 10 -j 2 -T {res['config']['pg_duration']:g} (select-only, scale 1)")
-        P(f"{'path':<{w}} {'tps':>14} {'lat avg (ms)':>14} {'tps/direct':>14} {'tps min–max':>16}")
-        P("-" * (w + 62))
+        P(f"{'path':<{w}} {'tps':>12} {'lat avg (ms)':>14} {'tps/direct':>12} {'tps min–max':>16}")
+        P("-" * (w + 58))
         dt = pg.get("direct", {}).get("tps")
-        for label in ("direct", "tunnel", "pgbouncer"):
-            if label in pg:
-                x = pg[label]
-                rep = x.get("repeats", {})
-                rng = f"{_fmt(rep['min'])}–{_fmt(rep['max'])}" if len(rep.get("values", [])) > 1 else ""
-                P(f"{label:<{w}} {_fmt(x['tps']):>14} {_fmt(x.get('latency_avg_ms'), nd=3):>14}"
-                  f" {_ratio(x['tps'], dt):>14} {rng:>16}")
+        for label, x in pg_rows(pg):
+            rep = x.get("repeats", {})
+            rng = f"{_fmt(rep['min'])}–{_fmt(rep['max'])}" if len(rep.get("values", [])) > 1 else ""
+            name = f"tunnel, {label}" if label in protos else label
+            P(f"{name:<{w}} {_fmt(x['tps']):>12} {_fmt(x.get('latency_avg_ms'), nd=3):>14}"
+              f" {_ratio(x['tps'], dt):>12} {rng:>16}")
         if "pgbouncer_note" in pg:
             P(f"(pgbouncer: {pg['pgbouncer_note']})")
     elif res.get("pgbench_note"):
         P()
         P(f"(pgbench: {res['pgbench_note']})")
 
+    if per:
+        P()
+        P("Busiest processes per tunnel phase, % of one core (about 100 % = that process is CPU-bound)")
+        cw = 34
+        P(f"{'phase':<10} " + " ".join(f"{pr:<{cw}}" for pr in protos))
+        for fig in dict.fromkeys(f for pr in protos for f in per[pr]["busiest"]):
+            cells = [", ".join(f"{b['proc']} {b['cpu_pct']}%" for b in per[pr]["busiest"].get(fig, [])) or "—"
+                     for pr in protos]
+            P(f"{fig:<10} " + " ".join(f"{c:<{cw}}" for c in cells))
+
     # CPU per phase and process
-    phases: list[tuple[str, dict[str, Any]]] = []
-    for path, figs in res["paths"].items():
-        for fig, r in figs.items():
-            phases.append((f"{path}/{fig}", r["cpu"]))
-    for label, r in (pg or {}).items():
-        if isinstance(r, dict) and "cpu" in r:
-            phases.append((f"pgbench/{label}", r["cpu"]))
+    phases = cpu_phases(res)
     if phases:
         names: list[str] = []
         for _, c in phases:
@@ -866,7 +1012,8 @@ def print_report(res: dict[str, Any]) -> None:
         hd_names = [n for n in names if n in PRODUCT_PROCS]
         P(f"{'phase':<18} " + " ".join(f"{n[:cw]:>{cw}}" for n in hd_names))
         for label, c in phases:
-            if not (label.startswith("tunnel/") or label == "pgbench/tunnel"):
+            head, _, tail = label.partition("/")
+            if (tail if head == "pgbench" else head) not in protos:
                 continue
             cells = []
             for n in hd_names:
@@ -894,6 +1041,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pg-duration", type=float, default=None, help="pgbench -T seconds (default: --duration)")
     ap.add_argument("--no-pg", action="store_true", help="skip the pgbench part")
     ap.add_argument("--no-pgbouncer", action="store_true", help="skip the PgBouncer anchor")
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS), metavar="P[,P]",
+                    help="connector transports to measure the tunnel path over, in this order, one connector "
+                         f"at a time (`hd-connector --protocol P`); default {','.join(PROTOCOLS)}")
     ap.add_argument("--direct-only", action="store_true", help="measure only the direct path (no edge/connector)")
     ap.add_argument("--json-out", type=Path, default=None,
                     help="where to write JSON (default bench/results/tunnel.json; quick: tunnel-quick.json)")
@@ -914,6 +1064,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.pg_duration = a.duration
     if a.json_out is None:
         a.json_out = RESULTS_DIR / ("tunnel-quick.json" if q else "tunnel.json")
+    a.protocols = list(dict.fromkeys(x.strip() for x in a.protocols.split(",") if x.strip()))
+    unknown = [x for x in a.protocols if x not in PROTOCOLS]
+    if unknown or not a.protocols:
+        ap.error(f"--protocols: {', '.join(unknown) or 'none given'}; choose from {', '.join(PROTOCOLS)}")
+    if a.direct_only:
+        a.protocols = []
     return a
 
 
@@ -944,7 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile is not None:
             stack.profiler = Profiler(args.profile)
         origin = stack.start_origin()
-        paths: dict[str, dict[str, int]] = {"direct": {"echo": origin["echo"], "sink": origin["sink"]}}
+        ports: dict[str, dict[str, int]] = {"direct": {"echo": origin["echo"], "sink": origin["sink"]}}
         want_pg = not args.no_pg and shutil.which("pgbench") is not None
         if not args.no_pg and not want_pg:
             res["pgbench_note"] = "pgbench not installed: skipped"
@@ -954,7 +1110,6 @@ def main(argv: list[str] | None = None) -> int:
 
             stack.pg = PgCluster(auth="trust").start()
             log(f"postgres on port {stack.pg.port}")
-        pg_access: int | None = None
         if args.direct_only:
             res["tunnel_note"] = "--direct-only"
         else:
@@ -964,16 +1119,16 @@ def main(argv: list[str] | None = None) -> int:
             for host, port in (("echo.bench", origin["echo"]), ("sink.bench", origin["sink"])) + (
                     (("pg.bench", stack.pg.port),) if want_pg else ()):
                 stack.hd("tunnel", "route", "bench", host, "--service", f"tcp://{HOST}:{port}", "--public", "--json")
-            stack.start_connector(tun["token"])
-            log("connector registered")
-            paths["tunnel"] = {"echo": stack.start_access("access-echo", "echo.bench"),
+            stack.start_connector(tun["token"], args.protocols[0])
+            log(f"connector registered over {args.protocols[0]}")
+            ports["tunnel"] = {"echo": stack.start_access("access-echo", "echo.bench"),
                                "sink": stack.start_access("access-sink", "sink.bench")}
             if want_pg:
-                pg_access = stack.start_access("access-pg", "pg.bench")
-            wait_echo(paths["tunnel"]["echo"], 30.0)
+                ports["tunnel"]["pg"] = stack.start_access("access-pg", "pg.bench")
+            wait_echo(ports["tunnel"]["echo"], 30.0)
             log("tunnel path answers")
         if args.hold:
-            print(json.dumps({"paths": paths, "pg": getattr(stack.pg, "port", None), "pg_access": pg_access,
+            print(json.dumps({"paths": ports, "pg": getattr(stack.pg, "port", None), "protocol": stack.protocol,
                               "pids": {n: pid for n, (pid, _) in stack.tracked.procs.items()},
                               "logs": str(stack.log_dir), "env": stack.env}, indent=2), flush=True)
             log("holding; Ctrl-C to stop")
@@ -982,10 +1137,10 @@ def main(argv: list[str] | None = None) -> int:
         stack.start_loadgen()
         res["machine"]["uvloop_in_process"] = {n: uses_uvloop(pid) for n, (pid, _) in stack.tracked.procs.items()}
         res["pids"] = {n: pid for n, (pid, _) in stack.tracked.procs.items()}
-        res["paths"] = measure(stack, args, paths)
-        res["summary"] = summarize(res)
+        res["paths"] = measure(stack, args, ports, args.protocols)
         if want_pg:
-            res["pgbench"] = measure_pg(stack, args, pg_access)
+            res["pgbench"] = measure_pg(stack, args, ports, args.protocols)
+        res["summary"] = summarize(res)
         ok = True
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
@@ -1000,6 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"FAILED: {type(exc).__name__}: {exc}")
         res["error"] = f"{type(exc).__name__}: {exc}"
     finally:
+        res["connectors"] = stack.connectors  # every connector started: protocol, pid, its connection
         stack.close()
         if args.keep or not ok:
             log(f"logs kept in {stack.log_dir}")

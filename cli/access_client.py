@@ -62,6 +62,12 @@ class _LocalConnection(TcpStreamSplice):
         inbox.hand_over(self)
         self.activate()
 
+    def stream_reset(self, code: int, reason: str) -> None:
+        # The edge cut an established connection (e.g. the connector carrying it died): the
+        # application only sees a TCP reset, so say why here.
+        log.warning("connection to %s cut by the edge: %s", self._hostname, reason or f"reset (code {code})")
+        super().stream_reset(code, reason)
+
 
 async def serve_tcp(edge: Any, hostname: str, listen_host: str, listen_port: int,
                     headers: dict[str, str]) -> None:

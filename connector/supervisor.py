@@ -208,11 +208,10 @@ class Supervisor:
                     break
         if self.selector.mode == "auto":
             self._spawn(self._reprobe_loop())
-        try:
-            message = await self._fatal
-        finally:
-            self._stop_loops()
-            await self.close()
+        # Cancellation leaves the links up: shutdown() drains them (or the process exits).
+        message = await self._fatal
+        self._stop_loops()
+        await self.close()
         raise FatalError(message)
 
     def _stop_loops(self) -> None:

@@ -251,7 +251,8 @@ class QuicLink(Link):
         try:
             await asyncio.shield(self._done)
         finally:
-            self._shutdown(self.close_reason or "tunnel connection closed")
+            self._shutdown(f"tunnel connection closed ({self.close_reason})" if self.close_reason
+                           else "tunnel connection closed")
 
     async def close(self, code: int = 0, reason: str = "") -> None:
         if not self.close_reason:

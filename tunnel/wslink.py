@@ -107,7 +107,8 @@ class WsLink(MuxLink):
         try:
             await asyncio.shield(self._done)  # cancelling run() must not cancel the link's end
         finally:
-            self._shutdown(self.close_reason or "tunnel connection closed")
+            self._shutdown(f"tunnel connection closed ({self.close_reason})" if self.close_reason
+                           else "tunnel connection closed")
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if not self.close_reason:
