@@ -281,12 +281,24 @@ def tunnel_info(opts: Opts, name: str) -> None:
     out.say()
     conns = sorted(t.get("connections", []), key=lambda c: (str(c.get("connector_id")), c.get("conn_index", 0)))
     if conns:
-        replicas = len({c.get("connector_id") for c in conns})
-        out.say(f"{len(conns)} connection(s) from {replicas} connector replica(s):")
+        replicas: dict[str, list[dict]] = {}
+        for c in conns:
+            replicas.setdefault(str(c.get("connector_id")), []).append(c)
+        out.say(f"{len(conns)} connection(s) from {len(replicas)} connector replica(s):")
         out.say(out.table(
-            ["CONNECTOR ID", "CONN", "PROTOCOL", "VERSION", "SINCE", "STREAMS"],
-            [[c.get("connector_id"), c.get("conn_index"), c.get("protocol"), c.get("version"),
-              out.fmt_time(c.get("since")), c.get("streams", "")] for c in conns],
+            ["CONNECTOR ID", "HOST", "VERSION", "CONNECTIONS", "PROTOCOLS", "UPTIME"],
+            [[cid, cs[0].get("hostname") or "", cs[0].get("version"), len(cs),
+              ",".join(sorted({str(c.get("protocol")) for c in cs})),
+              format_duration(round(max(float(c.get("uptime") or 0) for c in cs)))]
+             for cid, cs in replicas.items()],
+        ))
+        out.say()
+        out.say(out.table(
+            ["CONNECTOR ID", "CONN", "PROTOCOL", "STATE", "SINCE", "UPTIME", "STREAMS", "FROM"],
+            [[c.get("connector_id"), c.get("conn_index"), c.get("protocol"),
+              "draining" if c.get("draining") else "serving", out.fmt_time(c.get("since")),
+              format_duration(round(float(c.get("uptime") or 0))), c.get("streams", ""), c.get("remote", "")]
+             for c in conns],
         ))
     else:
         out.say("No connector is connected.")

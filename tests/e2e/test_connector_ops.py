@@ -125,6 +125,11 @@ async def test_sigkill_of_one_replica_fails_only_its_streams(edge, protocol):
                                 what="two replicas with 4 connections each")
         info = edge.hd("tunnel", "info", t["id"])
         assert {c["protocol"] for c in info["connections"]} == {protocol}
+        assert {c["version"] for c in info["connections"]} and all(c["uptime"] >= 0 for c in info["connections"])
+        _, res = edge.run_hd("tunnel", "info", t["id"])
+        assert res.returncode == 0, res.stderr
+        assert "8 connection(s) from 2 connector replica(s)" in res.stdout, res.stdout
+        assert res.stdout.count(f" {protocol} ") >= 8 and "UPTIME" in res.stdout and "serving" in res.stdout
 
         with AccessTcpProc(edge, "echo.internal.example").start() as fwd:
             # Long-lived streams, spread over both replicas by the relay.
@@ -283,3 +288,64 @@ def test_ready_flips_with_the_relay_and_metrics_count(edge_factory):
         status, text = _get(f"{base}/metrics")
         assert 'hd_connector_reconnects_total{protocol="websocket"}' in text.decode()
         assert conn.proc.alive
+
+
+# ------------------------------------------------------------------------- local config
+
+
+async def test_local_config_file_serves_a_locally_managed_tunnel(edge, tmp_path):
+    with in_thread(EchoServer()) as echo, in_thread(SinkServer(reply=True)) as sink:
+        t = edge.hd("tunnel", "create", "local")
+        # Routes without --service: the connector's file decides where each hostname goes.
+        for host in ("echo.internal.example", "a.sink.internal.example", "nowhere.internal.example"):
+            edge.hd("tunnel", "route", "local", host, "--public")
+        cfg = tmp_path / "connector.yml"
+        cfg.write_text(f"""
+originRequest:
+  connectTimeout: 5s
+ingress:
+  - hostname: echo.internal.example
+    service: {echo.url}
+    originRequest: {{tcpKeepAlive: 15s}}
+  - hostname: "*.sink.internal.example"
+    service: {sink.url}
+  - service: http_status:404
+""")
+        conn = ConnectorProc(edge, t["token"], tunnel=t["id"],
+                             extra_args=["--config", str(cfg), "--ha-connections", "1"]).start(1)
+        with AccessTcpProc(edge, "echo.internal.example").start() as echo_fwd, \
+                AccessTcpProc(edge, "a.sink.internal.example").start() as sink_fwd, \
+                AccessTcpProc(edge, "nowhere.internal.example").start() as none_fwd:
+            await echo_once(echo_fwd.address, b"through the local rule")
+            reader, writer = await asyncio.open_connection(*sink_fwd.address)
+            writer.write(b"wildcard" * 100)
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.startswith(b"800 "), answer
+            # The catch-all refuses with its status; the client is told, not hung.
+            reader, writer = await asyncio.open_connection(*none_fwd.address)
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            await asyncio.to_thread(none_fwd.proc.wait_for_log, "404", 10)
+        assert "local ingress config" in conn.log_text()
+        # Once a route names a service the tunnel is remotely managed: the push replaces the file.
+        edge.hd("tunnel", "route", "local", "echo.internal.example", "--service", sink.url, "--public")
+        await asyncio.to_thread(conn.proc.wait_for_log, "applied ingress config version", 10)
+        with AccessTcpProc(edge, "echo.internal.example").start() as fwd:
+            reader, writer = await asyncio.open_connection(*fwd.address)
+            writer.write(b"now to the sink")
+            writer.write_eof()
+            assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"15 ")
+            writer.close()
+
+
+def test_a_bad_local_config_stops_the_connector_with_a_clear_message(edge, tmp_path):
+    t = edge.hd("tunnel", "create", "badlocal")
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text("ingress:\n  - hostname: a.example\n    service: tcp://127.0.0.1:1\n")
+    conn = ConnectorProc(edge, t["token"], tunnel=t["id"], extra_args=["--config", str(cfg)])
+    conn.start(min_connections=0)
+    code = conn.proc.popen.wait(15)
+    assert code == 1
+    assert "catch-all" in conn.log_text() and str(cfg) in conn.log_text(), conn.log_text()
