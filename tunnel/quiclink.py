@@ -193,6 +193,7 @@ class QuicLinkStream(LinkStream):
         self._done = True
         self._link.streams.pop(self.id, None)
         self._link.paused.discard(self)
+        self._link._release(self.id)
 
     # called by the link
     def _on_eof(self) -> None:
@@ -233,8 +234,14 @@ class QuicLink(Link):
         self._done: asyncio.Future[None] = self._loop.create_future()
         self._closed = False
         self._kicked = False
-        self._peer_bit = 1 if self.client else 0  # low bit of stream ids the peer opens
-        self._peer_seen = -1  # highest stream id the peer has opened
+        self._peer_bit = 1 if self.client else 0  # stream id % 4 of the bidirectional streams the peer opens
+        self._peer_next = self._peer_bit  # lowest peer stream id above every one seen so far
+        # Peer streams below _peer_next whose first bytes have not arrived yet: a stream's first
+        # packet can be overtaken by a later stream's (loss and retransmission, or written later).
+        self._peer_unseen: set[int] = set()
+        # Finished streams that may still receive (in flight, or up to a reset's final size):
+        # stream id -> receive offset already returned to the connection window.
+        self._released: dict[int, int] = {}
 
     # --- Link API
     def open_stream(self) -> QuicLinkStream:
@@ -307,6 +314,58 @@ class QuicLink(Link):
         elif quic.hd_consumed_total + CONN_WINDOW - quic._local_max_data.value >= CONN_WINDOW // 2:
             self.kick()
 
+    def _conn_credit(self, n: int) -> None:
+        quic = self.quic
+        quic.hd_consumed_total += n
+        if quic.hd_consumed_total + CONN_WINDOW - quic._local_max_data.value >= CONN_WINDOW // 2:
+            self.kick()
+
+    def _release(self, sid: int) -> None:
+        """A stream is finished here: what it received but was never consumed (a reset, or a
+        handler still delivering its last bytes) goes back to the connection window, or each
+        such stream would shrink that window for good until the whole link stalls."""
+        quic = self.quic
+        consumed = quic.hd_consumed.pop(sid, 0)
+        stream = quic._streams.get(sid)
+        if stream is None:
+            return
+        receiver = stream.receiver
+        if receiver.highest_offset > consumed:
+            self._conn_credit(receiver.highest_offset - consumed)
+        if not receiver.is_finished:
+            self._released[sid] = max(receiver.highest_offset, consumed)
+
+    def _credit_finished(self, sid: int, n: int) -> None:
+        """Bytes (or a reset's final size) arrived for a stream that is no longer ours."""
+        seen = self._released.get(sid)
+        if seen is None:
+            if n:
+                self._conn_credit(n)
+            return
+        stream = self.quic._streams.get(sid)
+        if stream is None:
+            del self._released[sid]
+            return
+        receiver = stream.receiver
+        if receiver.highest_offset > seen:
+            self._conn_credit(receiver.highest_offset - seen)
+            self._released[sid] = receiver.highest_offset
+        if receiver.is_finished:
+            del self._released[sid]
+
+    def _new_peer_stream(self, sid: int) -> bool:
+        """Is `sid` a bidirectional stream the peer opened and we have not seen yet?"""
+        if sid & 3 != self._peer_bit:
+            return False
+        if sid >= self._peer_next:
+            self._peer_unseen.update(range(self._peer_next, sid, 4))
+            self._peer_next = sid + 4
+            return True
+        if sid in self._peer_unseen:
+            self._peer_unseen.discard(sid)
+            return True
+        return False
+
     # --- called by the protocol
     def _event(self, event: events.QuicEvent) -> None:
         kind = type(event)
@@ -315,11 +374,9 @@ class QuicLink(Link):
             stream = self.streams.get(sid)
             data = event.data
             if stream is None:
-                if (sid & 1) != self._peer_bit or sid <= self._peer_seen or self._closed:
-                    if data:  # a stream we already finished: keep the connection window moving
-                        self.quic.hd_consumed_total += len(data)
+                if self._closed or not self._new_peer_stream(sid):
+                    self._credit_finished(sid, len(data))  # keep the connection window moving
                     return
-                self._peer_seen = sid
                 stream = self.streams[sid] = QuicLinkStream(self, sid)
                 if self.on_stream is None:
                     stream.reset(RST_REFUSED, "streams are not accepted here")
@@ -339,6 +396,11 @@ class QuicLink(Link):
                 except (ValueError, AssertionError):
                     pass
                 stream._on_reset(event.error_code, _RESET_REASONS.get(event.error_code, "reset by the peer"))
+            elif kind is events.StreamReset:
+                sid = event.stream_id
+                if not self._closed and self._new_peer_stream(sid):
+                    self._released[sid] = 0  # reset before any of its bytes arrived
+                self._credit_finished(sid, 0)  # the final size counts against the window
         elif kind is events.ConnectionTerminated:
             phrase = event.reason_phrase or f"error code {event.error_code}"
             self._ended(f"closed by peer ({phrase})")

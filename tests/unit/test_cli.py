@@ -369,9 +369,11 @@ def test_route_info_list_delete(edge, capsys) -> None:
 
     edge.relay.conns[tid] = [
         {"connector_id": "conn-b", "conn_index": 1, "connection_id": "x1", "protocol": "websocket",
-         "version": "0.1.0", "since": time.time() - 90, "streams": 0},
+         "version": "0.1.0", "since": time.time() - 90, "uptime": 90.2, "streams": 0, "hostname": "vm-b",
+         "draining": True, "remote": "10.0.0.2:4000"},
         {"connector_id": "conn-a", "conn_index": 0, "connection_id": "x0", "protocol": "quic",
-         "version": "0.1.0", "since": "2024-01-01T00:00:00Z", "streams": 3},
+         "version": "0.1.0", "since": "2024-01-01T00:00:00Z", "uptime": 3725, "streams": 3, "hostname": "vm-a",
+         "draining": False, "remote": "10.0.0.1:4000"},
     ]
     rc, out, _ = hd_in(capsys, edge, "tunnel", "info", "rt", "--json")
     info = one_json(out)
@@ -381,10 +383,17 @@ def test_route_info_list_delete(edge, capsys) -> None:
     rc, out, err = hd_in(capsys, edge, "tunnel", "info", tid)
     assert rc == 0 and err == ""
     lines = out.splitlines()
+    # One line per replica, then one per connection.
     header = next(i for i, line in enumerate(lines) if line.startswith("CONNECTOR ID"))
-    assert lines[header].split() == ["CONNECTOR", "ID", "CONN", "PROTOCOL", "VERSION", "SINCE", "STREAMS"]
-    assert lines[header + 1].startswith("conn-a") and "quic" in lines[header + 1]
+    assert lines[header].split() == ["CONNECTOR", "ID", "HOST", "VERSION", "CONNECTIONS", "PROTOCOLS", "UPTIME"]
+    assert lines[header + 1].split() == ["conn-a", "vm-a", "0.1.0", "1", "quic", "1h2m5s"]
+    assert lines[header + 2].split() == ["conn-b", "vm-b", "0.1.0", "1", "websocket", "1m30s"]
+    header = next(i for i, line in enumerate(lines) if i > header and line.startswith("CONNECTOR ID"))
+    assert lines[header].split() == ["CONNECTOR", "ID", "CONN", "PROTOCOL", "STATE", "SINCE", "UPTIME", "STREAMS",
+                                     "FROM"]
+    assert lines[header + 1].startswith("conn-a") and "quic" in lines[header + 1] and "serving" in lines[header + 1]
     assert lines[header + 2].startswith("conn-b") and "(1m ago)" in lines[header + 2]
+    assert "draining" in lines[header + 2] and "10.0.0.2:4000" in lines[header + 2]
     assert "2 connection(s) from 2 connector replica(s)" in out
     assert any(line.split()[:3] == ["db.rt.example", "tcp://127.0.0.1:5432", "no"] for line in lines)
 
