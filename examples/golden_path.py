@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+import urllib.request
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,10 +130,12 @@ def main() -> int:
         token_file = work / "tunnel.token"
         token_file.touch(mode=0o600)
         token_file.write_text(tunnel["token"])
-        say("$ hd-connector --token-file tunnel.token &     # same as --token TOKEN, kept off the process list")
+        metrics_at = f"127.0.0.1:{free_port()}"
+        say(f"$ hd-connector --token-file tunnel.token --metrics {metrics_at} &"
+            "     # same as --token TOKEN, kept off the process list")
         conn_log = open(work / "connector.log", "wb")
-        procs.append(subprocess.Popen([tool("hd-connector"), "--token-file", str(token_file)], env=env,
-                                      stdout=conn_log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([tool("hd-connector"), "--token-file", str(token_file), "--metrics", metrics_at],
+                                      env=env, stdout=conn_log, stderr=subprocess.STDOUT))
 
         def connected() -> bool:
             out = subprocess.run([tool("hd"), "tunnel", "info", "vpc-01", "--json"], env=env,
@@ -141,6 +144,12 @@ def main() -> int:
 
         wait(connected, 30, "the connector to register", procs)
         run([tool("hd"), "tunnel", "info", "vpc-01"], env)
+        say(f"$ curl http://{metrics_at}/ready")
+        with urllib.request.urlopen(f"http://{metrics_at}/ready", timeout=5) as r:
+            ready = json.loads(r.read())
+        print(json.dumps(ready))
+        if ready.get("status") != 200 or ready.get("readyConnections", 0) < 1:
+            raise SystemExit(f"golden path: the connector is not ready: {ready}")
 
         # The origin password and access secret go through the environment, not the command line.
         run([tool("hd"), "hyperdrive", "create", "my-db", "--origin-host", HOSTNAME, "--database", db,
