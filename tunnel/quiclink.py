@@ -458,6 +458,9 @@ class QuicLinkProtocol(QuicConnectionProtocol):
         self._fail_handshake("UDP socket closed")
 
     def transmit(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # the relay closed its QUIC listener (or our socket is gone): nothing to send
         super().transmit()
         link = self.link
         if link is not None and link.paused:
