@@ -1,7 +1,7 @@
 """Tunnel benchmark: the direct path vs the tunnel path over each connector transport, in one run.
 
     .venv/bin/python -m bench.tunnel_bench             # full run (~6 min), table + bench/results/tunnel.json
-    .venv/bin/python -m bench.tunnel_bench --quick     # smoke run (~40 s), bench/results/tunnel-quick.json
+    .venv/bin/python -m bench.tunnel_bench --quick     # smoke run (~25 s), bench/results/tunnel-quick.json
     .venv/bin/python -m bench.tunnel_bench --protocols quic      # only one connector transport
     .venv/bin/python -m bench.tunnel_bench --profile /tmp/prof   # + py-spy stacks of the hd processes
     .venv/bin/python -m bench.tunnel_bench --hold      # start everything, print ports/pids, wait for Ctrl-C
@@ -891,6 +891,9 @@ def print_report(res: dict[str, Any]) -> None:
       f" — median of {res['config']['repeat']} run(s) per figure" + ("  [QUICK]" if res["config"]["quick"] else ""))
     P(f"connector transports: {', '.join(protos) or 'none'}; `--protocol auto` prefers {AUTO_PREFERS}"
       " (connector/protocol.py)")
+    if "product_source_at_end" in res:
+        P(f"WARNING: the product source changed during the run (newest file "
+          f"{res['product_source_at_end']['newest_mtime']}): the figures mix code versions; run it again")
     P()
     rows: list[tuple[str, str, str, str, str]] = []  # label, figure, metric, kind, target key
     rows.append(("RTT 64 B p50 (µs)", "latency", "p50_us", "lat", ""))
@@ -914,7 +917,7 @@ def print_report(res: dict[str, Any]) -> None:
     cmp = f"{SHORT.get(protos[1], protos[1])}/{SHORT.get(protos[0], protos[0])}" if len(protos) == 2 else ""
     w = 30
     P(f"{'figure':<{w}} {'direct':>12}" + "".join(f" │ {pr:>12} {'×direct':>8} {'min–max':>15}" for pr in protos)
-      + (f" │ {cmp:>8}" if cmp else "") + f" │ {'target':>9}")
+      + (f" │ {cmp:>8}" if cmp else "") + (f" │ {'target':>9}" if protos else ""))
     P("-" * (w + 13 + 40 * len(protos) + (11 if cmp else 0) + 25))
     for label, fig, metric, kind, key in rows:
         df = d.get(fig, {})
@@ -1082,6 +1085,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    from bench.common import source_digest  # (bench.common imports this module: not at the top)
+
     workdir = Path(tempfile.mkdtemp(prefix="hd-bench-"))
     stack = Stack(workdir)
     have_uvloop = importlib.util.find_spec("uvloop") is not None
@@ -1092,6 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
                     "platform": platform.platform(), "cpu_model": _cpu_model()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "targets": TARGETS,
+        "product_source": source_digest(),  # which product code was measured (others may be editing it)
         "paths": {},
     }
     ok = False
@@ -1141,6 +1147,11 @@ def main(argv: list[str] | None = None) -> int:
         if want_pg:
             res["pgbench"] = measure_pg(stack, args, ports, args.protocols)
         res["summary"] = summarize(res)
+        end_source = source_digest()
+        if end_source["sha256"] != res["product_source"]["sha256"]:
+            # processes started (or restarted) after the change run other code than the edge did
+            res["product_source_at_end"] = end_source
+            log(f"WARNING: the product source changed during the run ({end_source['newest_mtime']}): run it again")
         ok = True
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
