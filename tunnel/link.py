@@ -94,52 +94,34 @@ class Link(ABC):
 # ------------------------------------------------------------------ WebSocket mux link
 
 
-class MuxStream(LinkStream):
-    __slots__ = ("id", "handler", "_link", "_sent_fin", "_recv_fin", "_done")
+class HalfCloseStream(LinkStream):
+    """The stream lifecycle both transports share: half-close each way, reset, done.
 
-    def __init__(self, link: MuxLink, stream_id: int) -> None:
+    A stream is done once it is reset (either side) or FIN went both ways; subclasses say how
+    FIN and RST go out (`_send_fin`, `_send_reset`) and forget the stream (`_forget`)."""
+
+    __slots__ = ("id", "handler", "_sent_fin", "_recv_fin", "_done")
+
+    def __init__(self, stream_id: int) -> None:
         self.id = stream_id
         self.handler = None
-        self._link = link
         self._sent_fin = False
         self._recv_fin = False
         self._done = False
-
-    def write(self, data: bytes) -> None:
-        if self._done or self._sent_fin or not data:
-            return
-        link = self._link
-        try:
-            more = link.mux.send(self.id, data)
-        except MuxError:
-            return
-        link.kick()
-        if not more and self.handler is not None:
-            self.handler.stream_pause()
 
     def write_eof(self) -> None:
         if self._done or self._sent_fin:
             return
         self._sent_fin = True
-        try:
-            self._link.mux.send_fin(self.id)
-        except MuxError:
-            pass
-        self._link.kick()
+        self._send_fin()
         if self._recv_fin:
             self._finish()
 
     def reset(self, code: int, reason: str = "") -> None:
         if self._done:
             return
-        self._link.mux.reset(self.id, code, reason)
-        self._link.kick()
+        self._send_reset(code, reason)
         self._finish()
-
-    def consumed(self, n: int) -> None:
-        if n and not self._done and not self._recv_fin:
-            self._link.mux.consumed(self.id, n)
-            self._link.kick()
 
     @property
     def closed(self) -> bool:
@@ -147,7 +129,14 @@ class MuxStream(LinkStream):
 
     def _finish(self) -> None:
         self._done = True
-        self._link.streams.pop(self.id, None)
+        self._forget()
+
+    @abstractmethod
+    def _send_fin(self) -> None: ...
+    @abstractmethod
+    def _send_reset(self, code: int, reason: str) -> None: ...
+    @abstractmethod
+    def _forget(self) -> None: ...
 
     # called by the link
     def _on_eof(self) -> None:
@@ -161,6 +150,45 @@ class MuxStream(LinkStream):
         self._finish()
         if self.handler is not None:
             self.handler.stream_reset(code, reason)
+
+
+class MuxStream(HalfCloseStream):
+    __slots__ = ("_link",)
+
+    def __init__(self, link: MuxLink, stream_id: int) -> None:
+        super().__init__(stream_id)
+        self._link = link
+
+    def write(self, data: bytes) -> None:
+        if self._done or self._sent_fin or not data:
+            return
+        link = self._link
+        try:
+            more = link.mux.send(self.id, data)
+        except MuxError:
+            return
+        link.kick()
+        if not more and self.handler is not None:
+            self.handler.stream_pause()
+
+    def consumed(self, n: int) -> None:
+        if n and not self._done and not self._recv_fin:
+            self._link.mux.consumed(self.id, n)
+            self._link.kick()
+
+    def _send_fin(self) -> None:
+        try:
+            self._link.mux.send_fin(self.id)
+        except MuxError:
+            pass
+        self._link.kick()
+
+    def _send_reset(self, code: int, reason: str) -> None:
+        self._link.mux.reset(self.id, code, reason)
+        self._link.kick()
+
+    def _forget(self) -> None:
+        self._link.streams.pop(self.id, None)
 
 
 class MuxLink(Link):

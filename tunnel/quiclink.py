@@ -36,7 +36,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.recovery import QuicPacketPacer
 from cryptography.hazmat.primitives import serialization
 
-from tunnel.link import Link, LinkStream
+from tunnel.link import HalfCloseStream, Link
 from tunnel.messages import RST_CANCEL, RST_PROTOCOL, RST_REFUSED, RST_SHUTDOWN
 from tunnel.tls import PinMismatch, verify_pin_der
 
@@ -128,16 +128,12 @@ def _configuration(*, client: bool, server_name: str | None = None) -> QuicConfi
     )
 
 
-class QuicLinkStream(LinkStream):
-    __slots__ = ("id", "handler", "_link", "_sent_fin", "_recv_fin", "_done", "_paused")
+class QuicLinkStream(HalfCloseStream):
+    __slots__ = ("_link", "_paused")
 
     def __init__(self, link: QuicLink, stream_id: int) -> None:
-        self.id = stream_id
-        self.handler = None
+        super().__init__(stream_id)
         self._link = link
-        self._sent_fin = False
-        self._recv_fin = False
-        self._done = False
         self._paused = False
 
     def write(self, data: bytes) -> None:
@@ -156,21 +152,18 @@ class QuicLinkStream(LinkStream):
             if self.handler is not None:
                 self.handler.stream_pause()
 
-    def write_eof(self) -> None:
-        if self._done or self._sent_fin:
-            return
-        self._sent_fin = True
+    def consumed(self, n: int) -> None:
+        if n and not self._done:
+            self._link.credit(self.id, n)
+
+    def _send_fin(self) -> None:
         try:
             self._link.quic.send_stream_data(self.id, b"", True)
         except (ValueError, AssertionError):
             pass
         self._link.kick()
-        if self._recv_fin:
-            self._finish()
 
-    def reset(self, code: int, reason: str = "") -> None:
-        if self._done:
-            return
+    def _send_reset(self, code: int, reason: str) -> None:
         quic = self._link.quic
         try:
             quic.reset_stream(self.id, code)
@@ -179,34 +172,12 @@ class QuicLinkStream(LinkStream):
         except (ValueError, AssertionError):
             pass
         self._link.kick()
-        self._finish()
 
-    def consumed(self, n: int) -> None:
-        if n and not self._done:
-            self._link.credit(self.id, n)
-
-    @property
-    def closed(self) -> bool:
-        return self._done
-
-    def _finish(self) -> None:
-        self._done = True
-        self._link.streams.pop(self.id, None)
-        self._link.paused.discard(self)
-        self._link._release(self.id)
-
-    # called by the link
-    def _on_eof(self) -> None:
-        self._recv_fin = True
-        if self.handler is not None:
-            self.handler.stream_eof()
-        if self._sent_fin:
-            self._finish()
-
-    def _on_reset(self, code: int, reason: str) -> None:
-        self._finish()
-        if self.handler is not None:
-            self.handler.stream_reset(code, reason)
+    def _forget(self) -> None:
+        link = self._link
+        link.streams.pop(self.id, None)
+        link.paused.discard(self)
+        link._release(self.id)
 
     def _maybe_resume(self) -> None:
         if self._link.unsent(self.id) < SEND_LOW:
