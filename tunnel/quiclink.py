@@ -437,10 +437,35 @@ class QuicLinkProtocol(QuicConnectionProtocol):
         self._fail_handshake("UDP socket closed")
 
     def transmit(self) -> None:
+        self._transmit(self._loop.time())
+
+    def _handle_timer(self) -> None:
+        # aioquic's version handles the timer at max(deadline, loop time) but then transmits at
+        # the loop time. uvloop's clock moves in 1 ms steps and may still read just before the
+        # deadline: the due ACK is not sent, the same deadline is re-armed, and the loop spins
+        # until the clock ticks (measured: 19 timer wake-ups and 570 us of CPU per round trip).
+        now = max(self._timer_at or 0.0, self._loop.time())
+        self._timer = None
+        self._timer_at = None
+        self._quic.handle_timer(now=now)
+        self._process_events()
+        self._transmit(now)
+
+    def _transmit(self, now: float) -> None:
+        self._transmit_task = None
         transport = self._transport
         if transport is None or transport.is_closing():
             return  # the relay closed its QUIC listener (or our socket is gone): nothing to send
-        super().transmit()
+        quic = self._quic
+        for data, addr in quic.datagrams_to_send(now=now):
+            transport.sendto(data, addr)
+        timer_at = quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
         link = self.link
         if link is not None and link.paused:
             link._after_transmit()
