@@ -5,6 +5,9 @@
 #   - PgBouncer (benchmark anchor) from the distribution when missing: only as root with apt-get,
 #     otherwise a warning
 #   - checks that the PostgreSQL server binaries the test harness needs are present (warning only)
+#   - MariaDB server binaries (mariadbd, mariadb-install-db, mariadb client) for the test harness
+#     (tests/harness/mariadb.py starts its own server): installed from the distribution when
+#     missing (root with apt-get, the package's own service is not started), otherwise a warning
 # Environment: PYTHON=/path/to/python3.x to choose the interpreter for a new venv.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,7 +42,7 @@ installed_ok() {
         .venv/bin/python - <<'PY' >/dev/null 2>&1
 import importlib.util, sys
 mods = ["pytest", "pytest_asyncio", "pytest_timeout", "hypothesis", "asyncssh", "psycopg",
-        "asyncpg", "pg8000", "sqlalchemy", "jwt", "postgast", "websockets", "aiohttp", "cryptography", "click", "yaml", "tunnel", "relay", "connector", "cli"]
+        "asyncpg", "pg8000", "sqlalchemy", "pymysql", "jwt", "postgast", "websockets", "aiohttp", "cryptography", "click", "yaml", "tunnel", "relay", "connector", "cli"]
 sys.exit(0 if all(importlib.util.find_spec(m) for m in mods) else 1)
 PY
 }
@@ -75,6 +78,30 @@ fi
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 &&
    [ -z "${HD_PG_BIN:-}" ]; then
     warn "PostgreSQL server binaries (initdb, postgres) not found: install postgresql-15 or set HD_PG_BIN; database tests will fail"
+fi
+
+# --- MariaDB server binaries (tests start their own servers, tests/harness/mariadb.py) ----------
+md_ok() {
+    [ -n "${HD_MARIADB_BIN:-}" ] && return 0
+    { command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; } &&
+        command -v mariadb-install-db >/dev/null 2>&1 && command -v mariadb >/dev/null 2>&1
+}
+if ! md_ok; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        # As for pgbouncer: a temporary policy-rc.d keeps the package's own service from starting.
+        POLICY=/usr/sbin/policy-rc.d
+        ADDED_POLICY=""
+        if [ ! -e "$POLICY" ]; then
+            printf '#!/bin/sh\nexit 101\n' >"$POLICY" && chmod +x "$POLICY" && ADDED_POLICY=1
+        fi
+        trap 'rm -f "$LOG"; [ -n "$ADDED_POLICY" ] && rm -f "$POLICY"' EXIT
+        {
+            apt-get update -qq &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mariadb-server mariadb-client
+        } </dev/null >"$LOG" 2>&1 || warn "could not install mariadb-server with apt-get: $(tail -n 3 "$LOG" | tr '\n' ' ')"
+        if [ -n "$ADDED_POLICY" ]; then rm -f "$POLICY"; ADDED_POLICY=""; fi
+    fi
+    md_ok || warn "MariaDB server binaries (mariadbd, mariadb-install-db, mariadb) not found: install mariadb-server or set HD_MARIADB_BIN; MariaDB tests will fail"
 fi
 
 # --- npm: the JavaScript drivers of the end-to-end tests (tests/node) ---------------------------

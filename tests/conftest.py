@@ -5,6 +5,11 @@ Fixtures:
   pg_cluster          session   PgCluster, TCP auth scram-sha-256, role ``app`` (password
                                 ``pg_cluster.passwords["app"]``) owning database ``app``
   pg_cluster_factory  function  make(**PgCluster kwargs) -> started PgCluster, stopped at teardown
+  mariadb             session   MariaDbServer (tests/harness/mariadb.py), started on first use; user
+                                ``app`` (mysql_native_password, ``mariadb.passwords["app"]``) owning
+                                database ``app``
+  mariadb_factory     function  make(**MariaDbServer kwargs) -> started MariaDbServer (tls=True...),
+                                stopped at teardown
   tmp_state_dir       function  an empty 0700 directory for an edge's state
   edge                function  EdgeProc started on tmp_state_dir, stopped at teardown
   edge_factory        function  make(state_dir=None, **EdgeProc kwargs) -> started EdgeProc
@@ -23,6 +28,7 @@ import pytest
 import pytest_asyncio
 
 from tests.harness.edge import EdgeProc
+from tests.harness.mariadb import MariaDbServer
 from tests.harness.origins import BlackHole, EchoServer, RefusingPort
 from tests.harness.pg import PgCluster
 from tests.harness.sshd import SshServer
@@ -69,6 +75,41 @@ def pg_cluster_factory():
     yield make
     for c in made:
         c.stop()
+
+
+# --- MariaDB ------------------------------------------------------------------------------------
+
+MARIADB_APP_PASSWORD = "app-pw-7d2a90"
+
+
+@pytest.fixture(scope="session")
+def mariadb():
+    server = MariaDbServer().start()
+    try:
+        server.create_user(APP_USER, MARIADB_APP_PASSWORD)
+        server.create_database(APP_DB, owner=APP_USER)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mariadb_factory(request):
+    made: list[MariaDbServer] = []
+
+    def make(**kwargs) -> MariaDbServer:
+        s = MariaDbServer(**kwargs)
+        made.append(s)
+        return s.start()
+
+    try:
+        yield make
+    finally:
+        if _failed(request):
+            for s in made:
+                print(f"\n===== {s.diagnostics()}")
+        for s in made:
+            s.stop()
 
 
 # --- the edge -----------------------------------------------------------------------------------
