@@ -1,0 +1,1 @@
+"""MySQL / MariaDB side of the proxy: wire protocol (`protocol`), authentication (`auth`)."""
