@@ -138,8 +138,12 @@ class Pool:
         idle_timeout: float = 600.0,
         max_waiters: int = 10_000,
         on_connect: Callable[[float, bool], None] | None = None,
+        wrap: Callable[[Pool, Any], Any] | None = None,
     ) -> None:
         self.name = name
+        # What a new origin connection is wrapped in: the Postgres ServerConn, or a wire
+        # protocol's own (proxy/mysql/pool.py) with the same closed/session/state/reset surface.
+        self._wrap = wrap or ServerConn
         self._connect = connect
         self.limit = max(5, limit)
         self.acquire_timeout = acquire_timeout
@@ -220,7 +224,7 @@ class Pool:
         if self._on_connect is not None:
             self._on_connect(time.monotonic() - started, True)
         self.stats["connects"] += 1
-        conn = ServerConn(self, origin)
+        conn = self._wrap(self, origin)
         if not self.parameters:
             self.parameters = dict(getattr(origin, "parameters", {}) or {})
         self._all.add(conn)

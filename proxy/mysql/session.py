@@ -1,0 +1,497 @@
+"""The MySQL listener side: one client connection, from greeting to COM_QUIT.
+
+Login: Handshake v10 with our nonce → optional SSLRequest and TLS (a `TlsCore` on memory BIOs,
+so bytes a client sends right after its SSLRequest are not lost) → HandshakeResponse41, whose
+username names the config → `mysql_native_password` or `caching_sha2_password` (fast path, or
+full authentication over TLS or with the listener's RSA key) against the config's generated
+password → OK.
+
+Commands: the text protocol is pooled. A COM_QUERY gets a server connection from the config's
+pool, goes out unchanged, and the reply is streamed back byte for byte while a
+`ResultSetReader` watches for its end; the server goes back to the pool when the reply is
+complete and the server reports no open transaction. COM_PING and COM_RESET_CONNECTION are
+answered here. What a pooled proxy cannot honour is refused with an ERR that says what to do
+instead, and the connection stays usable: prepared statements (binary protocol), COM_INIT_DB
+and USE, multi-statement queries, non-UTF-8 text, COM_CHANGE_USER.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from proxy.mysql import protocol as P
+from proxy.mysql.auth import (
+    CACHING_SHA2_PASSWORD,
+    NATIVE_PASSWORD,
+    CachingSha2Server,
+    Done,
+    NativePasswordServer,
+    Sha2Verifier,
+    caching_sha2_digest,
+    native_password_hash,
+    new_nonce,
+)
+from proxy.pg.tls import TlsCore
+from proxy.pool import PoolError
+
+if TYPE_CHECKING:
+    from proxy.mysql.pool import MySQLServerConn
+    from proxy.service import ProxyService
+
+log = logging.getLogger("proxy.mysql")
+
+LOGIN_TIMEOUT = 15.0
+SERVER_VERSION = "8.0.0-hd-proxy"  # clients gate features on "8.0"; the suffix says who answers
+C = P.Capability
+# What the proxy offers clients: the classic reply format (pooled origin connections use the
+# same, see pool.POOL_CAPABILITIES), no LOCAL INFILE, no multi-statements, no compression.
+OFFERED = int(
+    C.CLIENT_LONG_PASSWORD | C.CLIENT_FOUND_ROWS | C.CLIENT_LONG_FLAG | C.CLIENT_CONNECT_WITH_DB
+    | C.CLIENT_PROTOCOL_41 | C.CLIENT_TRANSACTIONS | C.CLIENT_SECURE_CONNECTION | C.CLIENT_MULTI_RESULTS
+    | C.CLIENT_PS_MULTI_RESULTS | C.CLIENT_PLUGIN_AUTH | C.CLIENT_CONNECT_ATTRS
+    | C.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA)
+UTF8_CHARSETS = {33, 45, 46, 83, 192, 224, 255} | set(range(192, 216)) | set(range(224, 256))
+# Statements after which a server connection carries state the next client must not inherit.
+_CLEAN_FIRST_WORDS = {"select", "insert", "update", "delete", "replace", "with", "begin", "start",
+                      "commit", "rollback", "show", "explain", "describe", "desc", "values", "table"}
+
+# caching_sha2_password keeps a per-account cache of verified digests (MySQL does the same):
+# the first login of a config after a restart takes the full path, later ones the fast path.
+_SHA2_SEEN: set[tuple[str, bytes]] = set()
+
+_REFUSALS = {
+    P.Command.COM_STMT_PREPARE: "prepared statements (the binary protocol) are not supported through the proxy; "
+                                "use client-side parameter interpolation (e.g. mysql2 query() instead of "
+                                "execute(), PyMySQL's %s parameters)",
+    P.Command.COM_STMT_EXECUTE: "prepared statements (the binary protocol) are not supported through the proxy",
+    P.Command.COM_STMT_SEND_LONG_DATA: "prepared statements (the binary protocol) are not supported through the proxy",
+    P.Command.COM_STMT_FETCH: "prepared statements (the binary protocol) are not supported through the proxy",
+    P.Command.COM_INIT_DB: "changing the database (COM_INIT_DB / USE) is not supported through the proxy; "
+                           "create one Hyperdrive config per database and connect to it",
+    P.Command.COM_CHANGE_USER: "COM_CHANGE_USER is not supported through the proxy; open a new connection",
+    P.Command.COM_FIELD_LIST: "COM_FIELD_LIST is not supported through the proxy; use SHOW COLUMNS",
+    P.Command.COM_BINLOG_DUMP: "replication is not supported through the proxy",
+}
+
+
+def _first_word(sql: str) -> str:
+    """The statement's first keyword, past comments and whitespace ("" if unclear)."""
+    s = sql.lstrip()
+    while s.startswith(("/*", "--", "#")):
+        if s.startswith("/*"):
+            if s.startswith("/*!") or s.startswith("/*M!"):
+                return ""  # executable comment: not a plain statement
+            end = s.find("*/")
+            if end < 0:
+                return ""
+            s = s[end + 2:].lstrip()
+        else:
+            end = s.find("\n")
+            s = "" if end < 0 else s[end + 1:].lstrip()
+    word = []
+    for ch in s:
+        if not (ch.isalpha() or ch == "_"):
+            break
+        word.append(ch)
+    return "".join(word).lower()
+
+
+def _statement_problem(sql: str) -> str | None:
+    """USE and multi-statement text are refused (the pooled session cannot honour them)."""
+    if _first_word(sql) == "use":
+        return ("USE is not supported through the proxy (a pooled connection has a fixed database); "
+                "create one Hyperdrive config per database and connect to it")
+    if _has_second_statement(sql):
+        return "multi-statement queries are not supported through the proxy; send one statement per query"
+    return None
+
+
+def _has_second_statement(sql: str) -> bool:
+    """A `;` outside quotes/comments followed by anything but whitespace/comments."""
+    i, n = 0, len(sql)
+    while i < n:
+        ch = sql[i]
+        if ch in "'\"`":
+            j = i + 1
+            while j < n and sql[j] != ch:
+                j += 2 if sql[j] == "\\" and ch != "`" else 1
+            i = j + 1
+            continue
+        if sql.startswith("/*", i) and not sql.startswith(("/*!", "/*M!"), i):
+            end = sql.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+            continue
+        if ch == "#" or sql.startswith("-- ", i):
+            end = sql.find("\n", i)
+            i = n if end < 0 else end + 1
+            continue
+        if ch == ";":
+            rest = sql[i + 1:]
+            return _first_word(rest) != "" or bool(rest.strip(" \t\r\n;") and not _only_comments(rest))
+        i += 1
+    return False
+
+
+def _only_comments(text: str) -> bool:
+    s = text.strip(" \t\r\n;")
+    while s:
+        if s.startswith("/*") and not s.startswith(("/*!", "/*M!")):
+            end = s.find("*/")
+            if end < 0:
+                return False
+            s = s[end + 2:].strip(" \t\r\n;")
+        elif s.startswith(("#", "-- ")):
+            end = s.find("\n")
+            s = "" if end < 0 else s[end + 1:].strip(" \t\r\n;")
+        else:
+            return False
+    return True
+
+
+def _leaves_state(sql: str) -> bool:
+    """Could this statement leave session state (SET, @variables, temporary tables, locks, …)?
+    Conservative: anything but plain DML/queries/transaction control counts."""
+    return _first_word(sql) not in _CLEAN_FIRST_WORDS or "@" in sql or "temporary" in sql.lower()
+
+
+class MySQLClientProtocol(asyncio.Protocol):
+    def __init__(self, service: ProxyService, ssl_context: ssl.SSLContext | None) -> None:
+        self.service = service
+        self.ssl_context = ssl_context
+        self.transport: Any = None
+        self.reader = P.PacketReader()
+        self.tls: TlsCore | None = None
+        self.phase = "login"  # login → auth → command → closed
+        self.nonce = new_nonce()
+        self.connection_id = 0
+        self.caps = 0
+        self.config: Any = None
+        self.user = ""
+        self.auth: Any = None
+        self.server: MySQLServerConn | None = None
+        self.rsr: P.ResultSetReader | None = None
+        self.busy = False  # a command is with the origin
+        self.queue: deque[tuple[int, bytes]] = deque()
+        self.dirty = False
+        self.status = int(P.ServerStatus.SERVER_STATUS_AUTOCOMMIT)
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+
+    # ------------------------------------------------------------------ transport
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.connection_id = id(self) & 0x7FFFFFFF
+        offered = OFFERED | (int(C.CLIENT_SSL) if self.ssl_context is not None else 0)
+        hello = P.HandshakeV10(SERVER_VERSION, self.connection_id, self.nonce, offered,
+                               auth_plugin=NATIVE_PASSWORD)
+        self._send(P.frame(hello.build(), 0))
+        self._login_timer = asyncio.get_running_loop().call_later(LOGIN_TIMEOUT, self._login_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tls is not None:
+            try:
+                data = self.tls.receive(data)
+            except ssl.SSLError as exc:
+                log.info("TLS with a MySQL client failed: %s", exc)
+                self._abort()
+                return
+            self._flush_tls()
+            if not data:
+                return
+        try:
+            packets = self.reader.read(data)
+        except P.MySQLProtocolError as exc:
+            self._fatal(exc.err_packet(), seq=0)
+            return
+        for seq, payload in packets:
+            if self.phase == "closed":
+                return
+            self._packet(seq, bytes(payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = "closed"
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        self._drop_server(broken=self.busy)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.server is not None:
+            self.server.channel.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.server is not None:
+            self.server.channel.resume_reading()
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.tls is not None:
+            self.tls.send(data)
+            self._flush_tls()
+        else:
+            self.transport.write(data)
+
+    def _flush_tls(self) -> None:
+        assert self.tls is not None
+        out = self.tls.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _abort(self) -> None:
+        self.phase = "closed"
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fatal(self, err: P.ErrPacket, seq: int) -> None:
+        self._send(P.frame(err.build(P.Capability.CLIENT_PROTOCOL_41), seq))
+        self.phase = "closed"
+        if self.transport is not None:
+            self.transport.close()
+
+    def _login_timeout(self) -> None:
+        if self.phase in ("login", "auth"):
+            log.info("a MySQL client did not log in within %.0fs", LOGIN_TIMEOUT)
+            self._abort()
+
+    # ------------------------------------------------------------------ login
+    def _packet(self, seq: int, payload: bytes) -> None:
+        if self.phase == "command":
+            self._command(seq, payload)
+        elif self.phase == "login":
+            self._login(seq, payload)
+        elif self.phase == "auth":
+            self._auth_step(seq, payload)
+
+    def _login(self, seq: int, payload: bytes) -> None:
+        try:
+            hello = P.parse_client_handshake(payload)
+        except P.MySQLProtocolError as exc:
+            self._fatal(exc.err_packet(), P.next_seq(seq))
+            return
+        if isinstance(hello, P.SslRequest):
+            if self.ssl_context is None or self.tls is not None:
+                self._abort()
+                return
+            self.tls = TlsCore(self.ssl_context, server_side=True)
+            rest = self.reader.rest()  # a ClientHello that came in the same read
+            self.reader = P.PacketReader()
+            if rest:
+                self.data_received(rest)
+            return
+        self.caps = hello.capabilities & (OFFERED | int(C.CLIENT_SSL))
+        self.user = hello.user
+        if hello.charset not in UTF8_CHARSETS:
+            self._fatal(P.ErrPacket.for_code(1115, f"the proxy speaks UTF-8 only (charset id {hello.charset}); "
+                                             "connect with utf8mb4"), P.next_seq(seq))
+            return
+        config = self.service.config_for_user(hello.user)
+        if config is None or getattr(config, "scheme", "mysql") != "mysql":
+            self._deny(seq)
+            return
+        if hello.database and hello.database != config.database:
+            self._fatal(P.ErrPacket.for_code(1044, f"this config serves database '{config.database}', "
+                                             f"not '{hello.database}'"), P.next_seq(seq))
+            return
+        self.config = config
+        self.phase = "auth"
+        plugin = hello.auth_plugin or NATIVE_PASSWORD
+        if plugin == CACHING_SHA2_PASSWORD:
+            digest = caching_sha2_digest(config.client_password)
+            cached = (config.id, digest) in _SHA2_SEEN
+            key = getattr(self.service, "mysql_rsa_key", None)
+            self.auth = CachingSha2Server(Sha2Verifier.from_password(config.client_password, cached=cached),
+                                          self.nonce, tls=self.tls is not None, private_key=key)
+            self._auth_step(seq, hello.auth_response, first=True)
+        elif plugin == NATIVE_PASSWORD:
+            self.auth = NativePasswordServer(native_password_hash(config.client_password), self.nonce)
+            self._auth_step(seq, hello.auth_response, first=True)
+        else:
+            # Ask the client to answer with mysql_native_password instead (every driver has it).
+            self.auth = NativePasswordServer(native_password_hash(config.client_password), self.nonce)
+            switch = P.AuthSwitchRequest(NATIVE_PASSWORD, self.auth.plugin_data)
+            self._send(P.frame(switch.build(), P.next_seq(seq)))
+
+    def _auth_step(self, seq: int, payload: bytes, first: bool = False) -> None:
+        step = self.auth.receive(payload)
+        out_seq = P.next_seq(seq)
+        if not isinstance(step, Done):
+            if step is not None:
+                self._send(P.frame(step, out_seq))
+            return
+        if not step.ok:
+            log.info("MySQL login to config %s failed: %s", getattr(self.config, "name", "?"), step.reason)
+            self._deny(seq)
+            return
+        if step.send:
+            self._send(P.frame(step.send, out_seq))
+            out_seq = P.next_seq(out_seq)
+        if isinstance(self.auth, CachingSha2Server):
+            _SHA2_SEEN.add((self.config.id, caching_sha2_digest(self.config.client_password)))
+        self.phase = "command"
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        self._send(P.frame(P.OkPacket(status=self.status).build(self.caps), out_seq))
+
+    def _deny(self, seq: int) -> None:
+        self._fatal(P.ErrPacket.for_code(1045, f"Access denied for user '{self.user}' (using password: YES)"),
+                    P.next_seq(seq))
+
+    # ------------------------------------------------------------------ commands
+    def _command(self, seq: int, payload: bytes) -> None:
+        if self.busy:
+            self.queue.append((seq, payload))
+            return
+        if not payload:
+            self._err(0, P.ErrPacket.for_code(P.ER.MALFORMED_PACKET, "empty command packet"))
+            return
+        code = payload[0]
+        if code == P.Command.COM_QUIT:
+            self._drop_server(broken=False)
+            self.phase = "closed"
+            self.transport.close()
+        elif code == P.Command.COM_PING:
+            self._ok(seq)
+        elif code == P.Command.COM_RESET_CONNECTION:
+            if self.server is not None:
+                self.dirty = True
+                self._drop_server(broken=False)
+            self.status = int(P.ServerStatus.SERVER_STATUS_AUTOCOMMIT)
+            self._ok(seq)
+        elif code == P.Command.COM_QUERY:
+            self._query(seq, payload)
+        elif code == P.Command.COM_SET_OPTION:
+            on = len(payload) >= 3 and payload[1] == 0  # MYSQL_OPTION_MULTI_STATEMENTS_ON
+            if on:
+                self._err(seq, P.ErrPacket.for_code(1235, "multi-statement queries are not supported through the proxy"))
+            else:
+                self._send(P.frame(P.EofPacket(status=self.status).build(self.caps), P.next_seq(seq)))
+        elif code in _REFUSALS:
+            if code == P.Command.COM_STMT_SEND_LONG_DATA:
+                return  # no reply is ever sent for this one
+            self._err(seq, P.ErrPacket.for_code(1235, _REFUSALS[P.Command(code)]))
+        else:
+            self._err(seq, P.ErrPacket.for_code(1047, f"{P.command_name(code)} is not supported through the proxy"))
+
+    def _ok(self, seq: int) -> None:
+        self._send(P.frame(P.OkPacket(status=self.status).build(self.caps), P.next_seq(seq)))
+
+    def _err(self, seq: int, err: P.ErrPacket) -> None:
+        self._send(P.frame(err.build(self.caps), P.next_seq(seq)))
+
+    def _query(self, seq: int, payload: bytes) -> None:
+        try:
+            query = P.parse_com_query(payload, self.caps)
+        except P.MySQLProtocolError as exc:
+            self._err(seq, exc.err_packet())
+            return
+        problem = _statement_problem(query.sql)
+        if problem is not None:
+            self._err(seq, P.ErrPacket.for_code(1235, problem))
+            return
+        if _leaves_state(query.sql):
+            self.dirty = True
+        self.busy = True
+        if self.server is not None:
+            self._forward(seq, payload)
+            return
+        pool = self.service.mysql_pool_for(self.config)
+        conn = pool.try_acquire()
+        if conn is not None:
+            self._attach(conn)
+            self._forward(seq, payload)
+            return
+        self.transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._acquire_then_forward(pool, seq, payload))
+
+    async def _acquire_then_forward(self, pool: Any, seq: int, payload: bytes) -> None:
+        try:
+            conn = await pool.acquire()
+        except (PoolError, OSError, asyncio.TimeoutError) as exc:
+            self.busy = False
+            if self.phase != "closed":
+                self.transport.resume_reading()
+                self._err(seq, P.ErrPacket.for_code(1040, f"{exc}"))
+                self._next_queued()
+            return
+        except Exception as exc:  # origin connect errors carry a message for the client
+            self.busy = False
+            if self.phase != "closed":
+                self.transport.resume_reading()
+                self._err(seq, P.ErrPacket.for_code(2013, f"cannot reach the origin database: {exc}"))
+                self._next_queued()
+            return
+        if self.phase == "closed":
+            pool.release(conn)
+            return
+        self.transport.resume_reading()
+        self._attach(conn)
+        self._forward(seq, payload)
+
+    def _attach(self, conn: MySQLServerConn) -> None:
+        self.server = conn
+        conn.session = self
+        self.rsr = P.ResultSetReader(conn.origin.capabilities, status=conn.origin.status)
+        if self._write_paused:
+            conn.channel.pause_reading()
+
+    def _forward(self, seq: int, payload: bytes) -> None:
+        assert self.server is not None and self.rsr is not None
+        self.rsr.reset(status=self.server.origin.status, first_seq=P.next_seq(seq))
+        self.server.write(P.frame(payload, seq))
+
+    # SessionLike: called by MySQLServerConn
+    def server_data(self, data: bytes) -> None:
+        rsr = self.rsr
+        if rsr is None or self.server is None:
+            return
+        try:
+            out = rsr.feed(data)
+        except P.MySQLProtocolError as exc:
+            log.warning("bad reply from the MySQL origin: %s", exc)
+            self._drop_server(broken=True)
+            self._fatal(P.ErrPacket.for_code(2027, f"malformed reply from the origin: {exc}"), seq=1)
+            return
+        if out:
+            self._send(bytes(out))
+        if rsr.done:
+            if rsr.error is None:
+                self.server.origin.status = int(rsr.status)
+            self.status = int(self.server.origin.status)
+            self.busy = False
+            if not self.server.origin.in_transaction:
+                self._drop_server(broken=False)
+            self._next_queued()
+
+    def server_lost(self, exc: Exception | None) -> None:
+        self.server = None
+        if self.busy and self.phase != "closed":
+            self.busy = False
+            detail = f": {exc}" if exc else ""
+            self._fatal(P.ErrPacket.for_code(2013, f"Lost connection to the origin database during query{detail}"),
+                        seq=1)
+
+    def _drop_server(self, *, broken: bool) -> None:
+        conn, self.server = self.server, None
+        self.rsr = None
+        if conn is None:
+            return
+        conn.session = None
+        if broken:
+            conn.close()
+            return
+        conn.state.dirty = conn.state.dirty or self.dirty
+        self.dirty = False
+        if self._write_paused:
+            conn.channel.resume_reading()
+        conn.pool.release(conn, rollback=conn.origin.in_transaction)
+
+    def _next_queued(self) -> None:
+        while self.queue and not self.busy and self.phase == "command":
+            seq, payload = self.queue.popleft()
+            self._command(seq, payload)
