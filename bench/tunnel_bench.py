@@ -419,7 +419,7 @@ class Stack:
     def start_edge(self) -> dict[str, Any]:
         p = self.start_proc("edge", hd_argv("edge", "--state-dir", str(self.state_dir),
                                             "--api-listen", f"{HOST}:0", "--tunnel-listen", f"{HOST}:0",
-                                            "--pg-listen", f"{HOST}:0"),
+                                            "--pg-listen", f"{HOST}:0", "--mysql-listen", f"{HOST}:0"),
                             env=self.env)
         edge_json = self.state_dir / "edge.json"
 

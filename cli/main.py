@@ -140,7 +140,8 @@ def parse_size(text: str) -> int:
               help="Relay address for connectors and access clients.")
 @click.option("--pg-listen", default="127.0.0.1:6432", show_default=True, metavar="H:P",
               help="Postgres proxy address (put in Hyperdrive connection strings).")
-@click.option("--mysql-listen", metavar="H:P", help="MySQL proxy address (not yet available).")
+@click.option("--mysql-listen", default="127.0.0.1:3307", show_default=True, metavar="H:P",
+              help="MySQL proxy address (put in the connection strings of mysql configs).")
 @click.option("--advertise", metavar="H:P", help="Tunnel address put in tokens (default: the bound address).")
 @click.option("--key-rotation", type=Duration(), default="1008h", show_default=True,
               help="Rotate the Access signing key when it is this old (the JWKS keeps the previous one).")
@@ -157,7 +158,7 @@ def parse_size(text: str) -> int:
 def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_listen: str | None,
              mysql_listen: str | None, advertise: str | None, key_rotation: float, connect_timeout: float,
              idle_timeout: float, statement_timeout: float, cache_size: str, as_json: bool) -> None:
-    """Run the edge in the foreground: control API, tunnel relay and the Postgres proxy."""
+    """Run the edge in the foreground: control API, tunnel relay and the Postgres and MySQL proxy."""
     from control.edge import EdgeError, run_edge
 
     as_json = as_json or bool(click.get_current_context().find_root().params.get("as_json"))
@@ -173,9 +174,6 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
         cache_bytes = parse_size(cache_size)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--cache-size'") from None
-    if mysql_listen:
-        out.warn(f"hd edge: --mysql-listen {mysql_listen}: the MySQL proxy is not yet available;"
-                 " recorded in edge.json only")
 
     def ready(info: dict) -> None:
         if as_json:
@@ -678,11 +676,11 @@ def hyperdrive_options(fn: Callable) -> Callable:
 
     options = [
         click.option("--connection-string", metavar="URL",
-                     help="postgresql://USER:PASSWORD@HOST[:PORT]/DATABASE (instead of the --origin-* flags)."),
+                     help="postgresql:// or mysql://USER:PASSWORD@HOST[:PORT]/DATABASE (instead of the --origin-* flags)."),
         click.option("--origin-host", metavar="HOST",
                      help="Origin database host; with access credentials, the tunnel hostname."),
         click.option("--origin-port", type=click.IntRange(1, 65535), metavar="PORT",
-                     help="Origin port (direct origins only; default 5432)."),
+                     help="Origin port (direct origins only; default 5432, 3306 for mysql)."),
         click.option("--origin-scheme", type=click.Choice(["postgresql", "postgres", "mysql"]),
                      help="Origin protocol (default postgresql)."),
         click.option("--database", metavar="NAME", help="Database name at the origin."),

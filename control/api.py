@@ -108,6 +108,8 @@ class Proxy(Protocol):
     """The database proxy as the control plane uses it (proxy/service.py)."""
 
     async def probe(self, spec: Any) -> None: ...  # connect + run ";"; raises proxy.errors.OriginError
+    # mysql configs, when `supports_mysql` is true: connect + SELECT 1; raises OriginError
+    async def probe_mysql(self, spec: Any) -> None: ...
     def config_changed(self, config_id: str) -> None: ...  # new connections use the new settings
     def config_deleted(self, config_id: str) -> None: ...
     # proxy.cache.metrics.ConfigMetrics.summary() of the config (zeros when it saw no traffic)
@@ -641,7 +643,10 @@ class _Api:
         except ValueError as e:  # a setting the origin connector refuses (OriginSpec checks)
             raise ValidationError(str(e)) from None
         try:
-            result = self.proxy.probe(spec)
+            if config.scheme == "mysql":
+                result = self.proxy.probe_mysql(spec)  # the MySQL handshake and SELECT 1
+            else:
+                result = self.proxy.probe(spec)
             if inspect.isawaitable(result):
                 await asyncio.wait_for(result, PROBE_TIMEOUT)
         except OriginError as e:

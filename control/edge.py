@@ -38,6 +38,7 @@ log = logging.getLogger("hd.edge")
 DEFAULT_API_LISTEN = "127.0.0.1:8787"
 DEFAULT_TUNNEL_LISTEN = "127.0.0.1:7844"
 DEFAULT_PG_LISTEN = "127.0.0.1:6432"
+DEFAULT_MYSQL_LISTEN = "127.0.0.1:3307"
 EDGE_JSON = "edge.json"
 ADMIN_TOKEN_FILE = "admin-token"
 DB_FILE = "state.db"
@@ -143,7 +144,9 @@ async def run_edge(
     `ready_callback(info)` is called with the edge.json contents once everything listens.
     `relay_factory(store, ssl_context, hash_key=...)` defaults to `relay.server.Relay`.
     `proxy_factory(store, relay)` makes the database proxy handed to the control API (it tests the
-    origins of Hyperdrive configs); `pg_listen` goes into edge.json and connection strings.
+    origins of Hyperdrive configs); `pg_listen` / `mysql_listen` ("H:P", port 0: any free port; None:
+    no such listener) are where the proxy takes Postgres / MySQL clients, and the bound addresses go
+    into edge.json and connection strings.
     `key_rotation`: the age (seconds) at which the Access signing key is replaced, checked at
     start and every `key_check_interval` seconds.
     """
@@ -225,7 +228,7 @@ async def run_edge(
             edge_info["pg_listen"] = pg_listen  # the address put in Hyperdrive connection strings
         if mysql_listen:
             edge_info["mysql_listen"] = mysql_listen
-        if proxy_factory is None and pg_listen:
+        if proxy_factory is None and (pg_listen or mysql_listen):
             proxy_factory = _default_proxy_factory(
                 f"wss://{join_hostport(_reachable_host(tun_host), bound_tun_port)}", pin,
                 server_ssl_context(cert, key), proxy_options or {})
@@ -239,6 +242,15 @@ async def run_edge(
             except OSError as e:
                 raise EdgeError(f"cannot listen for Postgres clients on {pg_listen}: {e.strerror or e}") from None
             edge_info["pg_listen"] = join_hostport(_reachable_host(pg_host), proxy.port)
+        if proxy is not None and mysql_listen and hasattr(proxy, "start_mysql"):
+            try:
+                my_host, my_port = parse_hostport(mysql_listen, what="--mysql-listen")
+                await proxy.start_mysql(my_host, my_port)
+            except ValueError as e:
+                raise EdgeError(str(e)) from None
+            except OSError as e:
+                raise EdgeError(f"cannot listen for MySQL clients on {mysql_listen}: {e.strerror or e}") from None
+            edge_info["mysql_listen"] = join_hostport(_reachable_host(my_host), proxy.mysql_port)
 
         app = make_app(store, relay, admin_token=admin_token, edge_info=edge_info, hash_key=hash_key,
                        proxy=proxy)
@@ -296,7 +308,7 @@ async def run_edge(
 
 
 def _default_proxy_factory(tunnel_url: str, pin: str, client_tls: Any, options: dict[str, Any]) -> ProxyFactory:
-    """The Postgres proxy, reaching tunnel origins through this edge's own relay."""
+    """The database proxy (Postgres and MySQL), reaching tunnel origins through this edge's own relay."""
 
     def make(store: Any, relay: Any) -> Any:
         from proxy.service import ProxyService

@@ -114,7 +114,7 @@ def main() -> int:
         edge_log = open(work / "edge.log", "wb")
         procs.append(subprocess.Popen(
             [tool("hd"), "edge", "--api-listen", "127.0.0.1:0", "--tunnel-listen", "127.0.0.1:0",
-             "--pg-listen", "127.0.0.1:0"],
+             "--pg-listen", "127.0.0.1:0", "--mysql-listen", "127.0.0.1:0"],
             env=env, stdout=edge_log, stderr=subprocess.STDOUT))
         wait(lambda: (state / "edge.json").exists(), 30, "the edge to start", procs)
 

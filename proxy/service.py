@@ -1,5 +1,5 @@
-"""The proxy inside `hd edge`: the Postgres listener, one pool per config, the one tunnel
-session all tunnel origins share, and the hooks the control plane calls."""
+"""The proxy inside `hd edge`: the Postgres and MySQL listeners, one pool per config, the one
+tunnel session all tunnel origins share, and the hooks the control plane calls."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from proxy.cache.catalog import CATALOG_SQL
 from proxy.cache.metrics import Gauge, MetricsRegistry
 from proxy.cache.store import DEFAULT_MAX_BYTES, Fill, Namespace, QueryCache
 from proxy.configs import origin_spec
+from proxy.mysql.origin import connect_mysql_origin
+from proxy.mysql.origin import probe_mysql as _probe_mysql
 from proxy.pg.caching import CacheContext, CachePolicy
 from proxy.pg.listener import StartupProtocol
 from proxy.pg.oneshot import NullTransport, run_query
@@ -56,6 +58,8 @@ DEFAULT_STATEMENT_TIMEOUT_MS = 60_000
 
 
 class ProxyService:
+    supports_mysql = True  # control/api.py accepts mysql configs only from a proxy that says so
+
     def __init__(self, store: Any, *, edge: Endpoint | None, ssl_context: ssl.SSLContext | None,
                  edge_session: Any = None,
                  statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS, idle_timeout: float = 600.0,
@@ -70,6 +74,9 @@ class ProxyService:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self._pools: dict[str, Pool] = {}
+        self._mysql_pools: dict[str, Pool] = {}  # config id -> pool of MySQLServerConn (mysql configs)
+        self._mysql_server: asyncio.AbstractServer | None = None
+        self._mysql_rsa_key: Any = None
         self._registries: dict[str, StatementRegistry] = {}
         self._users: dict[str, Any] = {}
         self._sessions: dict[tuple[int, bytes], Any] = {}
@@ -90,17 +97,35 @@ class ProxyService:
         self._reaper = loop.create_task(self._reap_forever())
         log.info("postgres proxy listening on %s:%d", host, self.port)
 
+    async def start_mysql(self, host: str, port: int) -> None:
+        """The MySQL listener (`hd edge --mysql-listen`); `start` (Postgres) may run or not."""
+        from proxy.mysql.session import MySQLClientProtocol  # imported late: Postgres-only use stays light
+
+        loop = asyncio.get_running_loop()
+        self._mysql_server = await loop.create_server(lambda: MySQLClientProtocol(self, self.ssl_context),
+                                                      host, port)
+        if self._reaper is None:
+            self._reaper = loop.create_task(self._reap_forever())
+        log.info("mysql proxy listening on %s:%d", host, self.mysql_port)
+
     @property
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def mysql_port(self) -> int:
+        assert self._mysql_server is not None
+        return int(self._mysql_server.sockets[0].getsockname()[1])
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._mysql_server is not None:
+            self._mysql_server.close()
         if self._reaper is not None:
             self._reaper.cancel()
-        for pool in self._pools.values():
+        for pool in [*self._pools.values(), *self._mysql_pools.values()]:
             pool.close()
         if self.edge_session is not None:
             await self.edge_session.close()
@@ -108,7 +133,7 @@ class ProxyService:
     async def _reap_forever(self) -> None:
         while True:
             await asyncio.sleep(REAP_INTERVAL)
-            for pool in list(self._pools.values()):
+            for pool in [*self._pools.values(), *self._mysql_pools.values()]:
                 pool.reap_idle()
 
     # ------------------------------------------------------------------ configs
@@ -156,6 +181,39 @@ class ProxyService:
                         on_connect=metrics.connection)
             self._pools[config.id] = pool
         return pool
+
+    # ------------------------------------------------------------------ mysql configs
+    def mysql_spec_for(self, config: Any) -> OriginSpec:
+        """How to reach a mysql config's origin (no Postgres startup parameters)."""
+        return replace(origin_spec(config, self.store), connect_timeout=self.connect_timeout)
+
+    def mysql_pool_for(self, config: Any) -> Pool:
+        pool = self._mysql_pools.get(config.id)
+        if pool is None:
+            from proxy.mysql.pool import POOL_CAPABILITIES, MySQLServerConn
+
+            config_id = config.id
+
+            async def connect() -> Any:
+                spec = self.mysql_spec_for(self._current(config_id))  # always the latest settings
+                return await connect_mysql_origin(spec, self.dialer_for(spec), capabilities=POOL_CAPABILITIES)
+
+            metrics = self.metrics.for_config(config.id)
+            pool = Pool(config.name, connect, limit=config.origin_connection_limit,
+                        idle_timeout=self.idle_timeout, acquire_timeout=self.connect_timeout,
+                        on_connect=metrics.connection, wrap=MySQLServerConn)
+            self._mysql_pools[config.id] = pool
+        return pool
+
+    @property
+    def mysql_rsa_key(self) -> Any:
+        """The RSA key pair (cryptography RSAPrivateKey, 2048 bits) clients use for full
+        caching_sha2_password authentication without TLS; made once, on first use."""
+        if self._mysql_rsa_key is None:
+            from cryptography.hazmat.primitives.asymmetric import rsa
+
+            self._mysql_rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return self._mysql_rsa_key
 
     def registry_for(self, config: Any) -> StatementRegistry:
         reg = self._registries.get(config.id)
@@ -279,29 +337,42 @@ class ProxyService:
             pool.release(conn)
         return pool.parameters
 
-    async def probe(self, spec: OriginSpec) -> dict[str, Any]:
+    async def probe(self, spec: OriginSpec, *, scheme: str = "postgresql") -> dict[str, Any]:
+        if scheme == "mysql":
+            return await self.probe_mysql(spec)
         return await probe(spec, self.dialer_for(spec))
+
+    async def probe_mysql(self, spec: OriginSpec) -> dict[str, Any]:
+        """The create/update test of a mysql config: connect, SELECT 1 (raises OriginError)."""
+        return await _probe_mysql(spec, self.dialer_for(spec))
 
     def config_changed(self, config_id: str) -> None:
         self._users.clear()
-        pool = self._pools.get(config_id)
         config = self.store.get_hyperdrive(config_id)
-        if pool is not None and config is not None:
-            pool.settings_changed(config.origin_connection_limit)
+        if config is not None:
+            # A config switched between postgresql and mysql: the other protocol's pool is useless.
+            stale = (self._pools if config.scheme == "mysql" else self._mysql_pools).pop(config_id, None)
+            if stale is not None:
+                stale.close()
+        for pool in (self._pools.get(config_id), self._mysql_pools.get(config_id)):
+            if pool is not None and config is not None:
+                pool.settings_changed(config.origin_connection_limit)
         if config is not None and config_id in self._policies:
             self.policy_for(config)  # in place: sessions see the new cache settings at once
 
     def config_deleted(self, config_id: str) -> None:
         self._users.clear()
         pool = self._pools.pop(config_id, None)
+        mysql_pool = self._mysql_pools.pop(config_id, None)
         self._registries.pop(config_id, None)
         self._policies.pop(config_id, None)
         ns = self._ns_of.pop(config_id, None)
         if ns is not None:
             ns.cached_by.discard(config_id)
         self.metrics.drop(config_id)
-        if pool is not None:
-            pool.close()
+        for p in (pool, mysql_pool):
+            if p is not None:
+                p.close()
 
     # ------------------------------------------------------------------ sessions and cancel
     def session_opened(self, session: Any) -> None:
@@ -339,7 +410,7 @@ class ProxyService:
     def metrics_summary(self, config_id: str, since_s: float | None) -> dict[str, Any]:
         out = self.metrics.for_config(config_id).summary(since_s)
         config = self.store.get_hyperdrive(config_id)
-        pool = self._pools.get(config_id)
+        pool = self._pools.get(config_id) or self._mysql_pools.get(config_id)
         out["pool"] = pool.info() if pool is not None else None
         if config is not None:
             ns = self.namespace_for(config)
@@ -355,7 +426,7 @@ class ProxyService:
         names = {c.id: c.name for c in self.store.list_hyperdrives()}
         pool_samples: list[tuple[dict[str, str], float]] = []
         waiting: list[tuple[dict[str, str], float]] = []
-        for cid, pool in self._pools.items():
+        for cid, pool in [*self._pools.items(), *self._mysql_pools.items()]:
             info = pool.info()
             labels = {"config_id": cid, "config_name": names.get(cid, cid)}
             pool_samples += [({**labels, "state": "open"}, info["open"]), ({**labels, "state": "idle"}, info["idle"])]
@@ -372,5 +443,6 @@ class ProxyService:
         return self.metrics.render_prometheus(names, gauges)
 
     def stats(self) -> dict[str, Any]:
-        return {"sessions": len(self._sessions), "pools": {cid: p.info() for cid, p in self._pools.items()},
+        return {"sessions": len(self._sessions),
+                "pools": {cid: p.info() for cid, p in [*self._pools.items(), *self._mysql_pools.items()]},
                 "time": time.time()}

@@ -13,6 +13,10 @@ complete and the server reports no open transaction. COM_PING and COM_RESET_CONN
 answered here. What a pooled proxy cannot honour is refused with an ERR that says what to do
 instead, and the connection stays usable: prepared statements (binary protocol), COM_INIT_DB
 and USE, multi-statement queries, non-UTF-8 text, COM_CHANGE_USER.
+
+Caching (proxy/mysql/caching.py): a cacheable read outside a transaction is answered from the
+cache when fresh (or stale within swr, with one background refresh), waits for an identical
+query already in flight, or fills the cache from the reply it streams; writes invalidate.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from proxy.cache.store import Fill
+from proxy.mysql.caching import Capture, QueryPlan, invalidate, plan_query
 from proxy.mysql import protocol as P
 from proxy.mysql.auth import (
     CACHING_SHA2_PASSWORD,
@@ -100,58 +107,6 @@ def _first_word(sql: str) -> str:
     return "".join(word).lower()
 
 
-def _statement_problem(sql: str) -> str | None:
-    """USE and multi-statement text are refused (the pooled session cannot honour them)."""
-    if _first_word(sql) == "use":
-        return ("USE is not supported through the proxy (a pooled connection has a fixed database); "
-                "create one Hyperdrive config per database and connect to it")
-    if _has_second_statement(sql):
-        return "multi-statement queries are not supported through the proxy; send one statement per query"
-    return None
-
-
-def _has_second_statement(sql: str) -> bool:
-    """A `;` outside quotes/comments followed by anything but whitespace/comments."""
-    i, n = 0, len(sql)
-    while i < n:
-        ch = sql[i]
-        if ch in "'\"`":
-            j = i + 1
-            while j < n and sql[j] != ch:
-                j += 2 if sql[j] == "\\" and ch != "`" else 1
-            i = j + 1
-            continue
-        if sql.startswith("/*", i) and not sql.startswith(("/*!", "/*M!"), i):
-            end = sql.find("*/", i + 2)
-            i = n if end < 0 else end + 2
-            continue
-        if ch == "#" or sql.startswith("-- ", i):
-            end = sql.find("\n", i)
-            i = n if end < 0 else end + 1
-            continue
-        if ch == ";":
-            rest = sql[i + 1:]
-            return _first_word(rest) != "" or bool(rest.strip(" \t\r\n;") and not _only_comments(rest))
-        i += 1
-    return False
-
-
-def _only_comments(text: str) -> bool:
-    s = text.strip(" \t\r\n;")
-    while s:
-        if s.startswith("/*") and not s.startswith(("/*!", "/*M!")):
-            end = s.find("*/")
-            if end < 0:
-                return False
-            s = s[end + 2:].strip(" \t\r\n;")
-        elif s.startswith(("#", "-- ")):
-            end = s.find("\n")
-            s = "" if end < 0 else s[end + 1:].strip(" \t\r\n;")
-        else:
-            return False
-    return True
-
-
 def _leaves_state(sql: str) -> bool:
     """Could this statement leave session state (SET, @variables, temporary tables, locks, …)?
     Conservative: anything but plain DML/queries/transaction control counts."""
@@ -178,6 +133,14 @@ class MySQLClientProtocol(asyncio.Protocol):
         self.queue: deque[tuple[int, bytes]] = deque()
         self.dirty = False
         self.status = int(P.ServerStatus.SERVER_STATUS_AUTOCOMMIT)
+        self.origin_status: int | None = None  # as the origin last reported it (sql_mode flags)
+        self._cache: tuple[Any, Any, int, Any] | None = None  # namespace, policy, key prefix, metrics
+        self.plan: QueryPlan | None = None  # of the query with the origin now
+        self.capture: Capture | None = None
+        self.pending_writes: list[QueryPlan] = []  # invalidate again when the transaction ends
+        self._t0 = 0.0
+        self._qbytes = 0
+        self._rbytes = 0
         self._login_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
 
@@ -384,18 +347,93 @@ class MySQLClientProtocol(asyncio.Protocol):
     def _err(self, seq: int, err: P.ErrPacket) -> None:
         self._send(P.frame(err.build(self.caps), P.next_seq(seq)))
 
+    def _cache_view(self) -> tuple[Any, Any, int, Any]:
+        if self._cache is None:
+            svc, config = self.service, self.config
+            ns = svc.namespace_for(config)
+            policy = svc.policy_for(config)
+            prefix = svc.cache.prefix(ns, "mysql", config.user, config.database)
+            self._cache = (ns, policy, prefix, svc.metrics.for_config(config.id))
+        return self._cache
+
     def _query(self, seq: int, payload: bytes) -> None:
+        self._t0 = time.monotonic()
         try:
             query = P.parse_com_query(payload, self.caps)
         except P.MySQLProtocolError as exc:
             self._err(seq, exc.err_packet())
             return
-        problem = _statement_problem(query.sql)
-        if problem is not None:
-            self._err(seq, P.ErrPacket.for_code(1235, problem))
+        ns, policy, prefix, metrics = self._cache_view()
+        in_tx = self.server is not None and self.server.origin.in_transaction
+        plan = plan_query(query.sql, ns=ns, prefix=prefix, database=self.config.database,
+                          caching=not policy.disabled, in_transaction=in_tx, origin_status=self.origin_status)
+        verdict = plan.verdict
+        if verdict.uses_database_change:
+            self._refuse(seq, "USE is not supported through the proxy (a pooled connection has a fixed "
+                              "database); create one Hyperdrive config per database and connect to it")
+            return
+        if verdict.statement_count > 1:
+            self._refuse(seq, "multi-statement queries are not supported through the proxy; "
+                              "send one statement per query")
             return
         if _leaves_state(query.sql):
             self.dirty = True
+        self._qbytes = len(payload)
+        self._rbytes = 0
+        if plan.key is not None and seq == 0 and self.server is None:
+            if self._from_cache(plan, payload, ns, policy, metrics):
+                return
+        if plan.is_write:
+            invalidate(ns, plan)  # as it is sent: readers now miss (and cannot store what raced it)
+            self.pending_writes.append(plan)
+        self.plan = plan
+        self._to_origin(seq, payload)
+
+    def _refuse(self, seq: int, message: str) -> None:
+        self._err(seq, P.ErrPacket.for_code(P.ER.NOT_SUPPORTED_YET, message))
+
+    def _from_cache(self, plan: QueryPlan, payload: bytes, ns: Any, policy: Any, metrics: Any) -> bool:
+        """Answer from the cache (True), or arrange for this miss to fill it (False)."""
+        now = self.service.cache.clock()
+        entry = ns.get(plan.key)
+        if entry is not None:
+            age = now - entry.stored_at
+            if age <= policy.max_age + policy.swr:
+                self._send(entry.payload)
+                metrics.query("hit", True, time.monotonic() - self._t0, self._qbytes, len(entry.payload))
+                if age > policy.max_age and plan.key not in ns.fills:
+                    _Refresher(self, plan, payload, ns.begin_fill(plan.key)).start()
+                return True
+            ns.remove(entry)
+        fill = ns.fills.get(plan.key)
+        if fill is not None:
+            # The same query is with the origin for someone else: wait for its answer (bounded).
+            self.busy = True
+            self.transport.pause_reading()
+            waiter = _FillWaiter(self, plan, payload, fill)
+            fill.add_callback(waiter.done)
+            waiter.timer = asyncio.get_running_loop().call_later(Fill.timeout, waiter.done)
+            return True
+        self.capture = Capture(ns.begin_fill(plan.key), plan)
+        return False
+
+    def _after_fill(self, plan: QueryPlan, payload: bytes) -> None:
+        """A query we waited on finished: serve its stored answer, or ask the origin ourselves."""
+        if self.phase != "command":
+            return
+        self.transport.resume_reading()
+        ns, policy, _, metrics = self._cache_view()
+        entry = ns.get(plan.key)
+        if entry is not None:
+            self.busy = False
+            self._send(entry.payload)
+            metrics.query("hit", True, time.monotonic() - self._t0, self._qbytes, len(entry.payload))
+            self._next_queued()
+            return
+        self.plan = plan
+        self._to_origin(0, payload)
+
+    def _to_origin(self, seq: int, payload: bytes) -> None:
         self.busy = True
         if self.server is not None:
             self._forward(seq, payload)
@@ -414,6 +452,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             conn = await pool.acquire()
         except (PoolError, OSError, asyncio.TimeoutError) as exc:
             self.busy = False
+            self._query_failed()
             if self.phase != "closed":
                 self.transport.resume_reading()
                 self._err(seq, P.ErrPacket.for_code(1040, f"{exc}"))
@@ -421,6 +460,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             return
         except Exception as exc:  # origin connect errors carry a message for the client
             self.busy = False
+            self._query_failed()
             if self.phase != "closed":
                 self.transport.resume_reading()
                 self._err(seq, P.ErrPacket.for_code(2013, f"cannot reach the origin database: {exc}"))
@@ -458,18 +498,49 @@ class MySQLClientProtocol(asyncio.Protocol):
             self._fatal(P.ErrPacket.for_code(2027, f"malformed reply from the origin: {exc}"), seq=1)
             return
         if out:
-            self._send(bytes(out))
+            chunk = bytes(out)
+            self._rbytes += len(chunk)
+            if self.capture is not None:
+                self.capture.add(chunk)
+            self._send(chunk)
         if rsr.done:
             if rsr.error is None:
                 self.server.origin.status = int(rsr.status)
-            self.status = int(self.server.origin.status)
+            self.status = self.origin_status = int(self.server.origin.status)
             self.busy = False
+            self._query_done(rsr.error is None)
             if not self.server.origin.in_transaction:
                 self._drop_server(broken=False)
             self._next_queued()
 
+    def _query_done(self, ok: bool) -> None:
+        plan, self.plan = self.plan, None
+        ns, _, _, metrics = self._cache_view()
+        now = self.service.cache.clock()
+        if self.capture is not None:
+            capture, self.capture = self.capture, None
+            capture.finish(ok, now)
+        if plan is not None:
+            if plan.is_write:
+                invalidate(ns, plan)  # again once done: reads that overlapped it must miss
+            metrics.query(plan.status, ok, time.monotonic() - self._t0, self._qbytes, self._rbytes)
+        if self.pending_writes and not (self.status & P.ServerStatus.SERVER_STATUS_IN_TRANS):
+            for write in self.pending_writes:  # the transaction ended: what it wrote is visible
+                invalidate(ns, write)
+            self.pending_writes.clear()
+
+    def _query_failed(self) -> None:
+        """The query never reached the origin: release its fill so waiters ask for themselves."""
+        if self.capture is not None:
+            capture, self.capture = self.capture, None
+            capture.finish(False, 0.0)
+        plan, self.plan = self.plan, None
+        if plan is not None and self._cache is not None:
+            self._cache[3].query(plan.status, False, time.monotonic() - self._t0, self._qbytes, 0)
+
     def server_lost(self, exc: Exception | None) -> None:
         self.server = None
+        self._query_failed()
         if self.busy and self.phase != "closed":
             self.busy = False
             detail = f": {exc}" if exc else ""
@@ -479,6 +550,8 @@ class MySQLClientProtocol(asyncio.Protocol):
     def _drop_server(self, *, broken: bool) -> None:
         conn, self.server = self.server, None
         self.rsr = None
+        if self.capture is not None:
+            self._query_failed()
         if conn is None:
             return
         conn.session = None
@@ -495,3 +568,80 @@ class MySQLClientProtocol(asyncio.Protocol):
         while self.queue and not self.busy and self.phase == "command":
             seq, payload = self.queue.popleft()
             self._command(seq, payload)
+
+
+class _FillWaiter:
+    """A client waiting for an identical query someone else sent (coalescing)."""
+
+    __slots__ = ("session", "plan", "payload", "fill", "timer", "fired")
+
+    def __init__(self, session: MySQLClientProtocol, plan: QueryPlan, payload: bytes, fill: Fill) -> None:
+        self.session, self.plan, self.payload, self.fill = session, plan, payload, fill
+        self.timer: asyncio.TimerHandle | None = None
+        self.fired = False
+
+    def done(self) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.session._after_fill(self.plan, self.payload)
+
+
+class _Refresher:
+    """Stale-while-revalidate: runs the query on a pooled connection in the background and
+    stores the answer; nobody waits for it."""
+
+    def __init__(self, session: MySQLClientProtocol, plan: QueryPlan, payload: bytes, fill: Fill) -> None:
+        self.service = session.service
+        self.config = session.config
+        self.metrics = session._cache_view()[3]
+        self.plan = plan
+        self.payload = payload
+        self.capture = Capture(fill, plan)
+        self.conn: Any = None
+        self.rsr: P.ResultSetReader | None = None
+
+    def start(self) -> None:
+        asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        pool = self.service.mysql_pool_for(self.config)
+        try:
+            conn = await pool.acquire()
+        except Exception as exc:  # the cache keeps serving the stale entry until it expires
+            log.info("background refresh of a cached MySQL query failed: %s", exc)
+            self._finish(False)
+            return
+        self.conn = conn
+        conn.session = self
+        self.rsr = P.ResultSetReader(conn.origin.capabilities, status=conn.origin.status)
+        conn.write(P.frame(self.payload, 0))
+
+    def server_data(self, data: bytes) -> None:
+        assert self.rsr is not None
+        try:
+            out = self.rsr.feed(data)
+        except P.MySQLProtocolError:
+            self.conn.session = None
+            self.conn.close()
+            self._finish(False)
+            return
+        if out:
+            self.capture.add(bytes(out))
+        if self.rsr.done:
+            conn, self.conn = self.conn, None
+            conn.session = None
+            if self.rsr.error is None:
+                conn.origin.status = int(self.rsr.status)
+            conn.pool.release(conn, rollback=conn.origin.in_transaction)
+            self._finish(self.rsr.error is None)
+
+    def server_lost(self, exc: Exception | None) -> None:
+        self.conn = None
+        self._finish(False)
+
+    def _finish(self, ok: bool) -> None:
+        self.capture.finish(ok, self.service.cache.clock())
+        self.metrics.refresh(ok)

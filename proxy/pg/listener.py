@@ -148,6 +148,11 @@ class StartupProtocol(asyncio.Protocol):
             self._fatal("28000", f"no Hyperdrive configuration has the user {user!r}",
                         hint="use the connection string from `hd hyperdrive get NAME --connection-string`")
             return
+        if getattr(config, "scheme", "postgresql") == "mysql":
+            self._fatal("28000", f"the Hyperdrive configuration {config.name!r} is for a MySQL origin",
+                        hint="connect with a MySQL client to the connection string from"
+                             " `hd hyperdrive get NAME --connection-string`")
+            return
         if database not in (config.database, user):
             self._fatal("3D000", f"this configuration serves database {config.database!r}, not {database!r}")
             return

@@ -90,6 +90,7 @@ class EdgeProc:
         argv = hd_argv("edge", "--state-dir", self.state_dir, "--api-listen", self.api_listen,
                        "--tunnel-listen", self.tunnel_listen,
                        *([] if "--pg-listen" in self.extra_args else ["--pg-listen", "127.0.0.1:0"]),
+                       *([] if "--mysql-listen" in self.extra_args else ["--mysql-listen", "127.0.0.1:0"]),
                        *self.extra_args)
         env = {**self.env}
         self.proc = Proc(argv, env=env, name=f"edge{self._generation}", log_dir=self.state_dir / "logs",

@@ -660,6 +660,12 @@ class FakeProxy:
             raise self.fail_with
         return {"server_version": "15.0"}
 
+    async def probe_mysql(self, spec) -> dict:
+        self.mysql_probes = [*getattr(self, "mysql_probes", []), spec]
+        if self.fail_with is not None:
+            raise self.fail_with
+        return {"server_version": "10.11.6-MariaDB"}
+
     def config_changed(self, config_id: str) -> None:
         self.events.append(("config_changed", config_id))
 
@@ -822,6 +828,12 @@ async def test_mysql_origins_wait_for_a_proxy_that_speaks_mysql(hd_env) -> None:
     status, c = await call(client, "POST", "/v1/hyperdrive/configs", body)
     assert status == 201 and c["origin"]["port"] == 3306
     assert c["connection_string"].startswith("mysql://hd_") and c["connection_string"].endswith("@127.0.0.1:3307/shop")
+    # the MySQL probe tested the origin, the Postgres one was not used
+    assert proxy.probes == [] and [(s.host, s.port, s.user) for s in proxy.mysql_probes] == [("db.example", 3306, "root")]
+    proxy.fail_with = OriginError(2013, "invalid credentials for user root", "check the user and password")
+    status, err = await call(client, "PATCH", f"/v1/hyperdrive/configs/{c['id']}", {"origin_password": "bad"})
+    assert status == 400 and err["code"] == 2013 and err["hint"] == "check the user and password"
+    assert len(proxy.mysql_probes) == 2 and proxy.mysql_probes[-1].password == "bad" and proxy.probes == []
 
 
 async def test_hyperdrive_without_a_proxy_is_refused(env) -> None:

@@ -703,7 +703,7 @@ def test_hd_edge_process_end_to_end(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HD_")}
     proc = subprocess.Popen(
         [str(HD), "edge", "--state-dir", str(state), "--api-listen", "127.0.0.1:0", "--tunnel-listen",
-         "127.0.0.1:0", "--pg-listen", "127.0.0.1:0", "--json"],
+         "127.0.0.1:0", "--pg-listen", "127.0.0.1:0", "--mysql-listen", "127.0.0.1:0", "--json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
