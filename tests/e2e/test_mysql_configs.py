@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections import deque
 import ssl
 import subprocess
 from urllib.parse import unquote, urlsplit
@@ -272,3 +273,81 @@ async def test_service_mysql_pools_and_probe(tmp_path, maria):
     finally:
         await service.close()
         store.close()
+
+
+# --- caching_sha2_password at the listener ----------------------------------------------------------
+# No stock client here logs in with caching_sha2_password unless the server asks for it (the
+# listener greets with mysql_native_password), so a raw client built on our own sans-I/O pieces
+# picks the plugin in its HandshakeResponse41, as MySQL 8 clients do.
+
+def _sha2_login(url: str, password: str, *, tls: bool) -> tuple[bool, list[bytes]]:
+    """Log in with caching_sha2_password; returns (ok, the AuthMoreData payloads seen)."""
+    from proxy.mysql import protocol as P
+    from proxy.mysql.auth import CACHING_SHA2_PASSWORD, CachingSha2Client, Done, parse_nonce
+
+    args = client_args(url)
+    sock: socket.socket | ssl.SSLSocket = socket.create_connection((args["host"], args["port"]), timeout=10)
+    reader = P.PacketReader()
+
+    pending: deque[tuple[int, bytes]] = deque()
+
+    def read() -> tuple[int, bytes]:
+        while not pending:
+            data = sock.recv(65536)
+            assert data, "the listener closed the connection"
+            pending.extend((seq, bytes(payload)) for seq, payload in reader.read(data))
+        return pending.popleft()
+
+    try:
+        seq, payload = read()
+        hello = P.parse_handshake_v10(payload)
+        caps = int(P.Capability.CLIENT_PROTOCOL_41 | P.Capability.CLIENT_SECURE_CONNECTION
+                   | P.Capability.CLIENT_PLUGIN_AUTH | P.Capability.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+                   | P.Capability.CLIENT_CONNECT_WITH_DB | P.Capability.CLIENT_TRANSACTIONS)
+        seq = P.next_seq(seq)
+        if tls:
+            caps |= int(P.Capability.CLIENT_SSL)
+            sock.sendall(P.frame(P.SslRequest(caps).build(), seq))
+            seq = P.next_seq(seq)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            sock = ctx.wrap_socket(sock)
+        client = CachingSha2Client(password, parse_nonce(hello.auth_data), tls=tls)
+        response = P.HandshakeResponse41(caps, args["user"], client.start(), database=args["database"],
+                                         auth_plugin=CACHING_SHA2_PASSWORD)
+        sock.sendall(P.frame(response.build(), seq))
+        more: list[bytes] = []
+        while True:
+            seq, payload = read()
+            if payload[:1] == b"\x01":
+                more.append(payload)
+            step = client.receive(payload)
+            if isinstance(step, Done):
+                return step.ok, more
+            if step is not None:
+                seq = P.next_seq(seq)
+                sock.sendall(P.frame(step, seq))
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["rsa", "tls"])
+def test_caching_sha2_password_full_then_fast_path_at_the_listener(medge, maria, tls):
+    cfg = medge.hd("hyperdrive", "create", f"sha2-{'tls' if tls else 'rsa'}",
+                   "--connection-string", url_for(maria))
+    url = medge.hd("hyperdrive", "get", cfg["id"], "--connection-string", json=False).strip()
+    password = unquote(urlsplit(url).password)
+    # First login of this config since the edge started: full authentication (the listener's
+    # RSA key without TLS, the cleartext password inside TLS).
+    ok, more = _sha2_login(url, password, tls=tls)
+    assert ok, more
+    assert more[0] == b"\x01\x04"
+    if not tls:
+        assert any(m.startswith(b"\x01-----BEGIN PUBLIC KEY-----") for m in more)
+    # Then the fast path: the digest is cached.
+    ok, more = _sha2_login(url, password, tls=tls)
+    assert ok and more == [b"\x01\x03"]
+    # A wrong password fails on either path.
+    ok, _ = _sha2_login(url, password + "x", tls=tls)
+    assert not ok
