@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Any, Hashable
 
 from proxy.cache.store import MAX_RESULT_BYTES, Fill, Namespace
+from proxy.pg.caching import MAX_KEY_BYTES
 from proxy.mysql.classify import MySQLClassification, classify
 from proxy.mysql.protocol import ServerStatus
 
@@ -86,7 +87,7 @@ def plan_query(sql: str, *, ns: Namespace, prefix: int, database: str, caching: 
     elif in_transaction:
         status = "transaction"
     elif verdict.cacheable:
-        status = "miss"
+        status = "miss" if len(sql) <= MAX_KEY_BYTES else "oversizedquery"
     else:
         status = verdict.status
     key = (prefix, verdict.normalized or sql) if status == "miss" else None

@@ -517,13 +517,16 @@ class MySQLClientProtocol(asyncio.Protocol):
         plan, self.plan = self.plan, None
         ns, _, _, metrics = self._cache_view()
         now = self.service.cache.clock()
+        status = plan.status if plan is not None else "notaquery"
         if self.capture is not None:
             capture, self.capture = self.capture, None
             capture.finish(ok, now)
+            if capture.overflow:
+                status = "oversizedresult"  # answered, too big to keep (as Hyperdrive)
         if plan is not None:
             if plan.is_write:
                 invalidate(ns, plan)  # again once done: reads that overlapped it must miss
-            metrics.query(plan.status, ok, time.monotonic() - self._t0, self._qbytes, self._rbytes)
+            metrics.query(status, ok, time.monotonic() - self._t0, self._qbytes, self._rbytes)
         if self.pending_writes and not (self.status & P.ServerStatus.SERVER_STATUS_IN_TRANS):
             for write in self.pending_writes:  # the transaction ended: what it wrote is visible
                 invalidate(ns, write)
