@@ -360,7 +360,7 @@ class PgTargets:
                 "--origin-connection-limit", str(POOL), *caching, *flags, "--json",
                 env={"HD_ORIGIN_PASSWORD": self.password, **(env or {})}, timeout=90.0)
         dsn = self.hd("hyperdrive", "get", name, "--connection-string").strip()
-        if not dsn.startswith("postgres"):
+        if not dsn.startswith(("postgres", "mysql://")):
             raise BenchError(f"hd hyperdrive get {name} --connection-string printed {dsn!r}")
         return dsn
 
@@ -482,13 +482,15 @@ def pgbench_arg_defaults(ap: argparse.ArgumentParser, a: argparse.Namespace) -> 
 
 def run_bench(module: str, args: Any, argv: list[str] | None, make: Callable[[Any, Path], PgTargets],
               body: Callable[[PgTargets, dict[str, Any]], None], report: Callable[[dict[str, Any]], None], *,
-              header: dict[str, Any], finish: Callable[[PgTargets, dict[str, Any], bool], None] | None = None) -> int:
+              header: dict[str, Any], finish: Callable[[PgTargets, dict[str, Any], bool], None] | None = None,
+              missing_tool: Callable[[], str | None] | None = None) -> int:
     """The frame of a pgbench benchmark's main(): SIGTERM/Ctrl-C stop everything, `body(bench, res)`
     fills `res` (its own set-up included), every process is stopped on any outcome, the JSON goes to
     args.json_out (also on failure, with `error`), and `report(res)` prints the tables. `header`
     (goals, descriptions) follows timestamp/command/machine/product_source/config in the JSON;
     `finish(bench, res, ok)` runs after everything is stopped, before the JSON is written.
-    Returns the exit status: 0 when the run completed."""
+    `missing_tool()` says what the benchmark needs and is not installed (None: all there); by
+    default it checks for pgbench. Returns the exit status: 0 when the run completed."""
     cmdline = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
 
     def on_term(signum: int, frame: Any) -> None:
@@ -496,8 +498,9 @@ def run_bench(module: str, args: Any, argv: list[str] | None, make: Callable[[An
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if pgbench_exe() is None:
-        log("pgbench is not installed")
+    missing = missing_tool() if missing_tool is not None else (None if pgbench_exe() else "pgbench is not installed")
+    if missing:
+        log(missing)
         return 1
     workdir = Path(tempfile.mkdtemp(prefix=f"hd-{module.rpartition('.')[2].replace('_', '-')}-"))
     b = make(args, workdir)

@@ -62,9 +62,10 @@ OFFERED = int(
     | C.CLIENT_PS_MULTI_RESULTS | C.CLIENT_PLUGIN_AUTH | C.CLIENT_CONNECT_ATTRS
     | C.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA)
 UTF8_CHARSETS = {33, 45, 46, 83, 192, 224, 255} | set(range(192, 216)) | set(range(224, 256))
-# Statements after which a server connection carries state the next client must not inherit.
-_CLEAN_FIRST_WORDS = {"select", "insert", "update", "delete", "replace", "with", "begin", "start",
-                      "commit", "rollback", "show", "explain", "describe", "desc", "values", "table"}
+# Statements after which a server connection carries no state the next client could inherit
+# (the classifier's kinds), unless they call a function that holds something for the session.
+_CLEAN_KINDS = frozenset({"select", "insert", "update", "delete", "replace", "transaction", "show"})
+_SESSION_FUNCTIONS = frozenset({"get_lock", "release_lock", "release_all_locks", "is_used_lock", "is_free_lock"})
 
 # caching_sha2_password keeps a per-account cache of verified digests (MySQL does the same):
 # the first login of a config after a restart takes the full path, later ones the fast path.
@@ -85,32 +86,12 @@ _REFUSALS = {
 }
 
 
-def _first_word(sql: str) -> str:
-    """The statement's first keyword, past comments and whitespace ("" if unclear)."""
-    s = sql.lstrip()
-    while s.startswith(("/*", "--", "#")):
-        if s.startswith("/*"):
-            if s.startswith("/*!") or s.startswith("/*M!"):
-                return ""  # executable comment: not a plain statement
-            end = s.find("*/")
-            if end < 0:
-                return ""
-            s = s[end + 2:].lstrip()
-        else:
-            end = s.find("\n")
-            s = "" if end < 0 else s[end + 1:].lstrip()
-    word = []
-    for ch in s:
-        if not (ch.isalpha() or ch == "_"):
-            break
-        word.append(ch)
-    return "".join(word).lower()
-
-
-def _leaves_state(sql: str) -> bool:
-    """Could this statement leave session state (SET, @variables, temporary tables, locks, …)?
-    Conservative: anything but plain DML/queries/transaction control counts."""
-    return _first_word(sql) not in _CLEAN_FIRST_WORDS or "@" in sql or "temporary" in sql.lower()
+def _leaves_state(verdict: Any, sql: str) -> bool:
+    """Could this statement leave session state (SET, @variables, temporary tables, user locks…)?
+    Conservative: anything but plain DML, queries and transaction control counts."""
+    if verdict.kind not in _CLEAN_KINDS or verdict.functions & _SESSION_FUNCTIONS:
+        return True
+    return "@" in sql or "temporary" in sql.lower()
 
 
 class MySQLClientProtocol(asyncio.Protocol):
@@ -376,7 +357,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             self._refuse(seq, "multi-statement queries are not supported through the proxy; "
                               "send one statement per query")
             return
-        if _leaves_state(query.sql):
+        if _leaves_state(verdict, query.sql):
             self.dirty = True
         self._qbytes = len(payload)
         self._rbytes = 0

@@ -270,3 +270,33 @@ def test_reads_are_cached_volatile_ones_are_not_and_writes_invalidate(stack):
     metrics = stack.edge.hd("hyperdrive", "metrics", stack.config["id"])
     by_status = metrics["queries"]["by_cache_status"]
     assert by_status["hit"] >= 2 and by_status["miss"] >= 2 and by_status["volatile"] >= 2, by_status
+
+
+# ------------------------------------------------------------------------------------ session state
+
+def test_session_state_never_reaches_the_next_client(stack):
+    """SET, user variables and temporary tables last for the client's statement (or transaction),
+    as in Hyperdrive: the pooled connection is reset before anyone else gets it."""
+    a = stack.connect(ssl_disabled=True)
+    try:
+        cur = a.cursor()
+        cur.execute("SET @x = 5")
+        cur.execute("SET SESSION sql_mode = 'ANSI_QUOTES'")
+        cur.execute("CREATE TEMPORARY TABLE tmp_leak (i INT)")
+        cur.execute("SELECT GET_LOCK('hd-test-lock', 0)")
+        assert cur.fetchone() == (1,)
+    finally:
+        a.close()
+    seen = []
+    for _ in range(12):  # more than the pool's connections: every one gets checked
+        b = stack.connect(ssl_disabled=True)
+        try:
+            cur = b.cursor()
+            cur.execute("SELECT @x, @@SESSION.sql_mode LIKE '%ANSI_QUOTES%', IS_USED_LOCK('hd-test-lock') IS NULL")
+            seen.append(cur.fetchone())
+            with pytest.raises(pymysql.err.ProgrammingError) as err:  # the temporary table is gone
+                cur.execute("SELECT * FROM tmp_leak")
+            assert err.value.args[0] == 1146
+        finally:
+            b.close()
+    assert all(row == (None, 0, 1) for row in seen), seen
