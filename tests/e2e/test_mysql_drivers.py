@@ -181,6 +181,19 @@ def test_mariadb_command_line_client(stack):
     assert r.stdout.strip() == "42"
     r = subprocess.run(base + ["-e", "SELECT * FROM no_such_table"], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "1146" in r.stderr
+    # A transaction rolled back, a 10 MB value, all in one session.
+    script = ("DELETE FROM drv_rows WHERE driver = 'cli'; START TRANSACTION; "
+              "INSERT INTO drv_rows VALUES ('cli', 1, 'gone'); ROLLBACK; "
+              "SELECT COUNT(*) FROM drv_rows WHERE driver = 'cli'; "
+              f"SELECT LENGTH(REPEAT('y', {BIG}));")
+    r = subprocess.run(base, input=script, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", str(BIG)]
+    # The client's own `use` command is COM_INIT_DB: refused with the reason, session usable.
+    r = subprocess.run(base + ["--force"], input="use mysql;\nSELECT 'after use';\n", capture_output=True,
+                       text=True, timeout=30)
+    assert "COM_INIT_DB" in r.stderr, r.stderr
+    assert "after use" in r.stdout
 
 
 # ------------------------------------------------------------------------------------ load
