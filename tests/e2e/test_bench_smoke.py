@@ -43,3 +43,19 @@ def test_cache_bench_quick_run(tmp_path):
         assert doc["summary"]["hit_latency"][mode]["ratio_p50"] > 0
     assert doc["summary"]["pgbench"]["min_ratio"] > 0
     assert all(tps > 0 for tps in doc["summary"]["pgbench"]["tps_cache"].values())
+
+
+@pytest.mark.slow
+def test_mysql_bench_quick_run(tmp_path):
+    out = tmp_path / "mysql.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.mysql_bench", "--quick", "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    summary = doc["summary"]
+    # every query went through: clients exited 0, proxy metrics and MariaDB's Com_select counted them all
+    assert summary["all_queries_completed"], [c.get("error") for c in doc["mysql"]["cells"] if "error" in c]
+    assert {r["query"] for r in summary["rows"]} == {"point", "range"}
+    for row in summary["rows"]:
+        assert all(row["qps"][t] > 0 for t in ("direct", "nocache", "cache")), row
+        assert row["cache_vs_nocache"] > 0 and row["hit_ratio"] is not None, row
