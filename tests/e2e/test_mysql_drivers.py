@@ -39,6 +39,7 @@ class Stack:
     db: MariaDbServer
     edge: EdgeProc
     config: dict
+    token: dict  # the service token the configs reach the origin with
 
     @property
     def dsn(self) -> str:
@@ -75,7 +76,7 @@ def stack(tmp_path_factory):
                          "--origin-password", ORIGIN_PASSWORD, "--origin-connection-limit", "10",
                          "--access-client-id", tok["client_id"], "--access-client-secret", tok["client_secret"])
         assert config["connection_string"].startswith("mysql://"), config
-        yield Stack(db, edge, config)
+        yield Stack(db, edge, config, tok)
     finally:
         if edge is not None:
             edge.stop_children()
@@ -313,3 +314,65 @@ def test_session_state_never_reaches_the_next_client(stack):
         finally:
             b.close()
     assert all(row == (None, 0, 1) for row in seen), seen
+
+
+def test_stale_while_revalidate_and_coalesced_misses(stack):
+    """A stale entry within swr is served at once while one background query refreshes it; ten
+    identical concurrent misses reach the origin once."""
+    stack.db.query(f"CREATE TABLE IF NOT EXISTS {DB}.drv_swr (id INT PRIMARY KEY, v INT)")
+    stack.db.query(f"REPLACE INTO {DB}.drv_swr VALUES (1, 1)")
+    cfg = stack.edge.hd("hyperdrive", "create", "mysql-swr", "--origin-scheme", "mysql",
+                        "--origin-host", HOST, "--database", DB, "--origin-user", ORIGIN_USER,
+                        "--origin-password", ORIGIN_PASSWORD, "--max-age", "1", "--swr", "60",
+                        "--access-client-id", stack.token["client_id"],
+                        "--access-client-secret", stack.token["client_secret"])
+    swr = Stack(stack.db, stack.edge, cfg, stack.token)
+    c = swr.connect(ssl_disabled=True)
+    try:
+        cur = c.cursor()
+        read = "SELECT v FROM drv_swr WHERE id = 1"
+        cur.execute(read)
+        assert cur.fetchone() == (1,)
+        stack.db.query(f"UPDATE {DB}.drv_swr SET v = 2 WHERE id = 1")  # behind the proxy's back
+        time.sleep(1.3)  # now stale (max_age 1 s), within swr
+        before = _origin_selects(stack)
+        cur.execute(read)
+        assert cur.fetchone() == (1,)  # the stale answer, at once ...
+        deadline = time.monotonic() + 10
+        while _origin_selects(stack) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _origin_selects(stack) - before == 1  # ... and one refresh in the background
+        cur.execute(read)
+        assert cur.fetchone() == (2,)  # the refreshed entry
+    finally:
+        c.close()
+
+    # Coalescing: a slow deterministic read sent by ten clients at once.
+    slow = "SELECT COUNT(*) FROM drv_rows a, drv_rows b, drv_rows c, (SELECT 1 UNION ALL SELECT 2) d"
+    stack.db.query("INSERT INTO drv_rows SELECT 'fill', seq, 'x' FROM seq_1_to_250", database=DB)
+    results: list[object] = []
+    barrier = threading.Barrier(10)
+
+    def one() -> None:
+        conn = swr.connect(ssl_disabled=True)
+        try:
+            cur = conn.cursor()
+            barrier.wait(10)
+            cur.execute(slow)
+            results.append(cur.fetchone()[0])
+        finally:
+            conn.close()
+
+    # Slow enough that all ten are in flight together: without coalescing each would be a miss.
+    t0 = time.monotonic()
+    stack.db.query(slow, database=DB)
+    assert time.monotonic() - t0 > 0.3, "the query must be slow for this test to mean anything"
+    before = _origin_selects(stack)
+    threads = [threading.Thread(target=one) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 10 and len(set(results)) == 1, results
+    assert _origin_selects(stack) - before == 1
+
