@@ -21,6 +21,7 @@ from proxy.pg.caching import MAX_KEY_BYTES
 from proxy.mysql.classify import MySQLClassification, classify
 from proxy.mysql.protocol import ServerStatus
 
+_NO_BACKSLASH_ESCAPES = int(ServerStatus.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
 _CLASSIFICATIONS: OrderedDict[tuple[str, bool | None], MySQLClassification] = OrderedDict()
 _CLASSIFICATION_CACHE_SIZE = 10_000
 _MAX_KEYED_SQL = 64 * 1024  # longer statements are classified every time and not remembered
@@ -55,7 +56,7 @@ def backslash_mode(status: int | None) -> bool | None:
     """The origin's NO_BACKSLASH_ESCAPES as its last reply reported it (None: not known yet)."""
     if status is None:
         return None
-    return bool(status & ServerStatus.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
+    return bool(status & _NO_BACKSLASH_ESCAPES)
 
 
 class QueryPlan:

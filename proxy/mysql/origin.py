@@ -120,6 +120,9 @@ ER_SECURE_TRANSPORT_REQUIRED = 3159
 ER_SERVER_SHUTDOWN = (1053, 1927)
 
 
+_IN_TRANS = int(ServerStatus.SERVER_STATUS_IN_TRANS)  # plain int: IntFlag `&` runs in Python
+
+
 class MySQLServerError(Exception):
     """The origin answered a command with ERR (the connection is still usable)."""
 
@@ -325,7 +328,7 @@ class MySQLOriginConnection:
 
     @property
     def in_transaction(self) -> bool:
-        return bool(self.status & ServerStatus.SERVER_STATUS_IN_TRANS)
+        return bool(self.status & _IN_TRANS)
 
     @property
     def deprecate_eof(self) -> bool:

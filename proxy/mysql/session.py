@@ -71,6 +71,8 @@ _SESSION_FUNCTIONS = frozenset({"get_lock", "release_lock", "release_all_locks",
 # the first login of a config after a restart takes the full path, later ones the fast path.
 _SHA2_SEEN: set[tuple[str, bytes]] = set()
 
+_IN_TRANS = int(P.ServerStatus.SERVER_STATUS_IN_TRANS)  # plain int: IntFlag `&` runs in Python
+
 _REFUSALS = {
     P.Command.COM_STMT_PREPARE: "prepared statements (the binary protocol) are not supported through the proxy; "
                                 "use client-side parameter interpolation (e.g. mysql2 query() instead of "
@@ -508,7 +510,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             if plan.is_write:
                 invalidate(ns, plan)  # again once done: reads that overlapped it must miss
             metrics.query(status, ok, time.monotonic() - self._t0, self._qbytes, self._rbytes)
-        if self.pending_writes and not (self.status & P.ServerStatus.SERVER_STATUS_IN_TRANS):
+        if self.pending_writes and not (self.status & _IN_TRANS):
             for write in self.pending_writes:  # the transaction ended: what it wrote is visible
                 invalidate(ns, write)
             self.pending_writes.clear()
