@@ -48,7 +48,6 @@ the connection must be closed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import ssl
 import time
@@ -78,7 +77,7 @@ from proxy.mysql.auth import (
 )
 from proxy.mysql.protocol import Capability as C
 from proxy.mysql.protocol import ErrPacket, MySQLProtocolError, Result, ResultSetReader, ServerStatus
-from proxy.pg.origin import Dialer, DirectDialer, OriginSpec, TunnelDialer, _load_chain  # noqa: F401
+from proxy.pg.origin import Dialer, DirectDialer, OriginSpec, TunnelDialer, ssl_context_for  # noqa: F401
 from proxy.pg.tls import TlsChannel, TlsHandshakeError
 
 log = logging.getLogger(__name__)
@@ -137,39 +136,9 @@ class MySQLServerError(Exception):
 # ============================================================================== TLS
 
 
-@functools.lru_cache(maxsize=64)
-def _ssl_context(sslmode: str, ca_pem: bytes | None, cert_pem: bytes | None,
-                 key_pem: bytes | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    verify = sslmode in ("verify-ca", "verify-full") or (sslmode == "require" and ca_pem is not None)
-    if verify:
-        if ca_pem is not None:
-            try:
-                ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
-            except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
-                raise OriginError(GENERIC, f"the CA certificate is not valid PEM: {exc}") from None
-        else:
-            ctx.load_default_certs()
-        ctx.check_hostname = sslmode == "verify-full"
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    else:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if cert_pem is not None and key_pem is not None:
-        try:
-            _load_chain(ctx, cert_pem, key_pem)
-        except (ssl.SSLError, OSError) as exc:
-            raise OriginError(GENERIC, f"the client certificate or key is not valid: {exc}",
-                              "give the certificate and its unencrypted private key in PEM") from None
-    return ctx  # no ALPN: MySQL defines none
-
-
 def mysql_ssl_context_for(spec: OriginSpec) -> ssl.SSLContext | None:
     """The (cached, shared) client SSLContext for a spec; None for sslmode=disable."""
-    if spec.sslmode == "disable":
-        return None
-    return _ssl_context(spec.sslmode, spec.ca_pem, spec.client_cert_pem, spec.client_key_pem)
+    return ssl_context_for(spec, alpn=None)
 
 
 # ============================================================================== packet stream

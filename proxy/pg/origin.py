@@ -158,7 +158,7 @@ def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _ssl_context(sslmode: str, ca_pem: bytes | None, cert_pem: bytes | None,
-                 key_pem: bytes | None) -> ssl.SSLContext:
+                 key_pem: bytes | None, alpn: str | None = "postgresql") -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     verify = sslmode in ("verify-ca", "verify-full") or (sslmode == "require" and ca_pem is not None)
@@ -181,15 +181,16 @@ def _ssl_context(sslmode: str, ca_pem: bytes | None, cert_pem: bytes | None,
         except (ssl.SSLError, OSError) as exc:
             raise OriginError(GENERIC, f"the client certificate or key is not valid: {exc}",
                               "give the certificate and its unencrypted private key in PEM") from None
-    ctx.set_alpn_protocols(["postgresql"])
+    if alpn is not None:  # PostgreSQL 17's direct SSL negotiation; MySQL defines none
+        ctx.set_alpn_protocols([alpn])
     return ctx
 
 
-def ssl_context_for(spec: OriginSpec) -> ssl.SSLContext | None:
+def ssl_context_for(spec: OriginSpec, alpn: str | None = "postgresql") -> ssl.SSLContext | None:
     """The (cached, shared) client SSLContext for a spec; None for sslmode=disable."""
     if spec.sslmode == "disable":
         return None
-    return _ssl_context(spec.sslmode, spec.ca_pem, spec.client_cert_pem, spec.client_key_pem)
+    return _ssl_context(spec.sslmode, spec.ca_pem, spec.client_cert_pem, spec.client_key_pem, alpn)
 
 
 # ============================================================================== dialers

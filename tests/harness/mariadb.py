@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from .pg import _gen_key, _make_cert, _write_cert, _write_key
+from .pg import LocalCertificates
 from .procs import WaitTimeout, free_port, pdeathsig_prefix, poll_until
 
 BIN_CANDIDATES = ("/usr/sbin", "/usr/bin")
@@ -205,7 +205,7 @@ def _cleanup(base_dir: Path, box: dict) -> None:
     shutil.rmtree(base_dir, ignore_errors=True)
 
 
-class MariaDbServer:
+class MariaDbServer(LocalCertificates):
     """A throwaway MariaDB server on 127.0.0.1 (see module doc).
 
     tls:             --ssl-cert/--ssl-key/--ssl-ca with a certificate for 127.0.0.1/::1/localhost
@@ -215,6 +215,9 @@ class MariaDbServer:
     max_connections: the server's limit (500 by default; the admin helpers need one slot).
     settings:        extra server options, ``{"wait_timeout": 5}`` -> ``--wait-timeout=5``.
     """
+
+    _harness_error = MariaDbError
+    _ca_name = "hd-test-mariadb-ca"
 
     def __init__(self, *, tls: bool = False, ssl_only: bool = False, max_connections: int = 500,
                  settings: dict[str, object] | None = None, host: str = "127.0.0.1"):
@@ -401,37 +404,6 @@ class MariaDbServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    # -- TLS -----------------------------------------------------------------------------------
-
-    def _make_tls(self) -> None:
-        self.tls_dir = self.base_dir / "tls"
-        self.tls_dir.mkdir()
-        ca_key = _gen_key()
-        ca_cert = _make_cert("hd-test-mariadb-ca", ca_key, ca=True)
-        srv_key = _gen_key()
-        srv_cert = _make_cert("localhost", srv_key, ca_cert, ca_key, sans=["localhost", "127.0.0.1", "::1"])
-        self._ca = (ca_cert, ca_key)
-        _write_cert(self.tls_dir / "ca.crt", ca_cert)
-        _write_cert(self.tls_dir / "server.crt", srv_cert)
-        _write_key(self.tls_dir / "server.key", srv_key)
-        self.ca_cert_path = self.tls_dir / "ca.crt"
-        self.server_cert_path = self.tls_dir / "server.crt"
-
-    def issue_client_cert(self, common_name: str, directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
-        """A client certificate/key (PEM, key mode 0600) signed by the server's CA (needs ``tls``),
-        for users created with ``require="X509"``. Returns (cert_path, key_path)."""
-        if not self._ca:
-            raise MariaDbError("issue_client_cert needs a server started with tls")
-        ca_cert, ca_key = self._ca
-        key = _gen_key()
-        cert = _make_cert(common_name, key, ca_cert, ca_key, client=True)
-        d = Path(directory) if directory else self.base_dir / "clients"
-        d.mkdir(parents=True, exist_ok=True)
-        cert_path, key_path = d / f"{common_name}.crt", d / f"{common_name}.key"
-        _write_cert(cert_path, cert)
-        _write_key(key_path, key)
-        return cert_path, key_path
 
     # -- SQL -----------------------------------------------------------------------------------
 

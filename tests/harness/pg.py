@@ -215,7 +215,47 @@ def _stop_all() -> None:
             pass
 
 
-class PgCluster:
+class LocalCertificates:
+    """A throwaway CA and a localhost server certificate for a test server started with TLS, and
+    client certificates it signs (shared by PgCluster and MariaDbServer)."""
+
+    base_dir: Path
+    tls_dir: Path | None
+    _ca: tuple | None
+    _harness_error: type[Exception] = RuntimeError
+    _ca_name = "hd-test-ca"
+
+    def _make_tls(self) -> None:
+        self.tls_dir = self.base_dir / "tls"
+        self.tls_dir.mkdir()
+        ca_key = _gen_key()
+        ca_cert = _make_cert(self._ca_name, ca_key, ca=True)
+        srv_key = _gen_key()
+        srv_cert = _make_cert("localhost", srv_key, ca_cert, ca_key, sans=["localhost", "127.0.0.1", "::1"])
+        self._ca = (ca_cert, ca_key)
+        _write_cert(self.tls_dir / "ca.crt", ca_cert)
+        _write_cert(self.tls_dir / "server.crt", srv_cert)
+        _write_key(self.tls_dir / "server.key", srv_key)
+        self.ca_cert_path = self.tls_dir / "ca.crt"
+        self.server_cert_path = self.tls_dir / "server.crt"
+
+    def issue_client_cert(self, common_name: str, directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
+        """A client certificate/key (PEM files, key mode 0600) for ``common_name`` signed by the
+        server's CA (needs ``tls``). Returns (cert_path, key_path)."""
+        if not self._ca:
+            raise self._harness_error("issue_client_cert needs a server started with tls")
+        ca_cert, ca_key = self._ca
+        key = _gen_key()
+        cert = _make_cert(common_name, key, ca_cert, ca_key, client=True)
+        d = Path(directory) if directory else self.base_dir / "clients"
+        d.mkdir(parents=True, exist_ok=True)
+        cert_path, key_path = d / f"{common_name}.crt", d / f"{common_name}.key"
+        _write_cert(cert_path, cert)
+        _write_key(key_path, key)
+        return cert_path, key_path
+
+
+class PgCluster(LocalCertificates):
     """A throwaway PostgreSQL cluster on 127.0.0.1 (see module doc).
 
     auth:        method for TCP connections in pg_hba.conf: trust, scram-sha-256, md5, password.
@@ -229,6 +269,9 @@ class PgCluster:
     hba_lines:   replace the TCP lines of pg_hba.conf entirely (the local trust line stays).
     settings:    extra postgresql.conf settings.
     """
+
+    _harness_error = PgError
+    _ca_name = "hd-test-ca"
 
     def __init__(self, *, auth: str = "trust", tls: bool = False, ssl_only: bool = False,
                  client_cert: bool = False, password_encryption: str | None = None,
@@ -442,37 +485,6 @@ class PgCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    # -- TLS -----------------------------------------------------------------------------------
-
-    def _make_tls(self) -> None:
-        self.tls_dir = self.base_dir / "tls"
-        self.tls_dir.mkdir()
-        ca_key = _gen_key()
-        ca_cert = _make_cert("hd-test-ca", ca_key, ca=True)
-        srv_key = _gen_key()
-        srv_cert = _make_cert("localhost", srv_key, ca_cert, ca_key, sans=["localhost", "127.0.0.1", "::1"])
-        self._ca = (ca_cert, ca_key)
-        _write_cert(self.tls_dir / "ca.crt", ca_cert)
-        _write_cert(self.tls_dir / "server.crt", srv_cert)
-        _write_key(self.tls_dir / "server.key", srv_key)
-        self.ca_cert_path = self.tls_dir / "ca.crt"
-        self.server_cert_path = self.tls_dir / "server.crt"
-
-    def issue_client_cert(self, common_name: str, directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
-        """A client certificate/key (PEM files, key mode 0600) for ``common_name`` signed by the
-        cluster's CA (needs ``tls``). Returns (cert_path, key_path)."""
-        if not self._ca:
-            raise PgError("issue_client_cert needs a cluster started with tls/client_cert")
-        ca_cert, ca_key = self._ca
-        key = _gen_key()
-        cert = _make_cert(common_name, key, ca_cert, ca_key, client=True)
-        d = Path(directory) if directory else self.base_dir / "clients"
-        d.mkdir(parents=True, exist_ok=True)
-        cert_path, key_path = d / f"{common_name}.crt", d / f"{common_name}.key"
-        _write_cert(cert_path, cert)
-        _write_key(key_path, key)
-        return cert_path, key_path
 
     # -- SQL -----------------------------------------------------------------------------------
 
