@@ -78,6 +78,50 @@ class QueryPlan:
         return self.write_all or bool(self.write_tokens)
 
 
+VIEWS_TTL = 60.0  # views made on the origin directly are seen within this (through the proxy: at once)
+
+
+class ViewCatalog:
+    """The views of a namespace's database. A view's definition may call NOW() or read other
+    databases, and nothing in the statement shows it: a read that names a view is not cached.
+    Loaded with SHOW FULL TABLES on the config's database; dropped after DDL through the proxy."""
+
+    __slots__ = ("names", "loaded_at", "loading")
+
+    def __init__(self) -> None:
+        self.names: frozenset[str] | None = None  # qualified, lower-case; None: not known
+        self.loaded_at = float("-inf")  # of the last attempt, failed ones too (retried after the TTL)
+        self.loading: Any = None  # a future while a load runs
+
+    def fresh(self, now: float) -> bool:
+        return now - self.loaded_at < VIEWS_TTL
+
+    def load(self, database: str, rows: list, now: float) -> None:
+        db = database.lower()
+        self.names = frozenset(f"{db}.{(r[0] if isinstance(r[0], str) else bytes(r[0]).decode()).lower()}"
+                               for r in rows)
+        self.loaded_at = now
+
+    def failed(self, now: float) -> None:
+        self.names = None  # reads that name tables stay uncacheable until a load succeeds
+        self.loaded_at = now
+
+    def forget(self) -> None:
+        self.names = None
+        self.loaded_at = float("-inf")
+
+
+def view_catalog(ns: Namespace) -> ViewCatalog:
+    cat = getattr(ns, "mysql_views", None)
+    if cat is None:
+        cat = ns.mysql_views = ViewCatalog()  # type: ignore[attr-defined]
+    return cat
+
+
+def needs_views(verdict: MySQLClassification) -> bool:
+    return verdict.cacheable and bool(verdict.read_tables)
+
+
 def plan_query(sql: str, *, ns: Namespace, prefix: int, database: str, caching: bool,
                in_transaction: bool, origin_status: int | None) -> QueryPlan:
     verdict = classify_cached(sql, backslash_mode(origin_status))
@@ -89,6 +133,11 @@ def plan_query(sql: str, *, ns: Namespace, prefix: int, database: str, caching: 
         status = "transaction"
     elif verdict.cacheable:
         status = "miss" if len(sql) <= MAX_KEY_BYTES else "oversizedquery"
+        views = view_catalog(ns).names
+        db = database.lower()
+        qualified = {t if "." in t else f"{db}.{t}" for t in verdict.read_tables}
+        if views is None or any(not t.startswith(db + ".") or t in views for t in qualified):
+            status = "uncacheable"  # a view (or another database's table, or views not known)
     else:
         status = verdict.status
     key = (prefix, verdict.normalized or sql) if status == "miss" else None

@@ -75,6 +75,15 @@ class MySQLServerConn:
         if not was_closed:
             self.pool._forget(self)
 
+    async def admin_query(self, sql: str) -> list:
+        """Rows of an admin query run by the proxy itself (the command helper borrows the
+        receiver meanwhile)."""
+        try:
+            results = await self.origin.query_all(sql, timeout=RESET_TIMEOUT)
+        finally:
+            self._attach()
+        return [row for r in results for row in r.rows]
+
     async def reset(self, rollback: bool) -> None:
         """COM_RESET_CONNECTION also rolls back an open transaction, so `rollback` needs
         nothing extra. The origin's coroutine helpers own the receiver meanwhile."""

@@ -29,7 +29,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from proxy.cache.store import Fill
-from proxy.mysql.caching import Capture, QueryPlan, invalidate, plan_query
+from proxy.mysql.caching import Capture, QueryPlan, invalidate, needs_views, plan_query, view_catalog
 from proxy.mysql import protocol as P
 from proxy.mysql.auth import (
     CACHING_SHA2_PASSWORD,
@@ -348,6 +348,16 @@ class MySQLClientProtocol(asyncio.Protocol):
             return
         ns, policy, prefix, metrics = self._cache_view()
         in_tx = self.server is not None and self.server.origin.in_transaction
+        views = view_catalog(ns)
+        if not policy.disabled and not in_tx and not views.fresh(self.service.cache.clock()):
+            verdict = plan_query(query.sql, ns=ns, prefix=prefix, database=self.config.database, caching=False,
+                                 in_transaction=False, origin_status=self.origin_status).verdict
+            if needs_views(verdict):
+                # Which names are views decides cacheability: learn them first (once, bounded).
+                self.busy = True
+                self.transport.pause_reading()
+                asyncio.get_running_loop().create_task(self._load_views_then(seq, payload, views))
+                return
         plan = plan_query(query.sql, ns=ns, prefix=prefix, database=self.config.database,
                           caching=not policy.disabled, in_transaction=in_tx, origin_status=self.origin_status)
         verdict = plan.verdict
@@ -369,8 +379,38 @@ class MySQLClientProtocol(asyncio.Protocol):
         if plan.is_write:
             invalidate(ns, plan)  # as it is sent: readers now miss (and cannot store what raced it)
             self.pending_writes.append(plan)
+            if plan.write_all:
+                views.forget()  # DDL (CREATE VIEW…): list the views again before the next cached read
         self.plan = plan
         self._to_origin(seq, payload)
+
+    async def _load_views_then(self, seq: int, payload: bytes, views: Any) -> None:
+        if views.loading is None:
+            views.loading = asyncio.get_running_loop().create_task(self._load_views(views))
+        try:
+            await asyncio.wait_for(asyncio.shield(views.loading), 5.0)
+        except Exception as exc:  # not known: such reads stay uncacheable (fail closed)
+            log.info("cannot list the views of %s: %s", self.config.database, exc)
+        if not views.fresh(self.service.cache.clock()):
+            views.failed(self.service.cache.clock())  # not on every query: again after the TTL
+        if self.phase != "command":
+            return
+        self.busy = False
+        self.transport.resume_reading()
+        self._query(seq, payload)
+        self._next_queued()
+
+    async def _load_views(self, views: Any) -> None:
+        pool = self.service.mysql_pool_for(self.config)
+        try:
+            conn = await pool.acquire()
+            try:
+                rows = await conn.admin_query("SHOW FULL TABLES WHERE Table_type = 'VIEW'")
+            finally:
+                pool.release(conn)
+            views.load(self.config.database, rows, self.service.cache.clock())
+        finally:
+            views.loading = None
 
     def _refuse(self, seq: int, message: str) -> None:
         self._err(seq, P.ErrPacket.for_code(P.ER.NOT_SUPPORTED_YET, message))

@@ -376,3 +376,21 @@ def test_stale_while_revalidate_and_coalesced_misses(stack):
     assert len(results) == 10 and len(set(results)) == 1, results
     assert _origin_selects(stack) - before == 1
 
+
+
+def test_a_view_over_a_volatile_function_is_not_cached(stack):
+    """Nothing in `SELECT t FROM v_now` shows that the view calls NOW(): reads of views are not
+    cached, and a view created through the proxy is seen at once."""
+    c = stack.connect(ssl_disabled=True)
+    try:
+        cur = c.cursor()
+        cur.execute("CREATE OR REPLACE VIEW v_now AS SELECT NOW(6) AS t, v FROM drv_cache")
+        before = _origin_selects(stack)
+        seen = set()
+        for _ in range(3):
+            cur.execute("SELECT t FROM v_now WHERE v > 0")
+            seen.add(cur.fetchone()[0])
+            time.sleep(0.01)
+        assert _origin_selects(stack) - before == 3 and len(seen) == 3, seen
+    finally:
+        c.close()
