@@ -123,6 +123,18 @@ async def _key_rotation_loop(store: Store, relay: Any, max_age: float, interval:
             log.exception("access signing key rotation failed; retrying in %gs", interval)
 
 
+async def _start_listener(flag: str, what: str, listen: str, start: Any, bound_port: Any) -> str:
+    """Start one proxy listener; returns the address clients reach it at (the bound port for :0)."""
+    try:
+        host, port = parse_hostport(listen, what=flag)
+        await start(host, port)
+    except ValueError as e:
+        raise EdgeError(str(e)) from None
+    except OSError as e:
+        raise EdgeError(f"cannot listen for {what} clients on {listen}: {e.strerror or e}") from None
+    return join_hostport(_reachable_host(host), bound_port())
+
+
 async def run_edge(
     state_dir: Path,
     api_listen: str = DEFAULT_API_LISTEN,
@@ -234,23 +246,11 @@ async def run_edge(
                 server_ssl_context(cert, key), proxy_options or {})
         proxy = proxy_factory(store, relay) if proxy_factory is not None else None
         if proxy is not None and pg_listen and hasattr(proxy, "start"):
-            try:
-                pg_host, pg_port = parse_hostport(pg_listen, what="--pg-listen")
-                await proxy.start(pg_host, pg_port)
-            except ValueError as e:
-                raise EdgeError(str(e)) from None
-            except OSError as e:
-                raise EdgeError(f"cannot listen for Postgres clients on {pg_listen}: {e.strerror or e}") from None
-            edge_info["pg_listen"] = join_hostport(_reachable_host(pg_host), proxy.port)
+            edge_info["pg_listen"] = await _start_listener(
+                "--pg-listen", "Postgres", pg_listen, proxy.start, lambda: proxy.port)
         if proxy is not None and mysql_listen and hasattr(proxy, "start_mysql"):
-            try:
-                my_host, my_port = parse_hostport(mysql_listen, what="--mysql-listen")
-                await proxy.start_mysql(my_host, my_port)
-            except ValueError as e:
-                raise EdgeError(str(e)) from None
-            except OSError as e:
-                raise EdgeError(f"cannot listen for MySQL clients on {mysql_listen}: {e.strerror or e}") from None
-            edge_info["mysql_listen"] = join_hostport(_reachable_host(my_host), proxy.mysql_port)
+            edge_info["mysql_listen"] = await _start_listener(
+                "--mysql-listen", "MySQL", mysql_listen, proxy.start_mysql, lambda: proxy.mysql_port)
 
         app = make_app(store, relay, admin_token=admin_token, edge_info=edge_info, hash_key=hash_key,
                        proxy=proxy)

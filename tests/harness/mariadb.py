@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from .pg import LocalCertificates
+from .pg import LocalCertificates, find_binary
 from .procs import WaitTimeout, free_port, pdeathsig_prefix, poll_until
 
 BIN_CANDIDATES = ("/usr/sbin", "/usr/bin")
@@ -65,17 +65,8 @@ class MariaDbError(RuntimeError):
 
 
 def _find_bin(name: str) -> str:
-    env_dir = os.environ.get("HD_MARIADB_BIN")
-    dirs = ([env_dir] if env_dir else []) + list(BIN_CANDIDATES)
-    for d in dirs:
-        p = Path(d) / name
-        if p.exists():
-            return str(p)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise MariaDbError(f"MariaDB binary {name!r} not found (looked in {dirs} and PATH); "
-                       "install mariadb-server (scripts/bootstrap.sh does as root) or set HD_MARIADB_BIN")
+    return find_binary(name, "HD_MARIADB_BIN", BIN_CANDIDATES, MariaDbError,
+                       "install mariadb-server (scripts/bootstrap.sh does as root)")
 
 
 def _user_args() -> list[str]:

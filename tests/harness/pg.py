@@ -50,9 +50,10 @@ class PgError(RuntimeError):
     pass
 
 
-def _find_bin(name: str) -> str:
-    env_dir = os.environ.get("HD_PG_BIN")
-    dirs = ([env_dir] if env_dir else []) + list(PG_BIN_CANDIDATES)
+def find_binary(name: str, env_var: str, candidates: tuple[str, ...], error: type[Exception], install: str) -> str:
+    """A server binary: from $env_var's directory, the usual package directories, or PATH."""
+    env_dir = os.environ.get(env_var)
+    dirs = ([env_dir] if env_dir else []) + list(candidates)
     for d in dirs:
         p = Path(d) / name
         if p.exists():
@@ -60,8 +61,11 @@ def _find_bin(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    raise PgError(f"PostgreSQL binary {name!r} not found (looked in {dirs} and PATH); "
-                  "install postgresql-15 or set HD_PG_BIN")
+    raise error(f"binary {name!r} not found (looked in {dirs} and PATH); {install} or set {env_var}")
+
+
+def _find_bin(name: str) -> str:
+    return find_binary(name, "HD_PG_BIN", PG_BIN_CANDIDATES, PgError, "install postgresql-15")
 
 
 def _run_as() -> tuple[int, int] | None:
