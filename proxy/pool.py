@@ -38,7 +38,8 @@ class ServerConn:
         self.pool = pool
         self.origin = origin
         self.channel = origin.channel
-        self.state = ServerState()
+        parameters = getattr(origin, "parameters", None) or {}
+        self.state = ServerState(reported={k.encode(): v.encode() for k, v in parameters.items()})
         self.session: SessionLike | None = None
         self.created = time.monotonic()
         self.last_used = self.created
@@ -112,7 +113,9 @@ class ServerConn:
             self.pool._forget(self)
 
     async def reset(self, rollback: bool) -> None:
-        queries = ([encode_query("ROLLBACK")] if rollback else []) + [encode_query("DISCARD ALL")]
+        # After a vanished client the server may sit in an unfinished extended-protocol exchange:
+        # a Sync first ends it (and is answered with a ReadyForQuery like the queries).
+        queries = ([b"S\x00\x00\x00\x04", encode_query("ROLLBACK")] if rollback else []) + [encode_query("DISCARD ALL")]
         loop = asyncio.get_running_loop()
         self._reset_waiter = loop.create_future()
         self._reset_pending = len(queries)
@@ -234,6 +237,9 @@ class Pool:
         conn.session = None
         conn.last_used = time.monotonic()
         if conn.closed:
+            return
+        if conn.state.broken:  # e.g. a session's settings could not be applied on it
+            conn.close()
             return
         if conn.state.dirty or rollback:
             asyncio.get_running_loop().create_task(self._reset_then_release(conn, rollback))

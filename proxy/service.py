@@ -8,7 +8,7 @@ import logging
 import ssl
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Mapping
 
 from proxy.cache.catalog import CATALOG_SQL
 from proxy.cache.metrics import Gauge, MetricsRegistry
@@ -18,9 +18,10 @@ from proxy.mysql.origin import connect_mysql_origin
 from proxy.mysql.origin import probe_mysql as _probe_mysql
 from proxy.pg.caching import CacheContext, CachePolicy
 from proxy.pg.listener import StartupProtocol
-from proxy.pg.oneshot import NullTransport, run_query
+from proxy.pg.oneshot import NullTransport, prepare_settings, run_query
 from proxy.pg.origin import DirectDialer, OriginSpec, TunnelDialer, cancel_request, connect_origin, probe
 from proxy.pg.pooling import ClientCore
+from proxy.pg.settings import SessionSettings
 from proxy.pg.session import ClientSession
 from proxy.pg.statements import StatementRegistry
 from proxy.pool import Pool
@@ -53,8 +54,10 @@ class _Pending:
 
     def add_callback(self, fn: Any) -> None:
         self.task.add_done_callback(lambda _t: fn())
-# The origin enforces the statement limit itself: sent as a startup option on every connection.
+# The edge's statement limit: enforced by the proxy (proxy/pg/session.py), never set at the origin,
+# so that a client can neither lift it nor see it.
 DEFAULT_STATEMENT_TIMEOUT_MS = 60_000
+MAX_SETTINGS_SEEN = 4096  # per config: startup settings the origin has judged (see session_settings)
 
 
 class ProxyService:
@@ -89,6 +92,9 @@ class ProxyService:
         self._policies: dict[str, CachePolicy] = {}
         self._ns_of: dict[str, Namespace] = {}  # config id -> the namespace its policy counts in
         self._refreshing: dict[str, int] = {}  # config id -> background refreshes running
+        # config id -> startup settings -> (the session's values as the origin spells them, the
+        # ParameterStatus values a client with them is told): each set is judged once.
+        self._settings_seen: dict[str, dict[frozenset[tuple[str, str]], tuple[dict[str, str], dict[bytes, bytes]]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, host: str, port: int) -> None:
@@ -152,11 +158,12 @@ class ProxyService:
         return config
 
     def spec_for(self, config: Any) -> OriginSpec:
+        # Nothing of the proxy's own shows through to clients: no application_name, no
+        # statement_timeout (the proxy enforces the edge's limit itself, see ClientSession);
+        # UTF8 is the baseline encoding (a client's own is carried like any setting).
         spec = origin_spec(config, self.store)
         params = dict(spec.startup_params)
-        params.setdefault("application_name", "hd-proxy")
-        params["client_encoding"] = "UTF8"  # clients are held to UTF8 too (see listener)
-        params.setdefault("options", f"-c statement_timeout={self.statement_timeout_ms}")
+        params["client_encoding"] = "UTF8"
         return replace(spec, startup_params=params, connect_timeout=self.connect_timeout)
 
     def dialer_for(self, spec: OriginSpec) -> Any:
@@ -245,22 +252,26 @@ class ProxyService:
         any of them invalidates the cached reads of all."""
         return self.cache.namespace((config.scheme, config.host.lower(), config.port, config.database))
 
-    def cache_context(self, config: Any, settings: dict[str, str]) -> CacheContext:
+    def cache_context(self, config: Any) -> CacheContext:
         ns = self.namespace_for(config)
-        # The key covers everything that can change an answer besides the statement: the
-        # origin database (namespace), the role, and the session settings the client runs with.
-        prefix = self.cache.prefix(ns, config.user, config.database,
-                                   tuple(sorted((k, v) for k, v in settings.items() if k not in RESULT_NEUTRAL_SETTINGS)))
-        config_id = config.id
-        frozen = dict(settings)
+        user, database = config.user, config.database
 
-        def refresh(request: bytes, fill: Fill) -> None:
-            self._refresh(config_id, frozen, request, fill)
+        def prefix_for(settings: Mapping[str, str]) -> int:
+            # The key covers everything that can change an answer besides the statement: the
+            # origin database (namespace), the role, and the settings the session runs under
+            # now (carried SETs included; role and search_path above all).
+            return self.cache.prefix(ns, user, database, tuple(sorted(
+                (k, v) for k, v in settings.items() if k not in RESULT_NEUTRAL_SETTINGS)))
+
+        config_id = config.id
+
+        def refresh(request: bytes, fill: Fill, settings: dict[str, str]) -> None:
+            self._refresh(config_id, settings, request, fill)
 
         def reload_catalog(now: float, names: frozenset[str]) -> Any:
             return self._reload_catalog(ns, config_id, now, names)
 
-        return CacheContext(ns, self.policy_for(config), prefix, self.metrics.for_config(config.id),
+        return CacheContext(ns, self.policy_for(config), prefix_for, self.metrics.for_config(config.id),
                             self.cache.clock, refresh, reload_catalog)
 
     async def catalog_ready(self, config: Any) -> None:
@@ -318,9 +329,11 @@ class ProxyService:
             fill.ns.abort_fill(fill)
             return
         self._refreshing[config_id] = running + 1
-        core = ClientCore(self.registry_for(config), settings=settings, cache=self.cache_context(config, settings))
+        core = ClientCore(self.registry_for(config), settings=SessionSettings(settings, login_user=config.user),
+                          cache=self.cache_context(config))
         core.refresh_fill = fill
-        session = ClientSession(NullTransport(), pool, core)
+        session = ClientSession(NullTransport(), pool, core, cancel=self.cancel_server_for(config),
+                                statement_timeout=self.statement_timeout_ms / 1000.0)
 
         def finished() -> None:
             self._refreshing[config_id] = max(0, self._refreshing.get(config_id, 1) - 1)
@@ -328,6 +341,36 @@ class ProxyService:
 
         fill.add_callback(finished)
         session.data_received(request)
+
+    async def session_settings(self, config: Any, settings: dict[str, str]
+                               ) -> tuple[dict[str, str], dict[bytes, bytes] | None]:
+        """A new client's startup settings as the origin judges them: raises SettingsRejected
+        (the origin's error) when it refuses them, else (the session's values, what the client
+        is told; None: the connections' own ParameterStatus values)."""
+        if not settings:
+            return {}, None
+        seen = self._settings_seen.setdefault(config.id, {})
+        key = frozenset(settings.items())
+        found = seen.get(key)
+        if found is None:
+            found = await prepare_settings(self.pool_for(config), settings, config.user, self.connect_timeout)
+            if len(seen) >= MAX_SETTINGS_SEEN:
+                seen.clear()
+            seen[key] = found
+        return dict(found[0]), dict(found[1])
+
+    def cancel_server_for(self, config: Any) -> Any:
+        """What a session calls to cancel what its server connection is running at the origin."""
+        config_id = config.id
+
+        def cancel(server: Any) -> None:
+            current = self.store.get_hyperdrive(config_id)
+            if current is None:
+                return
+            spec = self.spec_for(current)
+            asyncio.get_running_loop().create_task(self._cancel(spec, server.pid, server.secret_key))
+
+        return cancel
 
     async def server_parameters(self, config: Any) -> dict[str, str]:
         """The origin's ParameterStatus values, shown to clients at startup."""
@@ -348,6 +391,7 @@ class ProxyService:
 
     def config_changed(self, config_id: str) -> None:
         self._users.clear()
+        self._settings_seen.pop(config_id, None)  # maybe another origin now: judge settings again
         config = self.store.get_hyperdrive(config_id)
         if config is not None:
             # A config switched between postgresql and mysql: the other protocol's pool is useless.
@@ -362,6 +406,7 @@ class ProxyService:
 
     def config_deleted(self, config_id: str) -> None:
         self._users.clear()
+        self._settings_seen.pop(config_id, None)
         pool = self._pools.pop(config_id, None)
         mysql_pool = self._mysql_pools.pop(config_id, None)
         self._registries.pop(config_id, None)

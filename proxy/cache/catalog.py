@@ -88,6 +88,15 @@ class Decision:
     write_all: bool = False
     reload_catalog: bool = False  # DDL: reload the catalog once it has run
     unknown: frozenset[str] = frozenset()  # names the catalog did not know (fail closed)
+    # What it may leave in the session (the pooler's isolation, docs/ARCHITECTURE.md):
+    # `readback` — it may change session settings: read them back from the server afterwards;
+    # `dirty` — it may leave state no setting shows (or settings it does not name): reset the
+    # server before another client gets it; `names` — custom settings it names (read back);
+    # `holds` — kinds of state that cannot be carried (see Classification.session_holds).
+    readback: bool = False
+    dirty: bool = False
+    names: frozenset[str] = frozenset()
+    holds: frozenset[str] = frozenset()
 
     @property
     def cacheable(self) -> bool:
@@ -223,9 +232,11 @@ class OriginCatalog:
         try:
             text = sql.decode("utf-8")
         except UnicodeDecodeError:
-            return Decision("parseerror", "the query is not valid UTF-8", write_all=True)
+            return Decision("parseerror", "the query is not valid UTF-8", write_all=True, readback=True, dirty=True)
         key = sql
-        if not has_time_word(text):
+        # set_config's constants (name, is_local) decide what it leaves in the session: never
+        # share its verdict with texts that differ in them.
+        if not has_time_word(text) and "set_config" not in text.lower():
             # Texts that differ only in constants (ids in simple-protocol queries) share one
             # verdict: classify the normalized text once, not every text.
             norm = normalize(text)
@@ -266,13 +277,20 @@ class OriginCatalog:
                     write_all = True
                     if not self._resolve_rel(name):
                         unknown.add(name)
+        # Session state: settings named by SET/RESET/set_config are read back; DO, CALL, a parse
+        # error, an unknown function or a user-defined volatile one may change anything.
+        opaque = c.session_opaque or c.status == "parseerror"
         for fn, nargs in c.calls:
             if self._may_write(fn):
                 write_all = True
+                opaque = True
             elif self._volatility(fn, nargs) is None:
                 unknown.add(fn)
                 write_all = True  # an unknown function may write
-        writes = dict(write_tokens=frozenset(write_tokens), write_all=write_all, reload_catalog=reload_catalog)
+                opaque = True
+        writes = dict(write_tokens=frozenset(write_tokens), write_all=write_all, reload_catalog=reload_catalog,
+                      readback=opaque or bool(c.session_gucs), dirty=opaque or bool(c.session_holds),
+                      names=frozenset(n for n in c.session_gucs if "." in n), holds=c.session_holds)
         if c.status != "cacheable":
             return Decision(c.status, c.reason, unknown=frozenset(unknown), **writes)  # type: ignore[arg-type]
 

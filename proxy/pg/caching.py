@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 from proxy.cache.store import MAX_RESULT_BYTES, Fill, Namespace
 from proxy.sql.classify import TIME_WORDS
@@ -42,18 +42,21 @@ class CachePolicy:
 
 
 class CacheContext:
-    __slots__ = ("ns", "policy", "prefix", "metrics", "clock", "refresh", "reload_catalog")
+    __slots__ = ("ns", "policy", "prefix_for", "metrics", "clock", "refresh", "reload_catalog")
 
-    def __init__(self, ns: Namespace, policy: CachePolicy, prefix: int, metrics: Any,
-                 clock: Callable[[], float],
-                 refresh: Callable[[bytes, Fill], None],
+    def __init__(self, ns: Namespace, policy: CachePolicy, prefix_for: Callable[[Mapping[str, str]], int],
+                 metrics: Any, clock: Callable[[], float],
+                 refresh: Callable[[bytes, Fill, dict[str, str]], None],
                  reload_catalog: Callable[[float, frozenset[str]], Any]) -> None:
         self.ns = ns
         self.policy = policy
-        self.prefix = prefix
+        # The key prefix for a session's settings: (namespace, role, database, the settings
+        # that can change an answer). Sessions ask again whenever their settings change.
+        self.prefix_for = prefix_for
         self.metrics = metrics  # proxy.cache.metrics.ConfigMetrics
         self.clock = clock
-        self.refresh = refresh  # (request bytes, fill) -> run it in the background, fill the cache
+        # (request bytes, fill, session settings) -> run it in the background, fill the cache
+        self.refresh = refresh
         # (now, unknown names) -> something with add_callback(fn) while a load runs, or None
         self.reload_catalog = reload_catalog
 

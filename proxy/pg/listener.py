@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.pg import protocol as pgp
 from proxy.pg.auth import AuthFailed, ScramSecret, ScramServer
-from proxy.pg.pooling import _GUC_NAME, FORBIDDEN_SETTINGS, ClientCore, error_message
+from proxy.pg.oneshot import SettingsRejected
+from proxy.pg.pooling import _GUC_NAME, ClientCore, error_message
 from proxy.pg.session import ClientSession
+from proxy.pg.settings import FORBIDDEN_STARTUP, SessionSettings
 
 if TYPE_CHECKING:
     from proxy.service import ProxyService
@@ -27,9 +29,14 @@ log = logging.getLogger("proxy.listener")
 
 STARTUP_TIMEOUT = 15.0
 MAX_NAME = 63  # bytes, as PostgreSQL's NAMEDATALEN - 1
-# Startup parameters that are not session settings; every other valid name is applied per
-# server with set_config() (see ClientCore), quoted.
-PROTOCOL_PARAMS = {"user", "database", "replication", "options", "client_encoding"}
+# Startup parameters that are not session settings; every other valid name is a setting the
+# client's session carries (proxy/pg/settings.py), judged by the origin at login.
+PROTOCOL_PARAMS = {"user", "database", "replication", "options"}
+
+
+def is_utf8(encoding: str) -> bool:
+    """Whether PostgreSQL reads this client_encoding as UTF8 (it ignores case and punctuation)."""
+    return "".join(ch for ch in encoding.lower() if ch.isalnum()) in ("utf8", "unicode")
 
 
 class StartupProtocol(asyncio.Protocol):
@@ -156,16 +163,17 @@ class StartupProtocol(asyncio.Protocol):
         if database not in (config.database, user):
             self._fatal("3D000", f"this configuration serves database {config.database!r}, not {database!r}")
             return
-        encoding = params.get("client_encoding", "UTF8").strip().strip("'").replace("-", "").lower()
-        if encoding not in ("utf8", "unicode"):
-            self._fatal("22023", f"client_encoding {params.get('client_encoding')!r} is not supported; use UTF8")
-            return
         try:
             extra = parse_options(params.get("options", ""))
         except ValueError as exc:
             self._fatal("0A000", str(exc))
             return
         params = {**params, **extra}
+        forbidden = sorted(k for k in params if k.lower() in FORBIDDEN_STARTUP)
+        if forbidden:
+            self._fatal("0A000", f"startup parameter {forbidden[0]!r} is not supported by the proxy",
+                        hint="set it inside a transaction, or with SET after connecting")
+            return
         self._config = config
         self._params = params
         self._scram = ScramServer(ScramSecret.from_string(config.client_scram))
@@ -212,36 +220,45 @@ class StartupProtocol(asyncio.Protocol):
 
     async def _welcome(self) -> None:
         config = self._config
+        settings = {}
+        for key, value in self._params.items():
+            k = key.lower()
+            if k in PROTOCOL_PARAMS or not _GUC_NAME.match(k):
+                continue
+            if k == "client_encoding" and is_utf8(value):
+                continue  # the origin connections' own encoding: nothing to carry
+            settings[k] = value
         try:
             pool = self.service.pool_for(config)
             parameters = await self.service.server_parameters(config)
             await self.service.catalog_ready(config)  # so even a first query is judged knowingly
+            # The origin judges the client's settings now, as a direct connection would at login,
+            # and says how it spells them (and what it reports for them).
+            values, reported = await self.service.session_settings(config, settings)
+        except SettingsRejected as exc:
+            self._fatal_from_origin(exc.error)
+            return
         except Exception as exc:
             msg = getattr(exc, "message", None) or str(exc)
             self._fatal("58000", f"Server connection attempt failed: {msg}")
             return
-        settings = {}
-        for key, value in self._params.items():
-            k = key.lower()
-            if k not in PROTOCOL_PARAMS and _GUC_NAME.match(k):
-                settings[k] = value
+        if reported is None:
+            reported = {k.encode(): v.encode() for k, v in parameters.items()}
         out = bytearray(pgp.authentication_ok())
-        shown = dict(parameters)
-        for key, value in settings.items():
-            canonical = {"datestyle": "DateStyle", "timezone": "TimeZone", "intervalstyle": "IntervalStyle"}.get(key, key)
-            if canonical in shown:
-                shown[canonical] = value
-        for key, value in shown.items():
-            out += pgp.parameter_status(key, value)
+        for name, value in reported.items():
+            out += b"S" + (len(name) + len(value) + 6).to_bytes(4, "big") + name + b"\x00" + value + b"\x00"
         pid = secrets.randbits(31)
         key = secrets.token_bytes(4)
         out += pgp.backend_key_data(pid, key)
         out += pgp.ready_for_query("I")
         if self.transport.is_closing():
             return
-        core = ClientCore(self.service.registry_for(config), settings=settings,
-                          cache=self.service.cache_context(config, settings))
-        session = ClientSession(self.transport, pool, core, on_close=self.service.session_closed)
+        core = ClientCore(self.service.registry_for(config),
+                          settings=SessionSettings(values, login_user=config.user, reported=reported),
+                          cache=self.service.cache_context(config))
+        session = ClientSession(self.transport, pool, core, on_close=self.service.session_closed,
+                                cancel=self.service.cancel_server_for(config),
+                                statement_timeout=self.service.statement_timeout_ms / 1000.0)
         session.cancel_key = (pid, key)
         self.session = session
         self.service.session_opened(session)
@@ -255,6 +272,15 @@ class StartupProtocol(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.write(error_message(sqlstate, text, severity="FATAL", hint=hint))
+        self.transport.close()
+
+    def _fatal_from_origin(self, error: bytes) -> None:
+        """The origin's own error, as FATAL: what a direct connection answers at login."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        fields = [f for f in error[5:-1].split(b"\x00") if f and f[:1] not in (b"S", b"V")]
+        payload = b"SFATAL\x00VFATAL\x00" + b"".join(f + b"\x00" for f in fields) + b"\x00"
+        self.transport.write(b"E" + (len(payload) + 4).to_bytes(4, "big") + payload)
         self.transport.close()
 
 
@@ -282,7 +308,7 @@ def parse_options(options: str) -> dict[str, str]:
             raise ValueError(f"startup option {word!r} is not supported by the proxy")
         name, sep, value = item.partition("=")
         name = name.strip().lower().replace("-", "_")
-        if not sep or not _GUC_NAME.match(name) or name in FORBIDDEN_SETTINGS:
+        if not sep or not _GUC_NAME.match(name) or name in FORBIDDEN_STARTUP:
             raise ValueError(f"startup option {item!r} is not supported by the proxy")
         out[name] = value
     return out

@@ -9,10 +9,17 @@ It takes client bytes and server bytes, and produces bytes for each side, while:
   client's statement is not yet prepared on the server it was handed (its ParseComplete is
   swallowed), answering Parse-of-a-known-statement and Close(statement) itself, in order;
 * re-sending the client's latest unnamed Parse when an unnamed Bind lands on another server;
-* marking a server dirty when the client changed session state (SET, LISTEN, …) so the pool
-  resets it before anyone else gets it;
+* carrying the client's session settings (proxy/pg/settings.py): the difference between the
+  server's settings and the client's is applied when a server is attached, pipelined with the
+  client's first message (blocking only for role changes); after any statement that may have
+  changed them, they are read back from the server before it is released;
+* marking a server dirty when the client left state that cannot be carried (a temp table, a
+  held cursor, a session advisory lock, whatever a DO block or a volatile user function did), so
+  the pool resets it before anyone else gets it;
 * refusing what transaction pooling cannot offer (LISTEN, SQL PREPARE/EXECUTE, session
-  advisory locks) with a clear error, when not inside a transaction.
+  advisory locks) with a clear error, when not inside a transaction;
+* never passing a ParameterStatus the client already knows, and sending one whenever the value
+  its statements run under differs from what it was last told.
 
 Every request that draws a response pushes an entry on `expect`; server messages pop them
 (PgBouncer's outstanding-request queue, reference/hyperdrive_caching.md §5).
@@ -33,11 +40,13 @@ import struct
 from collections import deque
 from typing import Any
 
+from proxy.cache.catalog import Decision, OriginCatalog
 from proxy.cache.store import Fill
 from proxy.pg import protocol as proto
 from proxy.pg.caching import (MAX_KEY_BYTES, PARSE_COMPLETE, Z_IDLE, CacheContext, ExtendedShape, QueryObs,
                               analyze_batch, bind_fields, extended_request, parse_fields,
                               text_params_have_time_words)
+from proxy.pg.settings import SessionSettings, apply_sql
 from proxy.pg.statements import ServerStatements, Statement, StatementRegistry
 
 _HDR = struct.Struct("!cI")
@@ -46,15 +55,28 @@ _I16 = struct.Struct("!H")
 
 # Expectation kinds (what the server will answer a request with).
 PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, QUERY, FUNCTION = range(8)
-# Actions: pass the answer to the client, swallow it (we injected the request), or
-# answer the client ourselves at this point of the sequence.
-FORWARD, SKIP, FAKE = 0, 1, 2
+# Actions: pass the answer to the client, swallow it (we injected the request), answer the
+# client ourselves at this point of the sequence, collect the answer for a handler (entry[2],
+# called with the answer's bytes at its ReadyForQuery), or swallow the answer but send the
+# client the error in entry[2] instead of the server's (an error the proxy raises mid-pipeline:
+# the server fails a request on purpose so its transaction state is exactly the client's).
+FORWARD, SKIP, FAKE, CAPTURE, REPLACE = 0, 1, 2, 3, 4
 
 CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 
-# CommandComplete tags that mean the session was changed beyond the transaction.
-_DIRTY_TAGS = (b"SET", b"RESET", b"LISTEN", b"UNLISTEN", b"PREPARE", b"DEALLOCATE", b"DECLARE",
-               b"LOAD", b"DISCARD", b"CREATE TABLE", b"SELECT INTO", b"CREATE TABLE AS")
+# CommandComplete tags that mean the session may have changed beyond the transaction (a backstop
+# for what the statement classification already saw): settings (read back) and other state
+# (read back, and reset before the next client).
+_SETTINGS_TAGS = (b"DISCARD",)
+_DIRTY_TAGS = (b"LISTEN", b"UNLISTEN", b"PREPARE", b"DEALLOCATE", b"DECLARE", b"LOAD", b"CREATE TABLE",
+               b"SELECT INTO", b"CREATE TABLE AS", b"DO", b"CALL", b"CREATE VIEW", b"CREATE SEQUENCE")
+_STATE_TAGS = _SETTINGS_TAGS + _DIRTY_TAGS
+# Errors that mean a shared server-side prepared statement no longer fits the catalog.
+_STALE_STATEMENT = ((b"XX000", b"cache lookup failed for "), (b"0A000", b"cached plan must not change result type"))
+MAX_RETRY_BYTES = 1 << 20  # the messages kept for a transparent re-prepare-and-retry
+_NO_CATALOG = OriginCatalog()  # without a cache context: every function is unknown (fail closed)
+_OPAQUE = Decision("notaquery", "function call", write_all=True, readback=True, dirty=True)
+_UNKNOWN_SETTINGS = Decision("uncacheable", "the session's settings are being read back")
 
 _DEALLOCATE = re.compile(rb'^\s*DEALLOCATE\s+(?:PREPARE\s+)?(?:(ALL)|"([^"]+)"|([A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*$',
                          re.IGNORECASE)
@@ -88,6 +110,11 @@ def message(kind: bytes, payload: bytes) -> bytes:
     return _HDR.pack(kind, len(payload) + 4) + payload
 
 
+# A request that fails in the server's parser (unnamed statement): how the proxy makes the
+# server fail on purpose, so the session's transaction state follows as for a real error.
+_BAD_PARSE = message(b"P", b"\x00hd proxy raises an error\x00\x00\x00")
+
+
 def error_message(sqlstate: str, text: str, severity: str = "ERROR", hint: str | None = None) -> bytes:
     return proto.error_response(severity, sqlstate, text, hint=hint)
 
@@ -114,40 +141,41 @@ def encode_query(sql: str) -> bytes:
 class ServerState:
     """What the pooling logic knows about one server connection."""
 
-    __slots__ = ("statements", "unnamed_owner", "params", "dirty", "broken")
+    __slots__ = ("statements", "unnamed_owner", "params", "reported", "baseline", "dirty", "broken")
 
-    def __init__(self, statement_limit: int = 500) -> None:
+    def __init__(self, statement_limit: int = 500, reported: dict[bytes, bytes] | None = None) -> None:
         self.statements = ServerStatements(statement_limit)
         self.unnamed_owner: object | None = None
-        self.params: dict[str, str] = {}  # session settings the proxy applied for clients
+        # Session-level settings the proxy knows are set there (applied or read back), lower-case
+        # names as in proxy/pg/settings.py. Nothing else may be set: a server whose settings are
+        # not known is dirty (reset before the next client).
+        self.params: dict[str, str] = {}
+        # ParameterStatus values as the server last reported them, and as after its startup
+        # (what it reports again after a reset).
+        self.baseline: dict[bytes, bytes] = dict(reported or {})
+        self.reported: dict[bytes, bytes] = dict(self.baseline)
         self.dirty = False  # needs a reset before the next client
-        self.broken = False
+        self.broken = False  # must be closed, never handed out again
 
     def reset_done(self) -> None:
         """After DISCARD ALL: no statements, no settings."""
         self.statements.clear()
         self.unnamed_owner = None
-        self.params.clear()
+        self.params = {}
+        self.reported = dict(self.baseline)
         self.dirty = False
 
 
-def quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-# Settings a client may not carry into pooled connections through startup parameters.
-FORBIDDEN_SETTINGS = frozenset({"session_authorization", "role", "transaction_isolation",
-                                "transaction_read_only", "transaction_deferrable"})
 
 
 class ClientCore:
-    def __init__(self, registry: StatementRegistry, *, settings: dict[str, str] | None = None,
+    def __init__(self, registry: StatementRegistry, *, settings: SessionSettings | dict[str, str] | None = None,
                  cache: CacheContext | None = None) -> None:
         self.registry = registry
         self.server: ServerState | None = None
-        # Each entry: [kind, action, fake answer, statement name, QueryObs starting here,
-        # QueryObs ending here].
+        # Each entry: [kind, action, fake answer | handler | error, statement name, QueryObs
+        # starting here, QueryObs ending here].
         self.expect: deque[list[Any]] = deque()
         self.to_client = bytearray()
         self.to_server = bytearray()
@@ -167,12 +195,37 @@ class ClientCore:
         self.fatal_forwarded = False
         self.held_fatal: bytes | None = None
         self.terminated = False
-        # Session settings the client asked for at startup, applied on every server it gets.
-        self.settings = {k.lower(): v for k, v in (settings or {}).items()
-                         if _GUC_NAME.match(k) and k.lower() not in FORBIDDEN_SETTINGS}
+        # An error that ends the client's session (its settings could not be carried): the
+        # session sends it after what is pending and closes the connection.
+        self.fatal: bytes | None = None
+        # The client's session settings (carried across server connections).
+        self.settings = settings if isinstance(settings, SessionSettings) else SessionSettings(
+            {k: v for k, v in (settings or {}).items() if _GUC_NAME.match(k)})
+        self._check = False  # a statement may have changed settings: read them back before release
+        self._dirty = False  # a statement left state that cannot be carried: reset the server after
+        self._blocked = False  # a blocking settings apply is in flight: client messages wait
+        self._readback_tries = 0
+        self._capture = bytearray()  # the answer of an injected CAPTURE request so far
+        self._ddl = False  # DDL sent in this transaction: forget shared statements again at its end
+        # The current Sync group's raw client messages (None: too large to keep), for a retry.
+        self._since_sync: list[tuple[int, bytes, Any]] | None = []
+        self._since_sync_bytes = 0
+        self._group_done = True  # its Sync was sent: the next extended message starts a group
+        self._group_txn = b"I"  # the transaction status when the group started
+        self._retried = False
+        self._ignoring = False  # the server skips everything until the Sync the client has not sent yet
+        # The edge's statement timeout fired and cancelled the running statement (set by the session):
+        # the origin's 57014 "canceling statement due to user request" is reported as a timeout.
+        self.timeout_cancelled = False
+        self.gone = False  # the client disconnected: its server only finishes what is in flight
+        self.readies = 0  # ReadyForQuery messages seen (the session re-arms its statement timer)
         self.queries = 0
         # --- the query cache (None: no caching, no per-query metrics) ---
         self.cache = cache
+        self.catalog = cache.ns.catalog if cache is not None else _NO_CATALOG
+        # The cache key prefix for the settings the client runs under; None while they are not
+        # known (a readback is due): such a client neither reads nor fills the shared cache.
+        self._prefix: int | None = cache.prefix_for(self.settings.values) if cache is not None else None
         # Extended-protocol messages are collected up to Sync/Flush, so a whole batch can be
         # judged (and answered from the cache) at once.
         self._batch: list[tuple[int, bytes]] = []
@@ -194,41 +247,125 @@ class ClientCore:
 
     @property
     def can_release(self) -> bool:
-        return (self.server is not None and not self.expect and self.txn == b"I"
-                and not self.copy_in and not self._queued and not self._unsynced)
+        if self.gone:  # only what is in flight counts: the pool rolls back and resets the rest
+            return self.server is not None and not self.expect and not self.copy_in
+        return (self.server is not None and not self.expect and self.txn == b"I" and not self._check
+                and not self.copy_in and not self._queued and not self._unsynced and not self._blocked)
 
     # ------------------------------------------------------------------ linking
     def attach(self, server: ServerState) -> None:
         self.server = server
-        if server.params != self.settings:
-            self._apply_settings(server)
+        sql, blocking = apply_sql(server.params, self.settings.values)
+        if sql:
+            # Pipelined with the client's messages; a role change first proves it took effect.
+            self.to_server += encode_query(sql)
+            self.expect.append([QUERY, CAPTURE, self._applied, None, None, None])
+            server.params = dict(self.settings.values)
+            if blocking:
+                self._blocked = True
+                return
+        self._send_queued()
+
+    def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
         for kind, raw, obs in queued:
             self._client_message(kind, raw, obs)
         self._drain_fakes()
+        self._maybe_readback()
 
-    def _apply_settings(self, server: ServerState) -> None:
-        # Make the server's session settings exactly this client's: SET what differs, RESET
-        # what a previous client had set and this one did not (no leak between clients).
-        # set_config() parses the value as a startup parameter would be (lists such as
-        # search_path included), unlike SET with one quoted literal.
-        changed = [f"set_config({quote_literal(k)}, {quote_literal(v)}, false)"
-                   for k, v in self.settings.items() if server.params.get(k) != v]
-        sql = f"SELECT {', '.join(changed)};" if changed else ""
-        stale = [k for k in server.params if k not in self.settings]
-        sql += "".join(f"RESET {k};" for k in stale)
-        if sql:
-            self.to_server += encode_query(sql)
-            self.expect.append([QUERY, SKIP, None, None, None, None])
-            for k in stale:
-                del server.params[k]
-            server.params.update(self.settings)
+    def _applied(self, answer: bytes) -> None:
+        """The answer to a settings apply: on an error the server is not reused, and the client's
+        work must not have run (blocking) or the client cannot go on (pipelined)."""
+        error = _first_error(answer)
+        server = self.server
+        if error is None:
+            if self._blocked:
+                self._blocked = False
+                self._send_queued()
+            return
+        if server is not None:
+            server.broken = True
+        text = "the proxy could not restore this session's settings on an origin connection: " + _error_text(error)
+        if self._blocked:
+            self._blocked = False
+            self.to_client += self.fail_queued(error)
+        else:
+            self.fatal = error_message("08006", text, severity="FATAL",
+                                       hint="reconnect; the last statement may have run without them")
+
+    def fail_queued(self, error: bytes) -> bytes:
+        """Answer the client's queued requests with `error`, as the server would (one error and
+        one ReadyForQuery per simple Query / FunctionCall / first Sync)."""
+        out = bytearray()
+        errored = False
+        for kind in self.drop_queued():
+            if kind == 0x51 or kind == 0x46 or (kind == 0x53 and not errored):
+                out += error + ready_for_query(self.txn)
+                errored = True
+            elif kind == 0x53:
+                out += ready_for_query(self.txn)
+        if not errored:
+            out += error
+        return bytes(out)
 
     def detach(self) -> ServerState:
         server = self.server
         assert server is not None
         self.server = None
+        if self._dirty or self._check:
+            server.dirty = True  # state the proxy cannot carry, or settings not read back
+            self._dirty = False
         return server
+
+    # ------------------------------------------------------------------ session state
+    def _decide(self, sql: bytes) -> Decision:
+        return self.catalog.decide(sql)
+
+    def _note(self, d: Decision) -> None:
+        """What a statement the client sends may leave in its session (before it is sent, so
+        that nothing behind it is cached under settings that may no longer hold)."""
+        if d.readback:
+            self.settings.custom |= d.names
+            self._check = True
+            self._readback_tries = 0
+            self.settings.known = False
+            self._prefix = None
+        if d.dirty:
+            self._dirty = True
+        if d.reload_catalog:
+            # DDL: statements prepared before it may not fit the new catalog; prepare anew.
+            self.registry.invalidate()
+            self._ddl = True
+
+    def _maybe_readback(self) -> None:
+        """Once the client's work is done (idle, nothing pending), read its settings back."""
+        if (self._check and not self.gone and self.server is not None and not self.expect and self.txn == b"I"
+                and not self.copy_in and not self._queued and not self._unsynced and not self._blocked
+                and self.fatal is None):
+            self._check = False
+            self.to_server += encode_query(self.settings.readback())
+            self.expect.append([QUERY, CAPTURE, self._read_back, None, None, None])
+
+    def _read_back(self, answer: bytes) -> None:
+        server = self.server
+        error = _first_error(answer)
+        if error is not None:
+            self._readback_tries += 1
+            if self._readback_tries < 2:  # e.g. a statement_timeout of a millisecond: try again
+                self._check = True
+                self._maybe_readback()
+                return
+            self._check = True  # still unknown: the server is reset when released
+            self.fatal = error_message("08006", "the proxy could not read this session's settings back: "
+                                       + _error_text(error), severity="FATAL", hint="reconnect")
+            return
+        rows = [(_text(r[0]), _text(r[1])) for r in _data_rows(answer) if len(r) == 2]
+        before = dict(self.settings.values)
+        values = self.settings.after_readback(rows)
+        if server is not None:
+            server.params = values
+        if self.cache is not None and (self._prefix is None or self.settings.values != before):
+            self._prefix = self.cache.prefix_for(self.settings.values)
 
     # ------------------------------------------------------------------ client side
     def feed_client(self, data: bytes) -> None:
@@ -256,15 +393,21 @@ class ClientCore:
             else:
                 self._route_checked(kind, raw)
         del buf[:off]
+        if self._batch and not buf and self.wait is None:
+            # The client sent part of a batch and nothing more: it may be waiting for what the
+            # server says before the Sync (an error is sent at once). Never wait for a Sync or a
+            # Flush the client has not sent; the part goes out now, judged message by message.
+            self._checked(self._flush_batch, None)
         self._drain_fakes()
+        self._maybe_readback()
 
     def _fast_ok(self) -> bool:
         """Whether a batch may be answered from the cache as it is read (no server held, nothing
-        before it, outside a transaction)."""
+        before it, outside a transaction, settings known)."""
         cache = self.cache
         return (cache is not None and not cache.policy.disabled and self.server is None and self.wait is None
                 and not self._batch and not self._queued and self.txn == b"I" and self.refresh_fill is None
-                and not self.expect)
+                and not self.expect and self._prefix is not None)
 
     def _fast_parse(self, buf: bytearray, off: int, n: int) -> tuple[Any, ...] | None:
         """The hot path of extended-protocol queries: `[Parse] Bind [Describe P] Execute Sync`
@@ -307,8 +450,8 @@ class ClientCore:
             stmt = bind_raw[portal_end + 1:stmt_end]
             if parse_raw is not None:
                 name, query, oids = parse_fields(parse_raw)
-                if name != stmt:
-                    return None
+                if name != stmt or (name and name.decode("utf-8", "surrogateescape") in self.statements):
+                    return None  # another statement, or a name in use (the ordinary path refuses it)
             elif stmt:
                 st = self.statements.get(stmt.decode("utf-8", "surrogateescape"))
                 if st is None:
@@ -329,7 +472,7 @@ class ClientCore:
         pos, parse_raw, bind_raw, describe_raw, execute_raw, portal, stmt, tail, query, oids = parsed
         cache = self.cache
         assert cache is not None
-        key = (cache.prefix, b"E", query, oids, tail, False, describe_raw is not None)
+        key = (self._prefix, b"E", query, oids, tail, False, describe_raw is not None)
         parses = [parse_raw] if parse_raw is not None else []
 
         def request() -> bytes:
@@ -356,7 +499,10 @@ class ClientCore:
             kind, raw = held.popleft()
             self._route_checked(kind, raw)
         self._no_coalesce = False
+        if self._batch and not held and not self._buf and self.wait is None:
+            self._checked(self._flush_batch, None)  # as at the end of feed_client: never wait for an unsent Sync
         self._drain_fakes()
+        self._maybe_readback()
 
     def _route_checked(self, kind: int, raw: bytes) -> None:
         try:
@@ -364,11 +510,23 @@ class ClientCore:
         except (ValueError, IndexError, struct.error):  # a name without its NUL, a short field, ...
             raise ClientProtocolError(f"malformed {chr(kind)!r} message: a name or field is cut short") from None
 
+    def _checked(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except (ValueError, IndexError, struct.error):
+            raise ClientProtocolError("malformed message: a name or field is cut short") from None
+
     def _hold(self, wait: Any, messages: list[tuple[int, bytes]]) -> None:
         self.wait = wait
         self._held.extendleft(reversed(messages))
 
     def _route(self, kind: int, raw: bytes) -> None:
+        if kind == 0x50:  # Parse: what its statement may leave in the session
+            self._note(self._decide(parse_fields(raw)[1]))
+        elif kind == 0x42:  # Bind of a statement prepared earlier: the same, each time it runs
+            query = self._bound_query(raw)
+            if query is not None:
+                self._note(self._decide(query))
         cache = self.cache
         caching = cache is not None and not cache.policy.disabled
         if caching:
@@ -385,23 +543,38 @@ class ClientCore:
             self._flush_batch(None)
         if kind == 0x51:  # 'Q'
             self._query(raw)
+        elif kind == 0x46:  # 'F' FunctionCall: may change anything in the session
+            self._note(_OPAQUE)
+            if cache is not None:  # may write anything too
+                obs = self._obs("notaquery" if not cache.policy.disabled else "disabled", len(raw))
+                obs.write_all = True
+                obs.invalidate()
+                self._send(kind, raw, obs)
+            else:
+                self._send(kind, raw, None)
         elif kind == 0x45 and cache is not None:  # caching off: counted, and its writes invalidate
             self._send(kind, raw, self._uncached_execute(raw))
-        elif kind == 0x46 and cache is not None:  # 'F' FunctionCall: may write anything
-            obs = self._obs("notaquery" if not cache.policy.disabled else "disabled", len(raw))
-            obs.write_all = True
-            obs.invalidate()
-            self._send(kind, raw, obs)
         else:
             if kind == 0x42 and cache is not None and cache.ns.watched:  # caching off: what the portal runs
                 self._note_bind(raw)
             self._send(kind, raw, None)
 
     def _send(self, kind: int, raw: bytes, obs: Any) -> None:
-        if self.server is None and kind != 0x58:  # 'X' Terminate needs no server
+        if (self.server is None or self._blocked) and kind != 0x58:  # 'X' Terminate needs no server
             self._queued.append((kind, raw, obs))
         else:
             self._client_message(kind, raw, obs)
+
+    def _bound_query(self, raw: bytes) -> bytes | None:
+        """The text of the statement a Bind names (None: not known here)."""
+        statement = raw[raw.index(b"\x00", 5) + 1:]
+        name = statement[:statement.index(b"\x00")]
+        if name:
+            st = self.statements.get(name.decode("utf-8", "surrogateescape"))
+            return st.query if st is not None else None
+        if self._unnamed_parse is not None:
+            return parse_fields(self._unnamed_parse)[1]
+        return None
 
     def _note_bind(self, raw: bytes) -> None:
         portal, statement, _ = bind_fields(raw)
@@ -446,8 +619,12 @@ class ClientCore:
                     obs.failed = True
                     obs.complete(b"I")
                 return
-        obs = self._query_obs(raw, sql, local) if self.cache is not None else None
-        if obs is not None or self.cache is None:
+        if self.cache is None:
+            self._note(self._decide(sql))
+            self._send(0x51, raw, None)
+            return
+        obs = self._query_obs(raw, sql, local)
+        if obs is not None:
             self._send(0x51, raw, obs)
 
     def _query_obs(self, raw: bytes, sql: bytes, local: bool) -> QueryObs | None:
@@ -462,14 +639,17 @@ class ClientCore:
                 self.refresh_fill = None
                 return None
             obs = self._obs("disabled", len(raw))
+            d = ns.catalog.decide(sql)
+            self._note(d)
             if ns.watched:
-                obs.writes_from(ns.catalog.decide(sql))
+                obs.writes_from(d)
                 if obs.writes:
                     obs.invalidate()
             return obs
         refresh = self.refresh_fill
-        key = (cache.prefix, sql)
-        if refresh is None and local and len(sql) <= MAX_KEY_BYTES and self._serve(key, len(raw), (), lambda: raw):
+        key = (self._prefix, sql)
+        if (refresh is None and local and self._prefix is not None and len(sql) <= MAX_KEY_BYTES
+                and self._serve(key, len(raw), (), lambda: raw)):
             return None
         d = ns.catalog.decide(sql)
         if (d.unknown or ns.catalog_stale) and local and refresh is None:
@@ -477,6 +657,9 @@ class ClientCore:
             if wait is not None:
                 self._hold(wait, [(0x51, raw)])
                 return None
+        self._note(d)
+        if self._prefix is None and d.cacheable:
+            d = _UNKNOWN_SETTINGS  # its settings are not known: neither served nor stored
         obs = self._obs(d.status if refresh is None else None, len(raw))
         obs.writes_from(d)
         if refresh is not None:
@@ -641,9 +824,10 @@ class ClientCore:
             return obs
         query, oids = st
         if key is None:
-            key = (cache.prefix, b"E", query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
+            key = (self._prefix, b"E", query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
         oversized = len(query) + len(shape.bind_tail) > MAX_KEY_BYTES
-        if refresh is None and local and shape.max_rows == 0 and not oversized and not looked_up:
+        if (refresh is None and local and shape.max_rows == 0 and not oversized and not looked_up
+                and self._prefix is not None and not self._parses_reuse_names(shape.parses)):
             def request() -> bytes:
                 return extended_request(query, oids, shape.bind_tail, shape.describe_statement, shape.describe_portal)
 
@@ -655,6 +839,9 @@ class ClientCore:
             if wait is not None:
                 self._hold(wait, batch + [(0x53, sync)])
                 return None
+        self._note(d)
+        if self._prefix is None and d.cacheable:
+            d = _UNKNOWN_SETTINGS  # its settings are not known: neither served nor stored
         obs = self._obs(d.status if refresh is None else None, qbytes)
         obs.writes_from(d)
         if refresh is not None:
@@ -711,8 +898,17 @@ class ClientCore:
         out += Z_IDLE
         cache.metrics.query("hit", True, cache.clock() - now, qbytes, len(entry.payload))
         if age >= policy.max_age and key not in ns.fills:
-            cache.refresh(request(), ns.begin_fill(key))  # stale: one refresh in the background
+            # stale: one refresh in the background, under the settings of this client
+            cache.refresh(request(), ns.begin_fill(key), dict(self.settings.values))
         return True
+
+    def _parses_reuse_names(self, parses: list[bytes] | tuple[()]) -> bool:
+        """Whether a Parse of the batch names a statement that exists (the server refuses it)."""
+        for raw in parses:
+            name = parse_fields(raw)[0]
+            if name and name.decode("utf-8", "surrogateescape") in self.statements:
+                return True
+        return False
 
     def _parse_local(self, raw: bytes) -> None:
         """A Parse answered from the cache: remember the statement for later Binds."""
@@ -758,26 +954,41 @@ class ClientCore:
         before = len(expect)
         if kind in _EXTENDED:
             self._unsynced = True
+            self._keep_for_retry(kind, raw, obs)
+        if self._ignoring and (kind in _EXTENDED or kind == 0x51):
+            # The server skips everything up to the next Sync after an error, answering nothing.
+            for o in _observations((obs,)):
+                o.failed = True
+                self._await_sync.append(o)
+            return
         if kind == 0x42:  # 'B' Bind
             name, _ = cstring(raw, raw.index(b"\x00", 5) + 1)
             if name:
                 st = self.statements.get(name.decode("utf-8", "surrogateescape"))
-                if st is not None:
-                    self._ensure_prepared(st)
-                    portal_end = raw.index(b"\x00", 5) + 1
-                    rest = raw[portal_end + len(name) + 1:]
-                    raw = message(b"B", raw[5:portal_end] + st.server_name.encode() + b"\x00" + rest)
+                if st is None:  # the server would see a name that may be the proxy's: refuse here
+                    self._raise(error_message("26000", f'prepared statement "{_name(name)}" does not exist'))
+                    return
+                self._ensure_prepared(st)
+                portal_end = raw.index(b"\x00", 5) + 1
+                rest = raw[portal_end + len(name) + 1:]
+                raw = message(b"B", raw[5:portal_end] + st.server_name.encode() + b"\x00" + rest)
+                out += raw
+                expect.append([BIND, FORWARD, st, None, None, None])
             else:
                 self._ensure_unnamed()
-            out += raw
-            expect.append([BIND, FORWARD, None, None, None, None])
+                out += raw
+                expect.append([BIND, FORWARD, None, None, None, None])
         elif kind == 0x45:  # 'E' Execute
             out += raw
             expect.append([EXECUTE, FORWARD, None, None, None, None])
         elif kind == 0x53:  # 'S' Sync
             out += raw
+            self._ignoring = False
             if not self._sync_ignored:  # the server ignores Sync during an extended COPY IN
                 expect.append([SYNC, FORWARD, None, None, None, None])
+            if self._since_sync is not None:
+                self._since_sync.append((kind, raw, obs))
+            self._group_done = True
         elif kind == 0x50:  # 'P' Parse
             self._parse(raw)
         elif kind == 0x51:  # 'Q' Query
@@ -786,8 +997,14 @@ class ClientCore:
             dealloc = _DEALLOCATE.match(sql) if sql[:40].lstrip()[:10].upper() == b"DEALLOCATE" else None
             if dealloc is not None:
                 # The client's statement names exist only here: answer for the server.
-                expect.append([QUERY, FAKE, self._deallocate(dealloc), None, None, None])
+                answer = self._deallocate(dealloc)
+                if answer is None:
+                    expect.append([QUERY, FAKE, message(b"C", b"DEALLOCATE ALL\x00" if dealloc.group(1)
+                                                       else b"DEALLOCATE\x00") + _RFQ_CURRENT, None, None, None])
+                else:
+                    self._raise(answer, simple=True)
                 if obs is not None:
+                    obs.failed = answer is not None
                     obs.complete(self.txn)
                 return
             if _DISCARD_ALL.match(sql):
@@ -808,9 +1025,11 @@ class ClientCore:
             name = raw[6:-1]
             if what == b"S" and name:
                 st = self.statements.get(name.decode("utf-8", "surrogateescape"))
-                if st is not None:
-                    self._ensure_prepared(st)
-                    raw = message(b"D", b"S" + st.server_name.encode() + b"\x00")
+                if st is None:
+                    self._raise(error_message("26000", f'prepared statement "{_name(name)}" does not exist'))
+                    return
+                self._ensure_prepared(st)
+                raw = message(b"D", b"S" + st.server_name.encode() + b"\x00")
             elif what == b"S":
                 self._ensure_unnamed()
             out += raw
@@ -844,6 +1063,38 @@ class ClientCore:
             if len(expect) == 1 and entry[4] is not None:
                 self._begin(entry[4])
 
+    def _raise(self, error: bytes, *, simple: bool = False) -> None:
+        """Answer the client's current request with `error`, exactly as if the server had failed
+        it: the server fails a request on purpose (so an explicit transaction becomes failed, and
+        after an extended-protocol error the server skips everything up to the Sync, as the
+        client expects), and the client gets `error` in place of the server's."""
+        server = self.server
+        assert server is not None
+        if simple:
+            self.to_server += proto.query("hd proxy raises an error")
+            self.expect.append([QUERY, REPLACE, error, None, None, None])
+            return
+        self.to_server += _BAD_PARSE
+        server.unnamed_owner = None  # the failed Parse dropped the server's unnamed statement
+        self.expect.append([PARSE, REPLACE, error, None, None, None])
+
+    def _keep_for_retry(self, kind: int, raw: bytes, obs: Any) -> None:
+        """Keep the raw messages of the current Sync group, so that a group that failed only
+        because a shared server-side statement went stale can be sent again (bounded)."""
+        if self._group_done:
+            self._group_done = False
+            self._since_sync = []
+            self._since_sync_bytes = 0
+            self._group_txn = self.txn
+            self._retried = False
+        kept = self._since_sync
+        if kept is not None:
+            self._since_sync_bytes += len(raw)
+            if self._since_sync_bytes > MAX_RETRY_BYTES:
+                self._since_sync = None
+            else:
+                kept.append((kind, raw, obs))
+
     def _parse(self, raw: bytes) -> None:
         name_b, off = cstring(raw, 5)
         if not name_b:
@@ -854,18 +1105,22 @@ class ClientCore:
             self.to_server += raw
             self.expect.append([PARSE, FORWARD, None, None, None, None])
             return
+        name = name_b.decode("utf-8", "surrogateescape")
+        if name in self.statements:
+            self._raise(error_message("42P05", f'prepared statement "{_name(name_b)}" already exists'))
+            return
         query_b, off = cstring(raw, off)
         (count,) = _I16.unpack_from(raw, off)
         oids = tuple(_I32.unpack_from(raw, off + 2 + 4 * i)[0] for i in range(count))
         # Query text stays bytes: no decoding on the hot path, and no failure on odd encodings.
         st = self.registry.get(query_b, oids, encode_parse)
-        self.statements[name_b.decode("utf-8", "surrogateescape")] = st
+        self.statements[name] = st
         server = self.server
         assert server is not None
         if server.statements.has(st.server_name):
             self.expect.append([PARSE, FAKE, PARSE_COMPLETE, None, None, None])
         else:
-            self._prepare_on_server(st, FORWARD)
+            self._prepare_on_server(st, FORWARD, name)
 
     def _ensure_prepared(self, st: Statement) -> None:
         server = self.server
@@ -873,7 +1128,7 @@ class ClientCore:
         if not server.statements.has(st.server_name):
             self._prepare_on_server(st, SKIP)
 
-    def _prepare_on_server(self, st: Statement, action: int) -> None:
+    def _prepare_on_server(self, st: Statement, action: int, client_name: str | None = None) -> None:
         server = self.server
         assert server is not None
         evicted = server.statements.add(st.server_name)
@@ -881,7 +1136,8 @@ class ClientCore:
             self.to_server += encode_close_statement(evicted)
             self.expect.append([CLOSE, SKIP, None, None, None, None])
         self.to_server += st.parse_payload
-        self.expect.append([PARSE, action, None, st.server_name, None, None])
+        # entry[2]: the client's name, forgotten again if the Parse fails (as on the server)
+        self.expect.append([PARSE, action, client_name, st.server_name, None, None])
 
     def _ensure_unnamed(self) -> None:
         server = self.server
@@ -891,16 +1147,20 @@ class ClientCore:
             self.expect.append([PARSE, SKIP, None, None, None, None])
             server.unnamed_owner = self._unnamed_token
 
-    def _deallocate(self, m: re.Match[bytes]) -> bytes:
+    def _deallocate(self, m: re.Match[bytes]) -> bytes | None:
+        """DEALLOCATE [ALL | name] on the client's names: None when done, else the error."""
         if m.group(1):
             self.statements.clear()
-            return message(b"C", b"DEALLOCATE ALL\x00") + _RFQ_CURRENT
+            # A client deallocates everything after changing the catalog under its statements:
+            # later Parses get statements prepared afresh, never older shared ones.
+            self.registry.invalidate()
+            return None
         name = (m.group(2) or m.group(3)).decode("utf-8", "surrogateescape")
         if m.group(3):
             name = name.lower()  # unquoted identifiers fold to lower case, as in PostgreSQL
         if self.statements.pop(name, None) is None:
-            return error_message("26000", f'prepared statement "{name}" does not exist') + _RFQ_CURRENT
-        return message(b"C", b"DEALLOCATE\x00") + _RFQ_CURRENT
+            return error_message("26000", f'prepared statement "{name}" does not exist')
+        return None
 
     def _drain_fakes(self) -> None:
         expect = self.expect
@@ -986,12 +1246,15 @@ class ClientCore:
                 break
             head = expect[0] if expect else None
             action = head[1] if head is not None else FORWARD
-            forward = action != SKIP
+            forward = action == FORWARD
             pop = False
+            instead: bytes | None = None  # what the client gets in place of this message
             if kind == 0x44:  # 'D' DataRow: the hot case
                 if not forward:
                     self._emit(buf, run_start, off)
                     run_start = end
+                    if action == CAPTURE:
+                        self._capture += buf[off:end]
                 off = end
                 continue
             if kind == 0x43:  # 'C' CommandComplete
@@ -999,12 +1262,10 @@ class ClientCore:
                     pop = True
                 if forward:
                     tag = bytes(buf[off + 5:end - 1])
-                    if tag.startswith(_DIRTY_TAGS):
-                        server.dirty = True
-                        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
-                            server.statements.clear()  # the server's prepared statements are gone
-                            server.unnamed_owner = None
+                    if tag.startswith(_STATE_TAGS):
+                        self._state_tag(tag, server)
             elif kind == 0x5A:  # 'Z' ReadyForQuery
+                forward = forward or action == REPLACE
                 status = bytes(buf[off + 5:off + 6])
                 if head is not None and head[5] is not None and (head[0] == QUERY or head[0] == FUNCTION):
                     # A simple query (or FunctionCall) ends here: its answer is what came before.
@@ -1015,9 +1276,14 @@ class ClientCore:
                     if obs.complete(status):
                         self._txn_writes.append(obs)
                 self.txn = status
+                self.readies += 1
                 if self._await_sync or (status == b"I" and (self._txn_writes or self._portals)):
                     self._ready(status)
+                if status == b"I" and self._ddl:
+                    self._ddl = False
+                    self.registry.invalidate()  # again, now that the DDL is committed (or not)
                 self._sync_ignored = False
+                self.timeout_cancelled = False
                 if len(expect) <= 1:  # the last outstanding request: nothing unsynced remains
                     self._unsynced = False
                 pop = head is not None
@@ -1033,16 +1299,26 @@ class ClientCore:
             elif kind == 0x49 or kind == 0x73:  # EmptyQueryResponse / PortalSuspended
                 pop = head is not None and head[0] == EXECUTE
             elif kind == 0x45:  # 'E' ErrorResponse
-                # Reaches the client, except for our own SET of its startup settings (the
-                # client has no request to pair it with).
-                forward = not (head is not None and head[0] == QUERY and action == SKIP)
+                payload = bytes(buf[off + 5:end])
+                if action == REPLACE:
+                    instead = head[2]  # an error the proxy raised: the client gets the proxy's text
+                elif action == SKIP:
+                    # A Parse we injected to re-prepare the client's statement: the client must
+                    # know why its Bind fails. Our own simple queries never reach it.
+                    forward = head[0] != QUERY
+                elif (forward and head is not None and head[0] == BIND and head[2] is not None
+                      and self._stale_statement(head, payload)):
+                    # Sent again on a fresh statement: the client never sees this error.
+                    self._emit(buf, run_start, off)
+                    run_start = off = end
+                    continue
                 self.copy_in = False
                 self._sync_ignored = False
                 if self._rec is not None:
                     self._rec.failed = True
                 for obs in self._await_sync:
                     obs.failed = True
-                severity = bytes(buf[off + 5:off + 12])
+                severity = payload[:7]
                 if severity.startswith((b"SFATAL\x00", b"SPANIC\x00")):
                     if head is None:
                         # Unsolicited (e.g. 57P01 at an origin shutdown) while the client awaits
@@ -1057,15 +1333,14 @@ class ClientCore:
                     # The server ends the session and said why; the client must not get a
                     # second FATAL from us when the connection then drops.
                     self.fatal_forwarded = forward
+                elif forward and self.timeout_cancelled and b"\x00C57014\x00" in payload:
+                    self.timeout_cancelled = False  # the edge's statement timeout cancelled it
+                    instead = error_message("57014", "canceling statement due to statement timeout")
                 if head is not None and head[0] not in (QUERY, FUNCTION, SYNC):
                     self._fail_until_sync()
                     head = None
-            elif kind == 0x53:  # 'S' ParameterStatus: the client should know the value
-                forward = True
-                if action == FORWARD:
-                    server.dirty = True
-                if self._rec is not None:
-                    self._rec.unstorable = True
+            elif kind == 0x53:  # 'S' ParameterStatus: what the client's statements run under
+                forward = self._parameter_status(bytes(buf[off + 5:end]), server, action == FORWARD)
             elif kind == 0x47:  # 'G' CopyInResponse: the client now streams CopyData
                 self.copy_in = True
                 if head is not None and head[0] == EXECUTE:
@@ -1076,17 +1351,29 @@ class ClientCore:
                     expect.append(head)
                     expect.extend(later)
                     self._sync_ignored = True
-            elif kind == 0x4E or kind == 0x41:  # Notice / Notification: always forwarded
-                forward = True
+            elif kind == 0x4E or kind == 0x41:  # Notice / Notification
+                forward = action == FORWARD or action == REPLACE or head is None
                 if self._rec is not None:
                     self._rec.unstorable = True  # never replay a notice from the cache
+            if instead is not None:
+                forward = False
             if not forward:
                 self._emit(buf, run_start, off)
                 run_start = end
+                if action == CAPTURE and kind != 0x53:
+                    self._capture += buf[off:end]
+                if instead is not None:
+                    self.to_client += instead
             off = end
             if pop and expect:
                 popped = expect.popleft()
-                if popped[5] is not None and popped[0] == EXECUTE:
+                if popped[1] == CAPTURE:
+                    answer = bytes(self._capture)
+                    self._capture.clear()
+                    self._emit(buf, run_start, off)
+                    run_start = off
+                    popped[2](answer)  # may send requests of its own (a readback, a retry)
+                elif popped[5] is not None and popped[0] == EXECUTE:
                     # An Execute's answer ends with this message; its Sync decides the rest.
                     self._emit(buf, run_start, off)
                     run_start = off
@@ -1105,6 +1392,95 @@ class ClientCore:
                         self._begin(nxt[4])
         self._emit(buf, run_start, off)
         del buf[:off]
+        self._maybe_readback()
+
+    def _parameter_status(self, payload: bytes, server: ServerState, clients_request: bool) -> bool:
+        """A ParameterStatus: passed on only when it tells the client something new, so what
+        the client was told always matches what its statements run under (also while the
+        proxy applies its settings, and after another client's on that server)."""
+        try:
+            i = payload.index(0)
+            name, value = payload[:i], payload[i + 1:-1]
+        except ValueError:
+            return True
+        server.reported[name] = value
+        if clients_request:
+            self._changed()  # a setting changed under the client's own request: read back
+        if self._rec is not None:
+            self._rec.unstorable = True
+        told = self.settings.reported
+        if told.get(name) == value:
+            return False
+        told[name] = value
+        return True
+
+    def _changed(self) -> None:
+        self._check = True
+        self._readback_tries = 0
+        self.settings.known = False
+        self._prefix = None
+
+    def _state_tag(self, tag: bytes, server: ServerState) -> None:
+        """A CommandComplete tag that says the session changed (a backstop for the classifier)."""
+        # (SET and RESET are judged by the classifier, which tells SET LOCAL apart.)
+        if tag == b"DISCARD ALL" or tag == b"DO" or tag.startswith(b"CALL"):
+            self._changed()
+        if tag.startswith(_DIRTY_TAGS):
+            self._dirty = True
+        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
+            server.statements.clear()  # the server's prepared statements are gone
+            server.unnamed_owner = None
+
+    def _stale_statement(self, head: list[Any], payload: bytes) -> bool:
+        """A Bind of a shared server-side statement failed because it no longer fits the catalog
+        (e.g. a type was dropped and created again, a table's columns changed). Later Parses of
+        that text get a statement prepared afresh; when the client prepared it in this very
+        group, the group had no effect yet and nothing follows it, the group is sent again on a
+        fresh statement and the client never sees the error. True when it will be."""
+        fields = _error_fields(payload)
+        code, text = fields.get(b"C", b""), fields.get(b"M", b"")
+        if not any(code == c and text.startswith(m) for c, m in _STALE_STATEMENT):
+            return False
+        st: Statement = head[2]
+        self.registry.forget(st)
+        kept = self._since_sync
+        if (kept is None or self._retried or not self._group_done or self._group_txn != b"I"
+                or self.expect[-1][0] != SYNC or self._queued):
+            return False
+        bind_at = None
+        parsed = False
+        for i, (kind, raw, _) in enumerate(kept):
+            if kind == 0x42:
+                bind_at = i
+                break
+            if kind not in (0x50, 0x44, 0x43):
+                return False  # something before it ran: the error rolled it back
+            if kind == 0x50:
+                name = parse_fields(raw)[0].decode("utf-8", "surrogateescape")
+                parsed = parsed or self.statements.get(name) is st
+        if bind_at is None or not parsed:
+            return False
+        fresh = self.registry.get(st.query, st.param_oids, encode_parse)
+        for name, mapped in list(self.statements.items()):
+            if mapped is st:
+                self.statements[name] = fresh
+        again = kept[bind_at:]
+        # The server skips the rest of the group: so do we, and the Sync's answer starts the retry.
+        expect = self.expect
+        while expect and expect[0][0] != SYNC:
+            expect.popleft()
+        expect[0][1] = CAPTURE
+        expect[0][2] = lambda _answer: self._retry_group(again)
+        self._retried = True
+        self._blocked = True  # the client's next messages wait for the retried group
+        return True
+
+    def _retry_group(self, messages: list[tuple[int, bytes, Any]]) -> None:
+        self._blocked = False
+        for kind, raw, obs in messages:
+            self._client_message(kind, raw, obs)
+        self._retried = True  # at most once per group
+        self._send_queued()
 
     def _fail_until_sync(self) -> None:
         """After an error the server ignores everything up to Sync: so do our expectations."""
@@ -1114,12 +1490,18 @@ class ClientCore:
             entry = expect.popleft()
             if entry[0] == PARSE and entry[3] is not None and server is not None:
                 server.statements.discard(entry[3])  # the Parse did not happen
+                name = entry[2]
+                if isinstance(name, str) and self.statements.get(name) is not None \
+                        and self.statements[name].server_name == entry[3]:
+                    del self.statements[name]  # nor does the client's statement exist
             obs = entry[5]
             if obs is not None:
                 obs.failed = True
                 if self._rec is obs:
                     self._rec = None
                 self._await_sync.append(obs)
+        if not expect:
+            self._ignoring = True  # the Sync is still to come: until then the server answers nothing
 
     def server_lost(self) -> None:
         self.abandon_all()
@@ -1127,6 +1509,8 @@ class ClientCore:
         self.copy_in = False
         self._sync_ignored = False
         self._unsynced = False
+        self._ignoring = False
+        self._blocked = False
 
 
 def _observations(marks: Any) -> list[QueryObs]:
@@ -1148,3 +1532,47 @@ class _Marks:
     def __init__(self, start: QueryObs | None, end: QueryObs | None) -> None:
         self.start = start
         self.end = end
+
+
+def _error_fields(payload: bytes) -> dict[bytes, bytes]:
+    """An ErrorResponse payload's fields by their code byte (b"C", b"M", …)."""
+    out: dict[bytes, bytes] = {}
+    for part in payload.split(b"\x00"):
+        if part:
+            out[part[:1]] = part[1:]
+    return out
+
+
+def _first_error(answer: bytes) -> bytes | None:
+    """The first ErrorResponse (whole message) in a run of server messages."""
+    off = 0
+    while off + 5 <= len(answer):
+        (length,) = _I32.unpack_from(answer, off + 1)
+        if answer[off] == 0x45:
+            return answer[off:off + 1 + length]
+        off += 1 + length
+    return None
+
+
+def _error_text(error: bytes) -> str:
+    fields = _error_fields(error[5:])
+    return f"{fields.get(b'M', b'error').decode('utf-8', 'replace')} (SQLSTATE {fields.get(b'C', b'?').decode()})"
+
+
+def _data_rows(answer: bytes) -> list[list[bytes | None]]:
+    rows: list[list[bytes | None]] = []
+    off = 0
+    while off + 5 <= len(answer):
+        (length,) = _I32.unpack_from(answer, off + 1)
+        if answer[off] == 0x44:
+            rows.append(proto.parse_data_row(answer[off + 5:off + 1 + length]))
+        off += 1 + length
+    return rows
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "surrogateescape")
+
+
+def _name(name: bytes | str) -> str:
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else name

@@ -1,26 +1,63 @@
 """One authenticated client connection: moves bytes between the client socket, its
-`ClientCore` (the pooling logic) and whichever server connection it holds for now."""
+`ClientCore` (the pooling logic) and whichever server connection it holds for now.
+
+It also enforces the edge's statement timeout itself (the origin connections carry the
+client's own settings, so a client could lift one set there): a request the server works on for
+longer is cancelled at the origin, and the client gets SQLSTATE 57014. A client that vanishes
+while the server works for it gets its request cancelled at the origin too, and the server
+connection stays counted against the config's limit until the origin has answered (or a bound
+passes and the connection is closed).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from proxy.pg.pooling import ClientCore, ClientProtocolError, error_message, ready_for_query
+from proxy.pg.pooling import ClientCore, ClientProtocolError, error_message, message
 from proxy.pool import Pool, PoolError, ServerConn
 
 log = logging.getLogger("proxy.session")
 
 CLIENT_HIGH_WATER = 1024 * 1024  # bytes queued towards the client before we stop reading the server
+DRAIN_TIMEOUT = 30.0  # a vanished client's server: how long the origin may take to answer the cancel
+
+
+class Timer:
+    """What the session needs of a clock: call `fn` after `delay` seconds (cancellable)."""
+
+    def __init__(self) -> None:
+        self.handle: asyncio.TimerHandle | None = None
+
+    def start(self, delay: float, fn: Callable[[], None]) -> None:
+        self.cancel()
+        self.handle = asyncio.get_running_loop().call_later(delay, fn)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    @property
+    def running(self) -> bool:
+        return self.handle is not None
 
 
 class ClientSession:
     def __init__(self, transport: Any, pool: Pool, core: ClientCore,
-                 on_close: Callable[[ClientSession], None] | None = None) -> None:
+                 on_close: Callable[[ClientSession], None] | None = None, *,
+                 cancel: Optional[Callable[[ServerConn], None]] = None,
+                 statement_timeout: float = 0.0) -> None:
         self.transport = transport
         self.pool = pool
         self.core = core
+        # Sends a CancelRequest to the origin for what a server connection is running.
+        self._cancel = cancel
+        self.statement_timeout = statement_timeout  # seconds; 0: none
+        self._timer = Timer()
+        self._timed_requests = -1  # ReadyForQuery count when the timer was armed
+        self._drain_timer = Timer()
         self.server: ServerConn | None = None
         self._acquiring = False
         self._closed = False
@@ -52,14 +89,36 @@ class ClientSession:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        server, self.server = self.server, None
-        if server is not None:
-            self._give_back(server, client_gone=True)
+        self._timer.cancel()
+        self.core.gone = True
+        server = self.server
+        if server is not None and (self.core.expect or self.core.copy_in) and not server.closed \
+                and self._cancel is not None:
+            # The origin is still working for this client: cancel that (a COPY from the client
+            # is failed instead), and keep the connection (counted against the limit) until the
+            # origin has answered; then it is rolled back and reset like any other.
+            if self.core.copy_in:
+                server.write(message(b"f", b"the client disconnected\x00"))
+            else:
+                self._cancel(server)
+            self._drain_timer.start(DRAIN_TIMEOUT, self._drain_over)
+        else:
+            self.server = None
+            if server is not None:
+                self._give_back(server, client_gone=True)
         self.core.abandon_all()
         if self._wait_timer is not None:
             self._wait_timer.cancel()
         if self._on_close is not None:
             self._on_close(self)
+
+    def _drain_over(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            log.info("the origin did not answer a vanished client's cancelled request in %.0fs; "
+                     "closing that connection", DRAIN_TIMEOUT)
+            server.session = None
+            server.close()
 
     def pause_writing(self) -> None:
         if self.server is not None:
@@ -130,14 +189,21 @@ class ClientSession:
             if self.server is not None:
                 self.server.write(core.to_server)
             core.to_server.clear()
+        if core.fatal is not None and not self._closed:
+            # The client's session cannot go on (its settings could not be carried).
+            self._closed = True
+            self.transport.write(core.fatal)
+            self.transport.close()
         if core.terminated:
             self._closed = True
             self.transport.close()
             return
+        if self.statement_timeout:
+            self._time_statement()
         if self.server is not None and core.can_release:
             server, self.server = self.server, None
             core.detach()
-            self._give_back(server)
+            self._give_back(server, client_gone=self._closed)
         elif core.wants_server and not self._acquiring:
             server = self.pool.try_acquire()
             if server is not None:  # fast path: an idle connection, no task, no pause
@@ -146,6 +212,27 @@ class ClientSession:
             self._acquiring = True
             self.transport.pause_reading()
             asyncio.get_running_loop().create_task(self._acquire())
+
+    def _time_statement(self) -> None:
+        """The edge's statement timeout: from when the server starts on a request until its
+        ReadyForQuery (re-armed for each request of a pipeline)."""
+        core = self.core
+        if self.server is None or not core.expect or self._closed:
+            self._timer.cancel()
+            return
+        if not self._timer.running or self._timed_requests != core.readies:
+            self._timed_requests = core.readies
+            self._timer.start(self.statement_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer.handle = None
+        server = self.server
+        if server is None or not self.core.expect or self._cancel is None:
+            return
+        log.info("a statement ran longer than the edge's statement timeout (%.0fs); cancelling it",
+                 self.statement_timeout)
+        self.core.timeout_cancelled = True
+        self._cancel(server)
 
     def _watch(self, wait: Any) -> None:
         """The core waits (for another client's identical query, or a catalog load): stop
@@ -209,6 +296,7 @@ class ClientSession:
 
     def _give_back(self, server: ServerConn, client_gone: bool = False) -> None:
         core = self.core
+        self._drain_timer.cancel()
         if client_gone and core.expect:
             # Requests still in flight for a client that is gone: the server connection is in
             # an unknown state, so it is not reused.
@@ -219,20 +307,9 @@ class ClientSession:
 
     def _error_and_drop_queue(self, text: str) -> None:
         """No server for this client: answer its pending requests with one error."""
-        core = self.core
-        # One answer per request that expects a ReadyForQuery, as the server would give.
-        out = bytearray()
-        errored = False
-        for kind in core.drop_queued():
-            if kind == 0x51 or kind == 0x46 or (kind == 0x53 and not errored):  # Query / FunctionCall / first Sync
-                out += error_message("58000", text) + ready_for_query(core.txn)
-                errored = True
-            elif kind == 0x53:
-                out += ready_for_query(core.txn)
-        if not errored:
-            out += error_message("58000", text)
+        out = self.core.fail_queued(error_message("58000", text))
         if not self._closed:
-            self.transport.write(bytes(out))
+            self.transport.write(out)
             self.transport.resume_reading()
 
     def _fatal(self, sqlstate: str, text: str, hint: str | None = None) -> None:

@@ -40,6 +40,18 @@ class StatementRegistry:
             self._by_key[key] = st
         return st
 
+    def forget(self, st: Statement) -> None:
+        """`st` no longer fits the catalog: the next Parse of its text gets a new server name
+        (prepared afresh), while clients that hold `st` keep it, as on a direct connection."""
+        key = (st.query, st.param_oids)
+        if self._by_key.get(key) is st:
+            del self._by_key[key]
+
+    def invalidate(self) -> None:
+        """The catalog changed (DDL through the proxy, a client's DEALLOCATE ALL): every later
+        Parse gets a statement prepared afresh, never one prepared against the old catalog."""
+        self._by_key.clear()
+
     def __len__(self) -> int:
         return len(self._by_key)
 

@@ -224,6 +224,14 @@ class Classification:
     # A string constant that date/time input would read as 'now', 'today', 'tomorrow' or
     # 'yesterday' (outside a bare select-list item, where it stays text): time-dependent.
     time_literal: bool = False
+    # What the statement may leave in the session beyond its transaction (see `_Walk`):
+    # settings it sets or resets at session level (lower case; "*" for RESET ALL / DISCARD ALL),
+    # whether it may change settings it does not name (DO, CALL, set_config with a computed
+    # name), and state that cannot be carried to another connection ("listen", "prepare",
+    # "cursor", "temp", "lock", "load", "seed").
+    session_gucs: frozenset[str] = frozenset()
+    session_opaque: bool = False
+    session_holds: frozenset[str] = frozenset()
 
     @property
     def cacheable(self) -> bool:
@@ -258,6 +266,9 @@ class _Walk:
         "cte_names",
         "time_literal",
         "calls",
+        "gucs",
+        "opaque",
+        "holds",
     )
 
     def __init__(self) -> None:
@@ -272,6 +283,9 @@ class _Walk:
         self.cte_names: set[str] = set()
         self.time_literal = False
         self.calls: set[tuple[str, int]] = set()
+        self.gucs: set[str] = set()
+        self.opaque = False
+        self.holds: set[str] = set()
 
     def rel(self, rv: Any, written: bool = False) -> None:
         if not isinstance(rv, dict):
@@ -307,6 +321,11 @@ class _Walk:
                 fname = ".".join(n["String"]["sval"] for n in names)
                 nargs = -1 if val.get("func_variadic") else len(val.get("args", ()))
                 self.calls.add((fname, nargs))
+                bare = fname.removeprefix("pg_catalog.")
+                if bare == "set_config":
+                    self.set_config(val.get("args", ()))
+                elif bare in _SESSION_FUNCTIONS:
+                    self.holds.add(_SESSION_FUNCTIONS[bare])
             elif key == "SQLValueFunction":
                 op: str = val.get("op", "")
                 name = op.removeprefix("SVFOP_").removesuffix("_N").lower()
@@ -334,6 +353,7 @@ class _Walk:
                 if "intoClause" in val:
                     self.select_into = True
                     self.rel(val["intoClause"].get("rel"), written=True)
+                    self.session_statement(key, val)
             elif key in _DML_KINDS:
                 self.dml = True
                 self.rel(val.get("relation"), written=True)
@@ -341,6 +361,8 @@ class _Walk:
                 if val.get("is_from"):
                     self.dml = True
                     self.rel(val.get("relation"), written=True)
+            elif key in _SESSION_KINDS:
+                self.session_statement(key, val)
             if key == "RangeVar":
                 self.rel(val)
             elif isinstance(val, dict):
@@ -350,6 +372,68 @@ class _Walk:
             elif isinstance(val, list):
                 self.walk(val)
 
+
+    # -- what a statement leaves in the session (the pooler carries, resets or refuses it)
+    def set_config(self, args: Any) -> None:
+        """set_config(name, value, is_local): a session setting unless is_local is literally true."""
+        if len(args) != 3:
+            self.opaque = True
+            return
+        local = args[2].get("A_Const", {}) if isinstance(args[2], dict) else {}
+        if local.get("boolval", {}).get("boolval") is True:
+            return  # transaction-local: gone when the transaction ends
+        name = args[0].get("A_Const", {}).get("sval", {}).get("sval") if isinstance(args[0], dict) else None
+        if isinstance(name, str) and name:
+            self.gucs.add(name.lower())
+        else:
+            self.opaque = True  # a computed name: cannot tell which setting
+
+    def session_statement(self, key: str, val: dict[str, Any]) -> None:
+        if key == "VariableSetStmt":
+            kind = val.get("kind")
+            if val.get("is_local"):
+                return
+            if kind == "VAR_RESET_ALL":
+                self.gucs.add("*")
+            elif kind == "VAR_SET_MULTI":
+                if val.get("name") == "SESSION CHARACTERISTICS":
+                    for item in val.get("args", ()):
+                        name = item.get("DefElem", {}).get("defname", "")
+                        self.gucs.add(f"default_{name}")
+            elif isinstance(val.get("name"), str):
+                self.gucs.add(val["name"].lower())
+        elif key in ("DoStmt", "CallStmt"):
+            self.opaque = True
+        elif key == "DiscardStmt":
+            if val.get("target") == "DISCARD_ALL":
+                self.gucs.add("*")
+        elif key == "DeclareCursorStmt":
+            if int(val.get("options", 0)) & _CURSOR_OPT_HOLD:
+                self.holds.add("cursor")
+        elif key in ("CreateStmt", "CreateSeqStmt", "ViewStmt", "CreateTableAsStmt", "SelectStmt"):  # temp objects
+            if key == "CreateTableAsStmt" or key == "SelectStmt":
+                into = val.get("into") or val.get("intoClause") or {}
+                rel, oncommit = into.get("rel"), into.get("onCommit")
+            else:
+                rel = val.get("relation") or val.get("sequence") or val.get("view")
+                oncommit = val.get("oncommit")
+            if isinstance(rel, dict) and rel.get("relpersistence") == "t" and oncommit != "ONCOMMIT_DROP":
+                self.holds.add("temp")
+        else:
+            self.holds.add(_HOLDING_KINDS[key])
+
+
+# Statement kinds the session walk looks at (see `_Walk.session_statement`).
+_HOLDING_KINDS: Final[dict[str, str]] = {"ListenStmt": "listen", "PrepareStmt": "prepare", "LoadStmt": "load"}
+_SESSION_KINDS: Final[frozenset[str]] = frozenset({
+    "VariableSetStmt", "DoStmt", "CallStmt", "DiscardStmt", "DeclareCursorStmt", "CreateStmt", "CreateSeqStmt",
+    "ViewStmt", "CreateTableAsStmt", *_HOLDING_KINDS})
+_CURSOR_OPT_HOLD: Final = 0x0020
+# Builtins that leave state in the session that no setting shows: session-level advisory locks
+# (pg_advisory_unlock_all at reset releases them) and the random seed.
+_SESSION_FUNCTIONS: Final[dict[str, str]] = {
+    "pg_advisory_lock": "lock", "pg_advisory_lock_shared": "lock", "pg_try_advisory_lock": "lock",
+    "pg_try_advisory_lock_shared": "lock", "setseed": "seed"}
 
 _PARSE_ERROR_PREFIX: Final = "parse: "
 # Date/time input words whose value depends on when the statement runs.
@@ -440,6 +524,9 @@ def _classify(sql: str) -> Classification:
         cte_names=frozenset(w.cte_names),
         time_literal=w.time_literal,
         calls=frozenset(w.calls),
+        session_gucs=frozenset(w.gucs),
+        session_opaque=w.opaque,
+        session_holds=frozenset(w.holds),
     )
 
     if len(stmts) > 1:

@@ -143,8 +143,8 @@ def connect(url: str, **kw) -> psycopg.Connection:
 
 
 def proxy_backends(cluster: PgCluster, user: str) -> set[int]:
-    """pids of the proxy's origin connections for `user` (application_name hd-proxy)."""
-    rows = cluster.execute("select pid from pg_stat_activity where usename = %s and application_name = 'hd-proxy'",
+    """pids of the proxy's origin connections for `user` (only the proxy logs in as that role)."""
+    rows = cluster.execute("select pid from pg_stat_activity where usename = %s and backend_type = 'client backend'",
                            (user,))
     return {r[0] for r in rows}
 

@@ -31,7 +31,7 @@ def backend(conn: psycopg.Connection) -> int:
     return conn.execute("select pg_backend_pid()").fetchone()[0]
 
 
-def test_set_inside_a_transaction_never_reaches_the_next_client(stack):
+def test_set_is_carried_for_its_client_and_never_reaches_the_next(stack):
     pg, edge, url = stack
     with psycopg.connect(url) as a:
         with a.transaction():
@@ -39,21 +39,25 @@ def test_set_inside_a_transaction_never_reaches_the_next_client(stack):
             a.execute("set statement_timeout = 1234")
             pid = backend(a)
             assert a.execute("show search_path").fetchone()[0] == "leaked, public"  # within the transaction
-        # Transaction pooling (as Hyperdrive): a SET lasts for the transaction that ran it.
-        assert a.execute("show search_path").fetchone()[0] == '"$user", public'
-    # Five clients at once, each inside a transaction: the pool (limit 5) must hand out every
-    # server it has, including the one that ran the SETs.
-    clients = [psycopg.connect(url) for _ in range(5)]
-    try:
-        seen = set()
-        for b in clients:
-            seen.add(backend(b))  # opens a transaction: the server stays with b
-            assert b.execute("show search_path").fetchone()[0] == '"$user", public'
-            assert b.execute("show statement_timeout").fetchone()[0] == "1min"  # the proxy's default
-    finally:
-        for b in clients:
-            b.close()
-    assert pid in seen, "the SET connection was not handed out again: the check proved nothing"
+        # A session-level SET lasts for the client's session, as on a direct connection: the
+        # proxy carries it to whichever server runs the client's next transaction.
+        assert a.execute("show search_path").fetchone()[0] == "leaked, public"
+        assert a.execute("show statement_timeout").fetchone()[0] == "1234ms"
+        a.commit()
+        # Five clients at once, each inside a transaction: the pool (limit 5) must hand out every
+        # server it has, including the one that ran the SETs.
+        clients = [psycopg.connect(url) for _ in range(5)]
+        try:
+            seen = set()
+            for b in clients:
+                seen.add(backend(b))  # opens a transaction: the server stays with b
+                assert b.execute("show search_path").fetchone()[0] == '"$user", public'
+                assert b.execute("show statement_timeout").fetchone()[0] == "0"  # the server's, not the proxy's
+        finally:
+            for b in clients:
+                b.close()
+        assert pid in seen, "the SET connection was not handed out again: the check proved nothing"
+        assert a.execute("show search_path").fetchone()[0] == "leaked, public"  # still a's
 
 
 def test_startup_settings_follow_each_client(stack):
@@ -64,8 +68,17 @@ def test_startup_settings_follow_each_client(stack):
             assert a.execute("show search_path").fetchone()[0] == "tenant_a,public"  # as PostgreSQL shows it
             assert a.execute("show application_name").fetchone()[0] == "client-a"
             assert b.execute("show search_path").fetchone()[0] == '"$user", public'
-    with pytest.raises(psycopg.OperationalError, match="client_encoding"):
-        psycopg.connect(url, client_encoding="LATIN1")
+    # Any encoding the origin accepts is carried like any setting: text arrives intact both ways.
+    with psycopg.connect(url, client_encoding="LATIN1") as latin:
+        assert latin.info.parameter_status("client_encoding") == "LATIN1"
+        assert latin.execute("select 'Grüße'::text, current_setting('client_encoding')").fetchone() == (
+            "Grüße", "LATIN1")
+        assert latin.execute("select length('Grüße')").fetchone()[0] == 5
+    # A setting the origin refuses fails the login with the origin's own error, as direct.
+    with pytest.raises(psycopg.OperationalError, match='FATAL:  invalid value for parameter "statement_timeout"'):
+        psycopg.connect(url, options="-c statement_timeout=soon")
+    with pytest.raises(psycopg.OperationalError, match="invalid value for parameter"):
+        psycopg.connect(url, client_encoding="NOT-AN-ENCODING")
 
 
 def test_pipelined_queries_and_prepared_statements(stack):

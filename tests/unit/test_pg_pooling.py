@@ -207,12 +207,36 @@ def test_flush_without_sync_keeps_the_server(core):
     assert not core.can_release  # no Sync yet: the unnamed statement lives on this server
 
 
-def test_set_marks_the_server_dirty_and_set_local_too_is_harmless(core):
+def readback_answer(*rows: tuple[str, str]) -> bytes:
+    """The origin's answer to the proxy's settings readback (name, value rows)."""
+    out = message(b"T", b"\x00\x00")
+    for name, value in rows:
+        out += message(b"D", I16.pack(2) + I32.pack(len(name)) + name.encode() + I32.pack(len(value)) + value.encode())
+    return out + done(f"SELECT {len(rows)}") + rfq()
+
+
+def test_a_set_is_read_back_then_carried_not_reset(core):
     server = ServerState()
     core.feed_client(q("set search_path = x"))
     core.attach(server)
+    assert take(core.to_server) == q("set search_path = x")
     core.feed_server(done("SET") + rfq())
-    assert server.dirty and core.can_release
+    assert take(core.to_client) == done("SET") + rfq()
+    # Before the server goes back, the proxy asks it what the session's settings are now.
+    readback = take(core.to_server)
+    assert readback.startswith(b"Q") and b"pg_settings" in readback and not core.can_release
+    core.feed_server(readback_answer(("search_path", "x"), ("role", "none"), ("session_authorization", "")))
+    assert not core.to_client and core.can_release
+    assert core.settings.values == {"search_path": "x"} and server.params == {"search_path": "x"}
+    core.detach()
+    assert not server.dirty  # carried, not reset
+
+
+def test_set_local_needs_no_readback(core):
+    core.feed_client(q("begin") + q("set local search_path = x") + q("commit"))
+    core.attach(ServerState())
+    core.feed_server(done("BEGIN") + rfq(b"T") + done("SET") + rfq(b"T") + done("COMMIT") + rfq())
+    assert core.can_release and core.settings.values == {}
 
 
 def test_copy_in_holds_the_server_until_done(core):
@@ -232,9 +256,11 @@ def test_startup_settings_are_applied_and_their_answers_hidden(core):
     c.feed_client(q("select 1"))
     c.attach(server)
     sent = split(take(c.to_server))
-    assert sent[0] == q("SELECT set_config('application_name', 'it''s me', false);")  # quoted; bad names dropped
+    # quoted; bad names dropped; pipelined with the client's query
+    assert sent == [q("SELECT pg_catalog.set_config('application_name', 'it''s me', false);"), q("select 1")]
     c.feed_server(message(b"S", b"application_name\x00it's me\x00") + message(b"T", b"\x00\x00") + row(b"x")
                   + done("SELECT 1") + rfq() + done("SELECT 1") + rfq())
+    # The client had not been told its application_name yet (see listener): it is now, once.
     assert take(c.to_client) == message(b"S", b"application_name\x00it's me\x00") + done("SELECT 1") + rfq()
     assert not server.dirty  # our own SET is tracked, not a client's change
     c.detach()
@@ -267,13 +293,15 @@ def test_settings_of_one_client_never_leak_to_the_next():
     a.feed_client(q("select 1"))
     a.attach(server)
     assert split(take(a.to_server))[0] == q(
-        "SELECT set_config('search_path', 'tenant_a', false), set_config('application_name', 'a', false);")
+        "SELECT pg_catalog.set_config('search_path', 'tenant_a', false), "
+        "pg_catalog.set_config('application_name', 'a', false);")
     a.feed_server(done("SELECT 1") + rfq() + done("SELECT 1") + rfq())
     a.detach()
-    b = ClientCore(reg, settings={"application_name": "b", "role": "postgres"})  # role: refused
+    b = ClientCore(reg, settings={"application_name": "b"})
     b.feed_client(q("select 1"))
     b.attach(server)
-    assert split(take(b.to_server))[0] == q("SELECT set_config('application_name', 'b', false);RESET search_path;")
+    assert split(take(b.to_server))[0] == q(
+        'RESET "search_path";SELECT pg_catalog.set_config(\'application_name\', \'b\', false);')
     assert server.params == {"application_name": "b"}
 
 
@@ -284,11 +312,14 @@ def test_sql_deallocate_of_a_client_name_is_answered_by_the_proxy(core):
     core.feed_server(PARSE_OK + rfq())
     take(core.to_client)
     core.feed_client(q("DEALLOCATE _pg3_0") + q('deallocate "_pg3_0"'))
-    assert not core.to_server  # the server never knew that name
-    out = take(core.to_client)
-    assert out.startswith(done("DEALLOCATE") + rfq())
-    assert b"26000" in out and out.endswith(rfq())
+    assert take(core.to_client) == done("DEALLOCATE") + rfq()  # the server never knew that name
     assert "_pg3_0" not in core.statements
+    # The second one fails: the server is made to fail a query (so a transaction would be
+    # failed too, as on a direct connection) and the client gets the proxy's error instead.
+    assert take(core.to_server) == q("hd proxy raises an error")
+    core.feed_server(err("syntax error") + rfq())
+    out = take(core.to_client)
+    assert b"26000" in out and b'prepared statement "_pg3_0" does not exist' in out and out.endswith(rfq())
 
 
 def test_discard_all_forgets_prepared_statements_on_both_sides(core):
@@ -298,7 +329,12 @@ def test_discard_all_forgets_prepared_statements_on_both_sides(core):
     core.feed_server(PARSE_OK + rfq())
     core.feed_client(q("DISCARD ALL"))
     core.feed_server(done("DISCARD ALL") + rfq())
-    assert not core.statements and not server.statements.has("hd_1") and server.dirty
+    assert not core.statements and not server.statements.has("hd_1")
+    assert b"pg_settings" in take(core.to_server)  # what DISCARD ALL reset: read back
+    core.feed_server(readback_answer())
+    assert core.can_release
+    core.detach()
+    assert not server.dirty  # DISCARD ALL leaves nothing behind
 
 
 def test_extended_copy_in_syncs_sent_during_copy_are_not_expected(core):

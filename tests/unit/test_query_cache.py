@@ -6,6 +6,7 @@ stale-while-revalidate and max_age with an injected clock)."""
 from __future__ import annotations
 
 import struct
+from typing import Mapping
 
 import pytest
 
@@ -258,9 +259,12 @@ class World:
 
     def core(self, settings: dict[str, str] | None = None, role: str = "app") -> ClientCore:
         settings = settings or {}
-        prefix = self.cache.prefix(self.ns, role, "db", tuple(sorted(settings.items())))
-        ctx = CacheContext(self.ns, self.policy, prefix, self.metrics, self.clock,
-                           lambda req, fill: self.refreshes.append((req, fill)), lambda now, names: None)
+
+        def prefix_for(values: Mapping[str, str]) -> int:
+            return self.cache.prefix(self.ns, role, "db", tuple(sorted(values.items())))
+
+        ctx = CacheContext(self.ns, self.policy, prefix_for, self.metrics, self.clock,
+                           lambda req, fill, values: self.refreshes.append((req, fill)), lambda now, names: None)
         return ClientCore(self.registry, settings=settings, cache=ctx)
 
     def statuses(self) -> dict[str, int]:
@@ -520,17 +524,31 @@ def _offsets(data: bytes) -> list[int]:
     return out
 
 
-def test_a_batch_split_across_reads_is_still_a_hit():
+def test_a_batch_split_inside_a_message_is_still_a_hit():
     w = World()
     c = w.core()
     first = extended(c, "SELECT * FROM items WHERE id = $1", (b"7",), name="s7")
     msgs = bind("s7", (b"7",)) + describe(b"P") + execute() + SYNC
-    for cut in (3, len(bind("s7", (b"7",))), len(msgs) - 2):  # inside a message, between messages, in the Sync
+    for cut in (3, len(bind("s7", (b"7",))) + 2, len(msgs) - 2):  # inside a message, inside the Sync
         c.feed_client(msgs[:cut])
         assert not c.to_client and not c.wants_server
         c.feed_client(msgs[cut:])
         assert take(c.to_client) == first[len(PARSE_OK):]
     assert w.statuses() == {"miss": 1, "hit": 3}
+
+
+def test_a_batch_cut_between_messages_goes_out_at_once():
+    """Never wait for a Sync the client has not sent: the client may be waiting for what the
+    server says first (an error comes at once on a direct connection)."""
+    w = World()
+    c = w.core()
+    extended(c, "SELECT * FROM items WHERE id = $1", (b"7",), name="s7")
+    c.feed_client(bind("s7", (b"7",)) + describe(b"P"))
+    assert c.wants_server
+    server = ServerState()
+    c.attach(server)
+    sent = take(c.to_server)
+    assert sent.endswith(describe(b"P")) and SYNC not in sent
 
 
 def test_texts_differing_only_in_constants_are_classified_once(catalog):
