@@ -50,17 +50,27 @@ CATALOG_CAST_TYPES = frozenset(
     for name in (base, "pg_catalog." + base))
 # Extension functions that reach other databases or write by design.
 EXTENSION_WRITERS = frozenset({"dblink", "dblink_exec", "dblink_send_query", "dblink_open"})
+# Builtins whose effect on the session the classifier judges from the call itself.
+SESSION_BUILTINS = frozenset({"set_config", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+                              "pg_try_advisory_lock_shared", "setseed"})
 RELOAD_MIN_INTERVAL = 1.0  # seconds between reloads caused by unknown names
 MISSING_RECHECK = 60.0  # a name a reload did not find triggers no other reload for this long
+
+# Custom settings a function body (or a DO block) names: set_config('app.x', …) or SET app.x.
+# They are read back after a call, so a session keeps what its functions set.
+BODY_SETTINGS = r"(?:set_config\s*\(\s*'|\mset\s+(?:session\s+)?)([A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$.]*)"
 
 # One round trip: four result sets, in this order (see `OriginCatalog.load`).
 CATALOG_SQL = """\
 SELECT n.nspname, p.proname, p.pronargs, p.pronargdefaults, p.provariadic <> 0, p.provolatile::text,
-       p.provolatile = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                        WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
-                          AND d.objid = p.oid AND d.deptype = 'e')
-  FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace;
+       w.may_write,
+       CASE WHEN w.may_write THEN (SELECT pg_catalog.string_agg(DISTINCT m[1], ',')
+                                     FROM pg_catalog.regexp_matches(p.prosrc, BODY_SETTINGS_RE, 'gi') AS m) END
+  FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace,
+       LATERAL (SELECT p.provolatile = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                                        WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                          AND d.objid = p.oid AND d.deptype = 'e') AS may_write) AS w;
 SELECT c.oid, n.nspname, c.relname, c.relkind, c.relrowsecurity,
        CASE WHEN c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
             THEN pg_catalog.pg_get_viewdef(c.oid) END,
@@ -72,7 +82,7 @@ SELECT c.oid, n.nspname, c.relname, c.relkind, c.relrowsecurity,
 SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits;
 SELECT conrelid, confrelid FROM pg_catalog.pg_constraint
  WHERE contype = 'f' AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd'));
-"""
+""".replace("BODY_SETTINGS_RE", "'" + BODY_SETTINGS.replace("'", "''") + "'")
 
 Rows = Sequence[Sequence[str | None]]
 
@@ -140,6 +150,7 @@ class OriginCatalog:
         # bare name -> overloads (schema, fewest arguments, most arguments, provolatile)
         self._overloads: dict[str, list[tuple[str, int, int, str]]] = {}
         self._writers: set[str] = set()  # bare and "schema.name" names that may write tables
+        self._settings_of: dict[str, frozenset[str]] = {}  # such a function -> custom settings it names
         self._rels_by_name: dict[str, list[Relation]] = {}
         self._rels_qualified: dict[tuple[str, str], Relation] = {}
         self._rels: dict[int, Relation] = {}
@@ -156,7 +167,12 @@ class OriginCatalog:
         funcs, rels, inherits, fks = results
         overloads: dict[str, list[tuple[str, int, int, str]]] = {}
         writers: set[str] = set()
-        for schema, name, nargs, ndefaults, variadic, volatility, may_write in funcs:
+        settings_of: dict[str, frozenset[str]] = {}
+        for schema, name, nargs, ndefaults, variadic, volatility, may_write, *rest in funcs:
+            if rest and rest[0]:
+                names = frozenset(n.lower() for n in rest[0].split(","))
+                for key in (name, f"{schema}.{name}"):
+                    settings_of[key] = settings_of.get(key, frozenset()) | names
             assert schema is not None and name is not None and volatility is not None
             most = int(nargs or 0)
             fewest = most - int(ndefaults or 0)
@@ -201,7 +217,7 @@ class OriginCatalog:
         cascades: dict[int, set[int]] = {}
         for referencing, referenced in fks:
             cascades.setdefault(int(referenced), set()).add(int(referencing))  # type: ignore[arg-type]
-        self._overloads, self._writers = overloads, writers
+        self._overloads, self._writers, self._settings_of = overloads, writers, settings_of
         self._rels_by_name, self._rels_qualified, self._rels = by_name, by_qual, by_oid
         self._family, self._cascades = family, cascades
         self._decisions.clear()
@@ -280,17 +296,22 @@ class OriginCatalog:
         # Session state: settings named by SET/RESET/set_config are read back; DO, CALL, a parse
         # error, an unknown function or a user-defined volatile one may change anything.
         opaque = c.session_opaque or c.status == "parseerror"
+        names = {n for n in c.session_gucs if "." in n}
         for fn, nargs in c.calls:
+            if fn.removeprefix("pg_catalog.") in SESSION_BUILTINS:
+                continue  # the classifier judged what they leave in the session
             if self._may_write(fn):
                 write_all = True
                 opaque = True
+                parts = fn.split(".")
+                names |= self._settings_of.get(".".join(parts[-2:]) if len(parts) > 1 else fn, frozenset())
             elif self._volatility(fn, nargs) is None:
                 unknown.add(fn)
                 write_all = True  # an unknown function may write
                 opaque = True
         writes = dict(write_tokens=frozenset(write_tokens), write_all=write_all, reload_catalog=reload_catalog,
                       readback=opaque or bool(c.session_gucs), dirty=opaque or bool(c.session_holds),
-                      names=frozenset(n for n in c.session_gucs if "." in n), holds=c.session_holds)
+                      names=frozenset(names), holds=c.session_holds)
         if c.status != "cacheable":
             return Decision(c.status, c.reason, unknown=frozenset(unknown), **writes)  # type: ignore[arg-type]
 

@@ -973,7 +973,7 @@ class ClientCore:
                 rest = raw[portal_end + len(name) + 1:]
                 raw = message(b"B", raw[5:portal_end] + st.server_name.encode() + b"\x00" + rest)
                 out += raw
-                expect.append([BIND, FORWARD, st, None, None, None])
+                expect.append([BIND, FORWARD, st, self._kept_at(), None, None])
             else:
                 self._ensure_unnamed()
                 out += raw
@@ -1029,11 +1029,13 @@ class ClientCore:
                     self._raise(error_message("26000", f'prepared statement "{_name(name)}" does not exist'))
                     return
                 self._ensure_prepared(st)
-                raw = message(b"D", b"S" + st.server_name.encode() + b"\x00")
-            elif what == b"S":
-                self._ensure_unnamed()
-            out += raw
-            expect.append([DESCRIBE, FORWARD, None, None, None, None])
+                out += message(b"D", b"S" + st.server_name.encode() + b"\x00")
+                expect.append([DESCRIBE, FORWARD, st, self._kept_at(), None, None])
+            else:
+                if what == b"S":
+                    self._ensure_unnamed()
+                out += raw
+                expect.append([DESCRIBE, FORWARD, None, None, None, None])
         elif kind == 0x43:  # 'C' Close
             what = raw[5:6]
             name = raw[6:-1]
@@ -1077,6 +1079,10 @@ class ClientCore:
         self.to_server += _BAD_PARSE
         server.unnamed_owner = None  # the failed Parse dropped the server's unnamed statement
         self.expect.append([PARSE, REPLACE, error, None, None, None])
+
+    def _kept_at(self) -> int:
+        """Where the message being sent is in the kept group (-1: not kept)."""
+        return len(self._since_sync) - 1 if self._since_sync is not None else -1
 
     def _keep_for_retry(self, kind: int, raw: bytes, obs: Any) -> None:
         """Keep the raw messages of the current Sync group, so that a group that failed only
@@ -1306,8 +1312,8 @@ class ClientCore:
                     # A Parse we injected to re-prepare the client's statement: the client must
                     # know why its Bind fails. Our own simple queries never reach it.
                     forward = head[0] != QUERY
-                elif (forward and head is not None and head[0] == BIND and head[2] is not None
-                      and self._stale_statement(head, payload)):
+                elif (forward and head is not None and (head[0] == BIND or head[0] == DESCRIBE)
+                      and head[2] is not None and self._stale_statement(head, payload)):
                     # Sent again on a fresh statement: the client never sees this error.
                     self._emit(buf, run_start, off)
                     run_start = off = end
@@ -1432,11 +1438,13 @@ class ClientCore:
             server.unnamed_owner = None
 
     def _stale_statement(self, head: list[Any], payload: bytes) -> bool:
-        """A Bind of a shared server-side statement failed because it no longer fits the catalog
-        (e.g. a type was dropped and created again, a table's columns changed). Later Parses of
-        that text get a statement prepared afresh; when the client prepared it in this very
-        group, the group had no effect yet and nothing follows it, the group is sent again on a
-        fresh statement and the client never sees the error. True when it will be."""
+        """A Bind (or Describe) of a shared server-side statement failed: it no longer fits the
+        catalog (a type was dropped and created again, a table's columns changed behind the
+        proxy's back). Later Parses of that text get a statement prepared afresh. When the client
+        prepared it in this very group, nothing ran before it in the group (the error rolled
+        nothing back) and nothing of the client's follows it, the group is sent again on a fresh
+        statement and the client never sees the error (on a direct connection its Parse would
+        have prepared against the current catalog). True when it will be."""
         fields = _error_fields(payload)
         code, text = fields.get(b"C", b""), fields.get(b"M", b"")
         if not any(code == c and text.startswith(m) for c, m in _STALE_STATEMENT):
@@ -1444,31 +1452,36 @@ class ClientCore:
         st: Statement = head[2]
         self.registry.forget(st)
         kept = self._since_sync
-        if (kept is None or self._retried or not self._group_done or self._group_txn != b"I"
-                or self.expect[-1][0] != SYNC or self._queued):
+        expect = self.expect
+        if kept is None or self._retried or self._group_txn != b"I" or self._queued:
             return False
-        bind_at = None
+        sync_at = next((i for i, e in enumerate(expect) if e[0] == SYNC), None)
+        if (sync_at is None) == self._group_done or (sync_at is not None and sync_at != len(expect) - 1):
+            return False  # another group is in flight behind this one
+        first = head[3]  # the failed request, in the kept group
+        if first is None or not 0 <= first < len(kept):
+            return False
         parsed = False
-        for i, (kind, raw, _) in enumerate(kept):
-            if kind == 0x42:
-                bind_at = i
-                break
-            if kind not in (0x50, 0x44, 0x43):
+        for kind, raw, _ in kept[:first]:
+            if kind != 0x50 and kind != 0x43 and kind != 0x44:
                 return False  # something before it ran: the error rolled it back
             if kind == 0x50:
                 name = parse_fields(raw)[0].decode("utf-8", "surrogateescape")
                 parsed = parsed or self.statements.get(name) is st
-        if bind_at is None or not parsed:
+        if not parsed:
             return False
         fresh = self.registry.get(st.query, st.param_oids, encode_parse)
         for name, mapped in list(self.statements.items()):
             if mapped is st:
                 self.statements[name] = fresh
-        again = kept[bind_at:]
-        # The server skips the rest of the group: so do we, and the Sync's answer starts the retry.
-        expect = self.expect
+        again = kept[first:]
+        # The server skips the rest of the group up to a Sync: so do we; that Sync's answer
+        # (the client's, or ours when the client has not sent one yet) starts the retry.
         while expect and expect[0][0] != SYNC:
             expect.popleft()
+        if not expect:
+            self.to_server += _SYNC
+            expect.append([SYNC, FORWARD, None, None, None, None])
         expect[0][1] = CAPTURE
         expect[0][2] = lambda _answer: self._retry_group(again)
         self._retried = True

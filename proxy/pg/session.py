@@ -194,9 +194,9 @@ class ClientSession:
             self._closed = True
             self.transport.write(core.fatal)
             self.transport.close()
-        if core.terminated:
+        if core.terminated and not self._closed:
             self._closed = True
-            self.transport.close()
+            self.transport.close()  # connection_lost gives back (or drains) the server
             return
         if self.statement_timeout:
             self._time_statement()

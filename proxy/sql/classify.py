@@ -404,6 +404,10 @@ class _Walk:
                 self.gucs.add(val["name"].lower())
         elif key in ("DoStmt", "CallStmt"):
             self.opaque = True
+            for item in val.get("args", ()) if key == "DoStmt" else ():
+                body = item.get("DefElem", {}).get("arg", {}).get("String", {}).get("sval")
+                if isinstance(body, str):  # custom settings the block names: read back by name
+                    self.gucs.update(m.lower() for m in _BODY_SETTINGS.findall(body))
         elif key == "DiscardStmt":
             if val.get("target") == "DISCARD_ALL":
                 self.gucs.add("*")
@@ -429,6 +433,10 @@ _SESSION_KINDS: Final[frozenset[str]] = frozenset({
     "VariableSetStmt", "DoStmt", "CallStmt", "DiscardStmt", "DeclareCursorStmt", "CreateStmt", "CreateSeqStmt",
     "ViewStmt", "CreateTableAsStmt", *_HOLDING_KINDS})
 _CURSOR_OPT_HOLD: Final = 0x0020
+# Custom settings a DO block names (the catalog's BODY_SETTINGS, for PostgreSQL's regex dialect).
+_BODY_SETTINGS: Final = re.compile(
+    r"(?:set_config\s*\(\s*'|\bset\s+(?:session\s+)?)([A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$.]*)",
+    re.IGNORECASE)
 # Builtins that leave state in the session that no setting shows: session-level advisory locks
 # (pg_advisory_unlock_all at reset releases them) and the random seed.
 _SESSION_FUNCTIONS: Final[dict[str, str]] = {
