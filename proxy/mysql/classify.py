@@ -74,6 +74,8 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from proxy.mysql.state import EMPTY_EFFECT, PARSE_ERROR_EFFECT, Effect, session_effect
+
 __all__ = [
     "DETERMINISTIC_FUNCTIONS",
     "MySQLClassification",
@@ -260,6 +262,7 @@ class MySQLClassification:
     database: str | None = None  # the database a USE names
     transaction: str | None = None  # begin/commit/rollback/savepoint/release/xa
     normalized: str | None = None  # comments dropped, whitespace runs -> " ", constants kept
+    session: Effect = EMPTY_EFFECT  # what it does to the client's session (proxy/mysql/state.py)
 
     @property
     def cacheable(self) -> bool:
@@ -675,6 +678,73 @@ def _ddl_targets(T: list[str], V: list[str], i: int, hi: int, f: _Facts) -> None
             return
 
 
+# Compound statements (stored programs, MariaDB's BEGIN NOT ATOMIC and top-level IF/CASE/LOOP/
+# WHILE/REPEAT) hold ";" inside their bodies: one statement for the server, so one here.
+_ROUTINE_WORDS: Final = frozenset({"PROCEDURE", "FUNCTION", "TRIGGER", "EVENT", "PACKAGE"})
+_BLOCK_END_WORDS: Final = frozenset({"IF", "CASE", "LOOP", "WHILE", "REPEAT", "FOR"})
+# Where a statement starts inside a compound body: IF/LOOP/WHILE/REPEAT there open a block; elsewhere
+# IF(...) and REPEAT(...) are functions.
+_BODY_STARTS: Final = frozenset({";", ":", "BEGIN", "ATOMIC", "THEN", "ELSE", "DO", "LOOP", "REPEAT", "ROW"})
+
+
+def _compound_start(T: list[str], V: list[str], i: int) -> bool:
+    """Does the statement starting at token i have a compound body?"""
+    n = len(T)
+    if T[i] != "id":
+        return False
+    v = V[i]
+    if v == "CREATE":
+        for k in range(i + 1, min(n, i + 16)):
+            if T[k] == "op" and V[k] == "(":
+                return False
+            if T[k] == "id" and V[k] in _ROUTINE_WORDS:
+                return True
+        return False
+    if v == "BEGIN":
+        return i + 2 < n and V[i + 1] == "NOT" and V[i + 2] == "ATOMIC"
+    if i + 2 < n and T[i + 1] == "op" and V[i + 1] == ":" and T[i + 2] == "id":
+        return V[i + 2] in ("BEGIN", "LOOP", "WHILE", "REPEAT", "FOR")  # label: BEGIN NOT ATOMIC ...
+    return v in ("IF", "CASE", "LOOP", "WHILE", "REPEAT", "FOR")
+
+
+def _statement_bounds(T: list[str], V: list[str]) -> list[tuple[int, int]]:
+    """Token ranges of the statements: split at ";" except inside a compound statement's blocks.
+    A block that does not close (or closes too often) is a parse error: fail closed."""
+    bounds: list[tuple[int, int]] = []
+    n = len(T)
+    start = 0
+    compound = False
+    depth = 0
+    i = 0
+    while i < n:
+        t, v = T[i], V[i]
+        if i == start:
+            compound = _compound_start(T, V, i)
+            depth = 0
+        if t == "op" and v == ";":
+            if not compound or depth == 0:
+                bounds.append((start, i))
+                start = i + 1
+        elif compound and t == "id":
+            prev = V[i - 1] if i > start else ";"
+            if v == "END":
+                depth -= 1
+                if depth < 0:
+                    raise _LexError("END without a block")
+                if i + 1 < n and T[i + 1] == "id" and V[i + 1] in _BLOCK_END_WORDS:
+                    i += 1  # END IF, END LOOP, ...
+            elif v == "CASE" or v == "BEGIN":
+                depth += 1  # a CASE expression ends with END too; inside a body BEGIN is a block
+            elif v in ("IF", "LOOP", "WHILE", "REPEAT", "FOR") and (prev in _BODY_STARTS or i == start):
+                depth += 1
+        i += 1
+    if compound and depth:
+        raise _LexError("a compound statement whose blocks do not close")
+    if start < n or not bounds:
+        bounds.append((start, n))
+    return bounds
+
+
 def classify(sql: str, *, no_backslash_escapes: bool | None = None,
              ansi_quotes: bool | None = None) -> MySQLClassification:
     """Classify one COM_QUERY text. Never raises; fails closed (``parseerror``, ``write_all``).
@@ -691,7 +761,8 @@ def classify(sql: str, *, no_backslash_escapes: bool | None = None,
         reason = f"parse: {type(exc).__name__}: {exc}"
     # Text we could not lex may still be a USE the server understands: refuse it too.
     return MySQLClassification("parseerror", reason, "unknown", -1, write_all=True,
-                               uses_database_change=_USE_WORD.search(sql) is not None)
+                               uses_database_change=_USE_WORD.search(sql) is not None,
+                               session=PARSE_ERROR_EFFECT)
 
 
 _USE_WORD: Final = re.compile(r"(?<![0-9A-Za-z_$\u0080-\uffff])use(?![0-9A-Za-z_$\u0080-\uffff])",
@@ -701,20 +772,15 @@ _USE_WORD: Final = re.compile(r"(?<![0-9A-Za-z_$\u0080-\uffff])use(?![0-9A-Za-z_
 def _classify(sql: str, nbe: bool | None, ansi: bool | None) -> MySQLClassification:
     backslash = None if nbe is None else not nbe
     T, V, normalized = _lex(sql, backslash, ansi)
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    for idx, t in enumerate(T):
-        if t == "op" and V[idx] == ";":
-            bounds.append((start, idx))
-            start = idx + 1
-    if start < len(T) or not bounds:
-        bounds.append((start, len(T)))
+    bounds = _statement_bounds(T, V)
     count = len(bounds)
     f = _Facts()
     kinds: list[Kind] = []
+    first = (0, 0)
     for lo, hi in bounds:
         if lo < hi:
             kinds.append(_statement(T, V, lo, hi, f))
+            first = (lo, hi) if len(kinds) == 1 else first
     if not kinds:
         return MySQLClassification("notaquery", "empty", "other", 0 if count == 1 else count,
                                    normalized=normalized)
@@ -747,4 +813,7 @@ def _classify(sql: str, nbe: bool | None, ansi: bool | None) -> MySQLClassificat
         status, reason = "notaquery", "use"
     else:  # show, set, call, other
         status, reason = "notaquery", kind
-    return MySQLClassification(status, reason, kind, 1, **facts)
+    effect = session_effect(T, V, first[0], first[1], kind, functions=f.functions,
+                            unknown_functions=f.unknown, uses_tables=bool(f.tables or f.writes),
+                            transaction=f.transaction)
+    return MySQLClassification(status, reason, kind, 1, session=effect, **facts)

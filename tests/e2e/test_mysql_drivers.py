@@ -249,7 +249,8 @@ def _origin_selects(stack: Stack) -> int:
 def test_reads_are_cached_volatile_ones_are_not_and_writes_invalidate(stack):
     stack.db.query(f"CREATE TABLE IF NOT EXISTS {DB}.drv_cache (id INT PRIMARY KEY, v INT)")
     stack.db.query(f"REPLACE INTO {DB}.drv_cache VALUES (1, 10)")
-    c = stack.connect(ssl_disabled=True)
+    # autocommit on: with PyMySQL's default (off) every statement is in a transaction, never cached
+    c = stack.connect(ssl_disabled=True, autocommit=True)
     try:
         cur = c.cursor()
         read = "SELECT SUM(v) FROM drv_cache WHERE id < 100"
@@ -289,8 +290,9 @@ def test_reads_are_cached_volatile_ones_are_not_and_writes_invalidate(stack):
 # ------------------------------------------------------------------------------------ session state
 
 def test_session_state_never_reaches_the_next_client(stack):
-    """SET, user variables and temporary tables last for the client's statement (or transaction),
-    as in Hyperdrive: the pooled connection is reset before anyone else gets it."""
+    """SET, user variables, sql_mode, temporary tables and user locks stay with the client that
+    made them (carried or pinned) and never reach the next client: the pooled connection is reset
+    or brought to the next client's settings before anyone else uses it."""
     a = stack.connect(ssl_disabled=True)
     try:
         cur = a.cursor()
@@ -327,7 +329,7 @@ def test_stale_while_revalidate_and_coalesced_misses(stack):
                         "--access-client-id", stack.token["client_id"],
                         "--access-client-secret", stack.token["client_secret"])
     swr = Stack(stack.db, stack.edge, cfg, stack.token)
-    c = swr.connect(ssl_disabled=True)
+    c = swr.connect(ssl_disabled=True, autocommit=True)
     try:
         cur = c.cursor()
         read = "SELECT v FROM drv_swr WHERE id = 1"
@@ -354,7 +356,7 @@ def test_stale_while_revalidate_and_coalesced_misses(stack):
     barrier = threading.Barrier(10)
 
     def one() -> None:
-        conn = swr.connect(ssl_disabled=True)
+        conn = swr.connect(ssl_disabled=True, autocommit=True)
         try:
             cur = conn.cursor()
             barrier.wait(10)
@@ -381,7 +383,7 @@ def test_stale_while_revalidate_and_coalesced_misses(stack):
 def test_a_view_over_a_volatile_function_is_not_cached(stack):
     """Nothing in `SELECT t FROM v_now` shows that the view calls NOW(): reads of views are not
     cached, and a view created through the proxy is seen at once."""
-    c = stack.connect(ssl_disabled=True)
+    c = stack.connect(ssl_disabled=True, autocommit=True)
     try:
         cur = c.cursor()
         cur.execute("CREATE OR REPLACE VIEW v_now AS SELECT NOW(6) AS t, v FROM drv_cache")
