@@ -150,7 +150,7 @@ def parse_size(text: str) -> int:
 @click.option("--idle-timeout", type=Duration(), default="10m", show_default=True,
               help="Proxy: idle origin connections are closed after this.")
 @click.option("--statement-timeout", type=Duration(), default="60s", show_default=True,
-              help="Proxy: statement_timeout set on every origin connection.")
+              help="Proxy: the longest a statement may run; enforced by the proxy (cancelled at the origin, SQLSTATE 57014) whatever the client sets.")
 @click.option("--cache-size", default="256MiB", show_default=True, metavar="SIZE",
               help="Proxy: memory for cached query results, all configs together (e.g. 64MiB, 2GiB; 0 turns"
                    " the cache off for every config).")

@@ -56,7 +56,8 @@ class ClientSession:
         self._cancel = cancel
         self.statement_timeout = statement_timeout  # seconds; 0: none
         self._timer = Timer()
-        self._timed_requests = -1  # ReadyForQuery count when the timer was armed
+        self._timed_requests = -1  # ReadyForQuery count when the current request started
+        self._request_started: float | None = None  # loop time; None while the server is idle
         self._drain_timer = Timer()
         self.server: ServerConn | None = None
         self._acquiring = False
@@ -215,20 +216,30 @@ class ClientSession:
 
     def _time_statement(self) -> None:
         """The edge's statement timeout: from when the server starts on a request until its
-        ReadyForQuery (re-armed for each request of a pipeline)."""
+        ReadyForQuery (restarted for each request of a pipeline). One timer per session, armed
+        once and re-armed only when it fires early: no timer call per query."""
         core = self.core
         if self.server is None or not core.expect or self._closed:
-            self._timer.cancel()
+            self._request_started = None
             return
-        if not self._timer.running or self._timed_requests != core.readies:
+        if self._request_started is None or self._timed_requests != core.readies:
             self._timed_requests = core.readies
-            self._timer.start(self.statement_timeout, self._timed_out)
+            loop = asyncio.get_running_loop()
+            self._request_started = loop.time()
+            if not self._timer.running:
+                self._timer.start(self.statement_timeout, self._timed_out)
 
     def _timed_out(self) -> None:
         self._timer.handle = None
+        started = self._request_started
         server = self.server
-        if server is None or not self.core.expect or self._cancel is None:
+        if started is None or server is None or not self.core.expect or self._cancel is None:
+            return  # idle now: armed again by the next request
+        left = started + self.statement_timeout - asyncio.get_running_loop().time()
+        if left > 0:
+            self._timer.start(left, self._timed_out)  # a later request: its own full time
             return
+        self._request_started = None
         log.info("a statement ran longer than the edge's statement timeout (%.0fs); cancelling it",
                  self.statement_timeout)
         self.core.timeout_cancelled = True
