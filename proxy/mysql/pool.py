@@ -187,27 +187,33 @@ class _Drain:
         conn = self.conn
         tid = conn.thread_id
         killer = killer_for(conn.pool)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT
+        wait = 0.2
         try:
-            if not self.exchange.done:
+            if self.exchange.done:
+                self._finish(None)
+            # A KILL QUERY that reaches the origin before the statement has started is lost (the
+            # thread is between commands), so it is repeated until the reply ends (backing off).
+            while not self.done.done() and loop.time() < deadline:
                 try:
                     await killer.kill(tid)
-                except Exception as exc:  # noqa: BLE001 - fall through to the bounded drain
+                except Exception as exc:  # noqa: BLE001 - retried; bounded by the deadline
                     log.warning("could not kill the statement of a vanished client on origin thread %d: %s",
                                 tid, exc)
-            try:
-                if not self.exchange.done:
-                    await asyncio.wait_for(asyncio.shield(self.done), DRAIN_TIMEOUT)
-                elif not self.done.done():
-                    self._finish(None)
-                await self.done
-            except Exception as exc:  # noqa: BLE001 - the connection cannot be trusted
-                log.info("origin thread %d of a vanished client did not finish its reply: %s; killing it",
-                         tid, exc)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.done), min(wait, max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    wait = min(wait * 2, 2.0)
+                except Exception:  # noqa: BLE001 - the connection broke: handled below
+                    break
+            if not self.done.done() or self.done.exception() is not None:
+                log.info("origin thread %d of a vanished client did not finish its reply; killing the connection", tid)
                 if not conn.closed:
                     try:
                         await killer.kill(tid, connection=True)
-                    except Exception as exc2:  # noqa: BLE001
-                        log.warning("could not kill origin thread %d: %s", tid, exc2)
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("could not kill origin thread %d: %s", tid, exc)
                     conn.abort()
                 return
             log.info("the statement of a vanished client on origin thread %d was killed; connection reused", tid)

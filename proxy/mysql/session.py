@@ -549,6 +549,8 @@ class MySQLClientProtocol(asyncio.Protocol):
         self.verdict = verdict
         self._qbytes = len(payload)
         self._rbytes = 0
+        if effect.local and self.server is None and self._set_locally(seq, effect, plan, metrics):
+            return
         if plan.key is not None and seq == 0 and self.server is None:
             if self._from_cache(plan, payload, ns, policy, metrics):
                 return
@@ -559,6 +561,24 @@ class MySQLClientProtocol(asyncio.Protocol):
                 views.forget()  # DDL (CREATE VIEW…): list the views again before the next cached read
         self.plan = plan
         self._to_origin(seq, payload)
+
+    def _set_locally(self, seq: int, effect: S.Effect, plan: QueryPlan, metrics: Any) -> bool:
+        """`SET NAMES utf8mb4 [COLLATE c]` / `SET autocommit = n` while no connection is held (so no
+        transaction is open) with values the origin is known to accept: recorded and answered
+        here, as the origin would (every PyMySQL connect sends both: no origin round trip)."""
+        assert self.facts is not None
+        for _, sql in effect.items:
+            coll = (sql or "").partition(" COLLATE ")[2]
+            if coll and (self.facts.collations is None or
+                         coll not in {c for _, c in self.facts.collations.values()}):
+                return False
+        if effect.items:
+            self.carried.apply(effect.items)
+        if effect.autocommit is not None:
+            self.autocommit = effect.autocommit
+        self._ok(seq)
+        metrics.query(plan.status, True, time.monotonic() - self._t0, self._qbytes, 11)
+        return True
 
     async def _load_views_then(self, seq: int, payload: bytes, views: Any) -> None:
         if views.loading is None:

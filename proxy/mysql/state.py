@@ -60,6 +60,7 @@ _STATELESS_VERBS: Final = frozenset({
     "UNLOCK", "ANALYZE", "OPTIMIZE", "REPAIR", "CHECK", "CHECKSUM", "CACHE", "FLUSH", "RESET", "PURGE",
     "INSTALL", "UNINSTALL", "HELP", "SIGNAL", "RESIGNAL", "SHUTDOWN", "DO", "GET", "KILL"})
 _DIAG_VARS: Final = frozenset({"warning_count", "error_count"})
+_AUTOCOMMIT_VALUES: Final = {"0": False, "1": True, "ON": True, "OFF": False, "TRUE": True, "FALSE": False}
 _LID_VARS: Final = frozenset({"identity", "last_insert_id"})
 _LAST_FUNCTIONS: Final = frozenset({"row_count", "found_rows", "lastval", "currval"})
 
@@ -78,6 +79,8 @@ class Effect:
     uses_tables: bool = False  # names a table: clears the diagnostics area
     ends_tx: bool = False  # COMMIT / ROLLBACK (not TO SAVEPOINT)
     opens_tx: bool = False  # with autocommit off, this statement starts the implicit transaction
+    autocommit: bool | None = None  # SET autocommit = <constant>
+    local: bool = False  # SET NAMES utf8mb4 [COLLATE c] / autocommit only: answerable without the origin
 
     @property
     def name(self) -> str:
@@ -211,6 +214,8 @@ def set_effect(T: list[str], V: list[str], lo: int, hi: int) -> Effect:
         return Effect(DIRTY, "SET STATEMENT ... FOR")
     items: list[tuple[str, str | None]] = []
     pin: str | None = None
+    autocommit: bool | None = None
+    local = True
     for a, b in _split_items(T, V, j, hi):
         if a >= b:
             return _pin("an unreadable SET")
@@ -242,6 +247,7 @@ def set_effect(T: list[str], V: list[str], lo: int, hi: int) -> Effect:
             if k != b:
                 return _pin("an unreadable SET")
             items.append((NAMES, sql))
+            local = local and head == "NAMES" and cs == "utf8mb4"  # (MySQL 8 warns about utf8 / utf8mb3)
             continue
         # variable = value
         name: str | None = None
@@ -269,10 +275,16 @@ def set_effect(T: list[str], V: list[str], lo: int, hi: int) -> Effect:
             continue
         k += 1
         if var_scope == "global":
+            local = False
             continue  # the server's global value: no session state
         value = _constant(T, V, k, b)
         if name == "autocommit":
-            continue  # carried from the origin's status flags (SERVER_STATUS_AUTOCOMMIT)
+            # carried from the origin's status flags (SERVER_STATUS_AUTOCOMMIT); a constant is noted
+            # so that the proxy may answer it itself when no transaction can be open
+            autocommit = _AUTOCOMMIT_VALUES.get((value or "").upper().strip("'"))
+            if autocommit is None:
+                local = False
+            continue
         if name in CHARSET_GROUP or name in ("character_set_database", "collation_database"):
             ok = value is not None and (
                 _utf8_collation(value.strip("'").lower()) if name.startswith("collation")
@@ -286,9 +298,12 @@ def set_effect(T: list[str], V: list[str], lo: int, hi: int) -> Effect:
             pin = pin or f"SET {name} to a computed value"
             continue
         items.append((name, None if value.upper() == "DEFAULT" else f"@@SESSION.{name} = {value}"))
+        local = False
     if pin is not None:
         return _pin(pin)
-    return Effect(CARRY, items=tuple(items)) if items else EMPTY_EFFECT
+    if not items and autocommit is None:
+        return EMPTY_EFFECT
+    return Effect(CARRY if items else NONE, items=tuple(items), autocommit=autocommit, local=local)
 
 
 def kill_effect(T: list[str], V: list[str], lo: int, hi: int) -> Effect:

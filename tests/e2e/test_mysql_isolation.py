@@ -1,0 +1,501 @@
+"""MySQL isolation through the proxy (issue 12), judged at the origin, with PyMySQL in its DEFAULT
+mode (autocommit off: it sends `SET AUTOCOMMIT = 0` at connect) and the mysql2 tests in
+tests/node/mysql_isolation.mjs (default mode too: autocommit on, collation utf8mb4_unicode_ci).
+
+One stack per module (tests/harness/mysql_proxy.py): a throwaway MariaDB, a real `hd edge`, mysql
+configs reaching MariaDB directly. Every case listed for MySQL in the issue has a test here that
+fails on the code before the session model (see each docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from tests.harness.mysql_proxy import DB, ORIGIN_PASSWORD, ORIGIN_USER, MySQLProxyStack
+from tests.harness.procs import poll_until
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_DIR = REPO / "tests" / "node"
+NEXT_CLIENTS = 20
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = MySQLProxyStack(tmp_path_factory.mktemp("hd-mysql-iso") / "state")
+    s.start()
+    try:
+        s.db.query(f"CREATE TABLE {DB}.iso (id INT AUTO_INCREMENT PRIMARY KEY, who VARCHAR(40), v TEXT) ENGINE=InnoDB")
+        s.db.query(f"CREATE TABLE {DB}.one (i INT) ENGINE=InnoDB")
+        s.db.query(f"INSERT INTO {DB}.one VALUES (1)")
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _edge_logs_on_failure(request, stack):
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed and stack.edge is not None:
+        print(f"\n===== edge =====\n{stack.edge.diagnostics(120)}")
+
+
+def rows_of(stack: MySQLProxyStack, who: str) -> int:
+    return int(stack.db.query(f"SELECT COUNT(*) FROM {DB}.iso WHERE who = %s", (who,))[0][0])
+
+
+# ------------------------------------------------------------------------------ autocommit off
+
+def test_pymysql_default_rollback_leaves_nothing_at_the_origin(stack):
+    """PyMySQL's default is autocommit off. Before: `SET AUTOCOMMIT = 0` did not open a
+    transaction, the connection went back to the pool (reset: autocommit on) and the INSERT ran on
+    another connection in autocommit mode — rollback() left the row."""
+    cfg = stack.config("iso-ac", limit=5)
+    c = stack.connect(cfg)
+    try:
+        assert c.get_autocommit() is False
+        cur = c.cursor()
+        cur.execute("INSERT INTO iso (who, v) VALUES ('rb', 'x')")
+        cur.execute("INSERT INTO iso (who, v) VALUES ('rb', 'y')")
+        assert rows_of(stack, "rb") == 0  # not committed: invisible at the origin
+        c.rollback()
+        assert rows_of(stack, "rb") == 0
+        cur.execute("SELECT @@autocommit")
+        assert cur.fetchone() == (0,)  # still off, as on a direct connection
+        cur.execute("INSERT INTO iso (who, v) VALUES ('rb-commit', 'z')")
+        c.commit()
+        assert rows_of(stack, "rb-commit") == 1
+    finally:
+        c.close()
+
+
+def test_the_status_flags_match_a_direct_connection(stack):
+    """SERVER_STATUS_AUTOCOMMIT and IN_TRANS as the client sees them (PyMySQL keeps the last ones)."""
+    cfg = stack.config("iso-ac", limit=5)
+    seen = {}
+    for name, conn in (("direct", stack.direct()), ("proxy", stack.connect(cfg))):
+        try:
+            cur = conn.cursor()
+            flags = []
+            for sql in ("SELECT 1", "INSERT INTO iso (who) VALUES ('flags')", "SELECT COUNT(*) FROM one",
+                        "ROLLBACK", "SET autocommit = 1", "SELECT 2", "BEGIN", "SELECT 3", "COMMIT"):
+                cur.execute(sql)
+                cur.fetchall()
+                flags.append(conn.server_status & 0x0003)  # IN_TRANS | AUTOCOMMIT
+            conn.ping(reconnect=False)
+            flags.append(conn.server_status & 0x0003)
+            seen[name] = flags
+        finally:
+            conn.close()
+    assert seen["proxy"] == seen["direct"], seen
+    assert rows_of(stack, "flags") == 0
+
+
+def _run_child(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+_INSERT_THEN_WAIT = """
+    import sys, time, pymysql
+    from urllib.parse import urlsplit, unquote
+    u = urlsplit(sys.argv[1])
+    c = pymysql.connect(host=u.hostname, port=u.port, user=unquote(u.username), password=unquote(u.password),
+                        database=u.path.lstrip('/'), connect_timeout=10)   # DEFAULT: autocommit off
+    cur = c.cursor()
+    cur.execute("INSERT INTO iso (who, v) VALUES (%s, 'never committed')", (sys.argv[2],))
+    cur.execute("SELECT CONNECTION_ID()")
+    print(cur.fetchone()[0], flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_client_leaves_nothing(stack):
+    """A PyMySQL process killed (SIGKILL) before commit: its INSERT is rolled back at the origin,
+    and the origin connection is clean for the next client. Before: the INSERT had run in
+    autocommit mode on another connection and stayed."""
+    cfg = stack.config("iso-ac", limit=5)
+    child = _run_child(_INSERT_THEN_WAIT, cfg["connection_string"], "killed")
+    try:
+        line = child.stdout.readline()
+        assert line.strip().isdigit(), child.stderr.read()
+        thread = int(line)
+        # the transaction is open at the origin, on the connection the child holds
+        poll_until(lambda: any(s["id"] == thread for s in stack.origin_sessions()), 10, what="the child's session")
+        assert rows_of(stack, "killed") == 0
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate(timeout=10)
+    # The proxy rolled back (reset) the connection: the row never appears; the connection is reused.
+    c = stack.connect(cfg, autocommit=True)
+    try:
+        cur = c.cursor()
+
+        def reused() -> bool:
+            cur.execute("SELECT CONNECTION_ID(), @@in_transaction")
+            return cur.fetchone() == (thread, 0)
+
+        poll_until(reused, 10, what="the killed client's origin connection to be clean and reused")
+    finally:
+        c.close()
+    assert rows_of(stack, "killed") == 0
+
+
+def test_a_socket_closed_without_quit_leaves_nothing(stack):
+    """The socket under a PyMySQL connection closed without COM_QUIT, mid-transaction."""
+    cfg = stack.config("iso-ac", limit=5)
+    c = stack.connect(cfg)
+    cur = c.cursor()
+    cur.execute("INSERT INTO iso (who, v) VALUES ('dropped', 'x')")
+    cur.execute("SELECT CONNECTION_ID()")
+    thread = cur.fetchone()[0]
+    c._sock.shutdown(socket.SHUT_RDWR)  # noqa: SLF001 - the socket goes, no COM_QUIT, no ROLLBACK
+    c._sock.close()  # noqa: SLF001
+    assert rows_of(stack, "dropped") == 0
+
+    def rolled_back() -> bool:
+        rows = [s for s in stack.origin_sessions() if s["id"] == thread]
+        return not rows or rows[0]["command"] == "Sleep"
+
+    poll_until(rolled_back, 10, what="the dropped client's connection to be idle")
+    d = stack.connect(cfg, autocommit=True)
+    try:
+        cur = d.cursor()
+        cur.execute("SELECT COUNT(*) FROM iso WHERE who = 'dropped'")
+        assert cur.fetchone() == (0,)
+    finally:
+        d.close()
+    assert rows_of(stack, "dropped") == 0
+
+
+# ------------------------------------------------------------------------------ state never leaks
+
+STATE_SETTERS = [
+    "SET @leak = 'secret'",
+    "SET SESSION time_zone = '+05:00'",
+    "SET SESSION sql_mode = 'ANSI_QUOTES,NO_BACKSLASH_ESCAPES'",
+    "SET NAMES utf8mb4 COLLATE utf8mb4_bin",
+    "CREATE TEMPORARY TABLE tmp_leak (i INT)",
+    "SELECT GET_LOCK('hd-iso-lock', 0)",
+    "SET autocommit = 0",
+    "SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    "INSERT INTO iso (who, v) VALUES ('setter', 'lid')",
+]
+PROBE = ("SELECT CONNECTION_ID(), @leak, @@time_zone, @@sql_mode, @@collation_connection, "
+         "IS_FREE_LOCK('hd-iso-lock'), @@autocommit, @@tx_isolation, LAST_INSERT_ID() FROM one")
+CLEAN = (None, "SYSTEM", "STRICT_TRANS_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_AUTO_CREATE_USER,NO_ENGINE_SUBSTITUTION",
+         "utf8mb4_general_ci", 1, 1, "REPEATABLE-READ", 0)
+
+
+def test_state_set_by_one_client_is_never_seen_by_the_next_20_on_the_same_origin_connection(stack):
+    """A PyMySQL client (default mode) sets a user variable, session variables, sql_mode, a
+    collation, a temporary table, a user lock, autocommit off, an isolation level and
+    LAST_INSERT_ID(); then the next clients of the config that get the same origin connection
+    (CONNECTION_ID(), checked in PROCESSLIST) see none of it. Before: a reset dropped them for the
+    setter (silently), and the setter's autocommit-off INSERTs ran unseen in autocommit mode."""
+    cfg = stack.config("iso-leak", limit=5)
+    a = stack.connect(cfg)
+    cur = a.cursor()
+    for sql in STATE_SETTERS:
+        cur.execute(sql)
+        cur.fetchall()
+    a.commit()
+    # the setter keeps all of it (carried or pinned) across its transactions
+    cur.execute(PROBE)
+    thread, *mine = cur.fetchone()
+    assert mine[:6] == ["secret", "+05:00", "NO_BACKSLASH_ESCAPES,ANSI_QUOTES", "utf8mb4_bin", 0, 0] or \
+        mine[:6] == ["secret", "+05:00", "ANSI_QUOTES,NO_BACKSLASH_ESCAPES", "utf8mb4_bin", 0, 0], mine
+    assert mine[6] == "SERIALIZABLE" and mine[7] > 0, mine
+    cur.execute("SELECT COUNT(*) FROM tmp_leak")
+    a.commit()
+    assert thread in [s["id"] for s in stack.origin_sessions()]
+    a.close()
+
+    served: list[int] = []
+    attempts = 0
+    while len(served) < NEXT_CLIENTS:
+        attempts += 1
+        assert attempts <= 3 * NEXT_CLIENTS, f"only {len(served)} of the next clients got thread {thread}"
+        b = stack.connect(cfg, autocommit=True)
+        try:
+            cur = b.cursor()
+            cur.execute(PROBE)
+            got_thread, *state = cur.fetchone()
+            assert tuple(state) == CLEAN, (got_thread, state)
+            with pytest.raises(pymysql.err.ProgrammingError) as err:
+                cur.execute("SELECT * FROM tmp_leak")
+            assert err.value.args[0] == 1146
+            # autocommit is on for this client: its write is committed at once
+            cur.execute("INSERT INTO iso (who, v) VALUES ('next', %s)", (str(got_thread),))
+            if got_thread == thread:
+                served.append(got_thread)
+        finally:
+            b.close()
+    assert rows_of(stack, "next") == attempts
+    assert thread in [s["id"] for s in stack.origin_sessions()]  # an origin thread id, still the same one
+
+
+def test_mysql2_default_mode(stack):
+    """mysql2 in its default mode (autocommit on, collation utf8mb4_unicode_ci): rollback and a
+    killed process leave nothing, a direct connection's collation answers, state never reaches
+    the next 20 clients on the same origin connection (tests/node/mysql_isolation.mjs)."""
+    node = shutil.which("node")
+    assert node, "node is needed for the mysql2 tests"
+    cfg = stack.config("iso-node", limit=5)
+    direct = f"mysql://{ORIGIN_USER}:{ORIGIN_PASSWORD}@127.0.0.1:{stack.db.port}/{DB}"
+    r = subprocess.run([node, str(NODE_DIR / "mysql_isolation.mjs"), cfg["connection_string"], direct,
+                        str(NEXT_CLIENTS)], cwd=NODE_DIR, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["collation"]["proxy"] == out["collation"]["direct"], out["collation"]
+    assert out["collation"]["proxy"]["coll"] == "utf8mb4_unicode_ci"
+    assert out["version"]["proxy"] == out["version"]["direct"]
+    assert out["rolled_back"] == 0 and rows_of(stack, "node-rb") == 0
+    assert out["setter_thread"] and len(out["next"]) >= NEXT_CLIENTS, out
+    for probe in out["next"]:
+        assert probe["state"] == {"leak": None, "tz": "SYSTEM", "coll": "utf8mb4_unicode_ci", "lock": 1,
+                                  "ac": 1, "lid": 0}, probe
+        assert probe["tmp"] == 1146, probe
+    assert sum(1 for p in out["next"] if p["thread"] == out["setter_thread"]) >= NEXT_CLIENTS
+    # The killed node process (SIGKILL mid-transaction): rolled back, its connection reused.
+    poll_until(lambda: all(s["command"] == "Sleep" for s in stack.origin_sessions() if s["id"] == out["killed_thread"]),
+               10, what="the killed client's origin connection to be idle")
+    assert rows_of(stack, "node-killed") == 0
+
+
+# ------------------------------------------------------------------------------ character sets
+
+@pytest.mark.parametrize("collation", ["utf8mb4_general_ci", "utf8mb4_unicode_ci", "utf8mb4_bin", "utf8mb4_unicode_520_ci"])
+def test_the_login_collation_gives_a_direct_connections_answers(stack, collation):
+    """PyMySQL's `collation=` (the handshake's charset id). Before: ignored ('ß' = 'ss' was 0
+    for utf8mb4_unicode_ci, where MariaDB says 1)."""
+    cfg = stack.config("iso-cs", limit=5)
+    q = "SELECT 'ß' = 'ss', 'Å' = 'A', 'a' = 'A', @@collation_connection, @@character_set_results"
+    answers = []
+    for conn in (stack.direct(collation=collation, autocommit=True), stack.connect(cfg, collation=collation, autocommit=True)):
+        try:
+            cur = conn.cursor()
+            cur.execute(q)
+            first = cur.fetchone()
+            cur.execute(q)  # and again (the connection went back to the pool in between)
+            answers.append((first, cur.fetchone()))
+        finally:
+            conn.close()
+    assert answers[0] == answers[1], answers
+    assert answers[1][0][3] == collation
+
+
+def test_set_names_is_carried_and_other_charsets_are_refused(stack):
+    """SET NAMES / collation_connection (UTF-8) last for the session, across connections; latin1
+    and friends are refused with an error, never answered OK and undone."""
+    cfg = stack.config("iso-cs", limit=5)
+    c = stack.connect(cfg, autocommit=True)
+    try:
+        cur = c.cursor()
+        cur.execute("SET NAMES utf8mb4 COLLATE utf8mb4_bin")
+        for _ in range(3):
+            cur.execute("SELECT 'a' = 'A', @@collation_connection")
+            assert cur.fetchone() == (0, "utf8mb4_bin")
+        cur.execute("SET collation_connection = utf8mb4_unicode_ci")
+        cur.execute("SELECT 'ß' = 'ss', @@collation_connection")
+        assert cur.fetchone() == (1, "utf8mb4_unicode_ci")
+        for sql in ("SET NAMES latin1", "SET character_set_results = latin1", "SET character_set_client = 'cp1251'",
+                    "SET CHARACTER SET latin1", "SET collation_connection = latin1_swedish_ci",
+                    "SET character_set_results = NULL"):
+            with pytest.raises(pymysql.err.MySQLError) as err:
+                cur.execute(sql)
+            assert err.value.args[0] == 1235 and "UTF-8" in err.value.args[1], (sql, err.value)
+        cur.execute("SELECT @@character_set_results, @@collation_connection")
+        assert cur.fetchone() == ("utf8mb4", "utf8mb4_unicode_ci")
+    finally:
+        c.close()
+
+
+# ------------------------------------------------------------------------------ greeting, KILL
+
+def test_the_greeting_presents_the_origins_version(stack):
+    """Before: `8.0.0-hd-proxy` while the origin is MariaDB."""
+    cfg = stack.config("iso-ac", limit=5)
+    d, p = stack.direct(), stack.connect(cfg)
+    try:
+        assert p.get_server_info() == d.get_server_info()
+        assert "MariaDB" in p.get_server_info()
+    finally:
+        d.close()
+        p.close()
+
+
+def _sleeper(stack: MySQLProxyStack, cfg: dict, result: dict, sql: str = "SELECT SLEEP(30)") -> tuple[pymysql.Connection, threading.Thread]:
+    c = stack.connect(cfg, autocommit=True)
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            with c.cursor() as cur:
+                cur.execute(sql)
+                result["rows"] = cur.fetchall()
+        except Exception as exc:  # noqa: BLE001 - looked at by the test
+            result["error"] = exc
+        result["seconds"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return c, t
+
+
+def _sleeping(stack: MySQLProxyStack) -> list[dict]:
+    return [s for s in stack.origin_sessions() if (s["info"] or "").startswith("SELECT SLEEP")]
+
+
+@pytest.mark.parametrize("how", ["greeting-id", "connection-id", "com-process-kill"])
+def test_kill_query_reaches_the_origin_connection_the_session_holds(stack, how):
+    """`KILL QUERY <id>` from another client (what the mysql CLI sends on Ctrl-C, with the id of
+    its greeting) stops the statement at the origin. Before: the greeting's id meant nothing
+    (KILL went to the origin as is: unknown thread, or someone else's)."""
+    cfg = stack.config("iso-kill", limit=5)
+    result: dict = {}
+    victim, thread = _sleeper(stack, cfg, result)
+    killer = stack.connect(cfg, autocommit=True)
+    try:
+        poll_until(lambda: len(_sleeping(stack)) == 1, 10, what="the SLEEP to run at the origin")
+        origin_thread = _sleeping(stack)[0]["id"]
+        kcur = killer.cursor()
+        if how == "greeting-id":
+            kcur.execute(f"KILL QUERY {victim.thread_id()}")
+        elif how == "connection-id":
+            kcur.execute(f"KILL QUERY {origin_thread}")  # what CONNECTION_ID() showed the victim
+        else:
+            killer.kill(victim.thread_id())  # COM_PROCESS_KILL: kills the connection
+        thread.join(20)
+        assert not thread.is_alive()
+        assert result["seconds"] < 20, result
+        if how == "com-process-kill":
+            assert "error" in result, result
+        else:
+            # SLEEP interrupted: MariaDB answers 1317 (query interrupted), the session goes on
+            assert isinstance(result.get("error"), pymysql.err.OperationalError) and \
+                result["error"].args[0] == 1317, result
+            with victim.cursor() as cur:
+                cur.execute("SELECT 'alive'")
+                assert cur.fetchone() == ("alive",)
+        poll_until(lambda: not _sleeping(stack), 10, what="no SLEEP at the origin")
+        # an id the proxy does not know: as MariaDB says it
+        with pytest.raises(pymysql.err.MySQLError) as err:
+            kcur.execute("KILL QUERY 999999")
+        assert err.value.args[0] == 1094
+        with pytest.raises(pymysql.err.MySQLError) as err:
+            kcur.execute("KILL USER app")  # would kill every client of the origin user: refused
+        assert err.value.args[0] == 1235
+    finally:
+        killer.close()
+        try:
+            victim.close()
+        except Exception:  # noqa: BLE001 - killed
+            pass
+
+
+def test_kill_of_another_configs_session_is_refused(stack):
+    a_cfg, b_cfg = stack.config("iso-kill", limit=5), stack.config("iso-kill-other", limit=5)
+    a, b = stack.connect(a_cfg, autocommit=True), stack.connect(b_cfg, autocommit=True)
+    try:
+        with pytest.raises(pymysql.err.MySQLError) as err:
+            b.cursor().execute(f"KILL {a.thread_id()}")
+        assert err.value.args[0] == 1095
+        with a.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        a.close()
+        b.close()
+
+
+# ------------------------------------------------------------------------------ vanished clients
+
+class _Peak:
+    """The most origin sessions of the origin user seen while it runs (polled from PROCESSLIST)."""
+
+    def __init__(self, stack: MySQLProxyStack) -> None:
+        self.stack, self.n, self.stop = stack, 0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            self.n = max(self.n, self.stack.origin_count())
+            self.stop.wait(0.02)
+
+    def __enter__(self) -> "_Peak":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def _drop(c: pymysql.Connection) -> None:
+    c._sock.shutdown(socket.SHUT_RDWR)  # noqa: SLF001 - gone without COM_QUIT
+    c._sock.close()  # noqa: SLF001
+
+
+def test_clients_that_drop_their_socket_mid_statement_do_not_exceed_the_limit(stack):
+    """31 clients, one after the other, start `SELECT SLEEP(30)` through a config limited to 5 and
+    drop their socket once it runs at the origin. Each statement is killed at the origin, and its
+    connection counts against the limit until the origin let it go: never more than 5 (+1 for the
+    kill) sessions of the origin user. Before: the proxy forgot each connection at once and opened
+    another; 31 sessions slept at the origin."""
+    cfg = stack.config("iso-vanish", limit=5)
+    baseline = stack.origin_count()  # other configs' idle connections (same origin user)
+    with _Peak(stack) as peak:
+        for i in range(31):
+            c = stack.connect(cfg, autocommit=True)
+            tag = f"/* hd-vanish-{i} */"
+            c._execute_command(3, f"SELECT SLEEP(30) {tag}")  # noqa: SLF001 - sent, reply never read
+            poll_until(lambda: any(tag in (s["info"] or "") for s in stack.origin_sessions()), 15,
+                       what=f"client {i}'s SLEEP to run at the origin")
+            _drop(c)
+        poll_until(lambda: not _sleeping(stack), 30, what="no SLEEP left at the origin")
+    assert peak.n - baseline <= 5 + 1, (peak.n, baseline)
+    assert len(stack.origin_sessions()) - baseline <= 5
+
+
+def test_a_burst_of_vanishing_clients_is_killed_and_drained(stack):
+    """31 clients send `SELECT SLEEP(30)` at once against a limit of 5 (26 wait for a connection)
+    and all drop their sockets: the 5 running statements are killed, the 26 waiting ones never
+    reach the origin, and the limit holds throughout."""
+    cfg = stack.config("iso-burst", limit=5)
+    baseline = stack.origin_count()
+    with _Peak(stack) as peak:
+        socks = []
+        for _ in range(31):
+            c = stack.connect(cfg, autocommit=True)
+            c._execute_command(3, "SELECT SLEEP(30)")  # noqa: SLF001
+            socks.append(c)
+        poll_until(lambda: len(_sleeping(stack)) >= 5, 15, what="five SLEEPs at the origin")
+        for c in socks:
+            _drop(c)
+        poll_until(lambda: not _sleeping(stack), 30, what="no SLEEP left at the origin")
+    assert peak.n - baseline <= 5 + 1, (peak.n, baseline)
+    # and the config still works
+    c = stack.connect(cfg, autocommit=True)
+    try:
+        with c.cursor() as cur:
+            cur.execute("SELECT 'after the burst'")
+            assert cur.fetchone() == ("after the burst",)
+    finally:
+        c.close()
