@@ -499,3 +499,201 @@ def test_a_burst_of_vanishing_clients_is_killed_and_drained(stack):
             assert cur.fetchone() == ("after the burst",)
     finally:
         c.close()
+
+
+# ------------------------------------------------------------------------------ session state
+
+def test_temporary_tables_user_variables_and_prepared_sql_stay_with_their_client(stack):
+    """Before: each statement could run on another origin connection (and the one it ran on was
+    reset): `CREATE TEMPORARY TABLE` and `SET @x` answered OK and were gone at the next statement."""
+    cfg = stack.config("iso-state", limit=5)
+    c = stack.connect(cfg, autocommit=True)
+    try:
+        cur = c.cursor()
+        cur.execute("CREATE TEMPORARY TABLE tmp_mine (i INT)")
+        cur.execute("INSERT INTO tmp_mine VALUES (1), (2)")
+        cur.execute("SELECT COUNT(*) FROM tmp_mine")
+        assert cur.fetchone() == (2,)
+        cur.execute("SET @x = 40")
+        cur.execute("SELECT @x := @x + 1")
+        cur.execute("SELECT COUNT(*) INTO @n FROM tmp_mine")
+        cur.execute("SELECT @x + 1, @n")
+        assert cur.fetchone() == (42, 2)
+        cur.execute("PREPARE s FROM 'SELECT ? * 2'")
+        cur.execute("EXECUTE s USING @x")
+        assert cur.fetchone() == (82,)
+        cur.execute("SELECT CONNECTION_ID()")
+        thread = cur.fetchone()[0]
+        # another client takes connections meanwhile: this one keeps its own (pinned)
+        other = stack.connect(cfg, autocommit=True)
+        try:
+            oc = other.cursor()
+            oc.execute("SELECT CONNECTION_ID(), @x")
+            other_thread, other_x = oc.fetchone()
+            assert other_thread != thread and other_x is None
+        finally:
+            other.close()
+        cur.execute("SELECT CONNECTION_ID(), @x, (SELECT COUNT(*) FROM tmp_mine)")
+        assert cur.fetchone() == (thread, 41, 2)
+    finally:
+        c.close()
+
+
+def test_session_variables_are_carried_to_another_origin_connection(stack):
+    """`SET SESSION time_zone / sql_mode / TRANSACTION ISOLATION LEVEL` last for the session, on
+    whichever origin connection runs the next statement. Before: lost after the statement."""
+    cfg = stack.config("iso-state", limit=5)
+    a = stack.connect(cfg, autocommit=True)
+    b = stack.connect(cfg, autocommit=True)
+    try:
+        ac = a.cursor()
+        ac.execute("SET SESSION time_zone = '+05:00', SESSION sql_mode = 'ANSI_QUOTES'")
+        ac.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        ac.execute("SELECT CONNECTION_ID()")
+        first = ac.fetchone()[0]
+        bc = b.cursor()
+        bc.execute("BEGIN")
+        bc.execute("SELECT CONNECTION_ID(), @@time_zone FROM one")  # b now holds a's last connection
+        assert bc.fetchone() == (first, "SYSTEM")
+        ac.execute('SELECT CONNECTION_ID(), @@time_zone, @@sql_mode, @@tx_isolation, "i" FROM one')
+        thread, tz, mode, iso, word = ac.fetchone()
+        assert thread != first
+        assert (tz, mode, iso) == ("+05:00", "ANSI_QUOTES", "READ-COMMITTED")
+        assert word == 1  # "i" is a column name under ANSI_QUOTES
+        bc.execute("ROLLBACK")
+        ac.execute("SET sql_mode = DEFAULT")
+        ac.execute("SELECT @@sql_mode LIKE '%ANSI_QUOTES%'")
+        assert ac.fetchone() == (0,)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_show_warnings_gives_the_last_statements_warnings(stack):
+    """SHOW WARNINGS / SHOW ERRORS / @@warning_count after a statement: that statement's, as on a
+    direct connection. Before: another origin connection answered (empty, or another client's)."""
+    cfg = stack.config("iso-state", limit=5)
+    script = ["SELECT CAST('abc' AS INT)", "SHOW WARNINGS", "SELECT @@warning_count", "SELECT 1",
+              "SHOW WARNINGS", "SELECT * FROM no_such_table", "SHOW ERRORS", "SHOW COUNT(*) ERRORS",
+              "SELECT i FROM one WHERE i = 1", "SHOW WARNINGS", "UPDATE one SET i = i WHERE i = 'x'",
+              "SHOW WARNINGS", "SELECT @@warning_count, @@error_count"]
+    answers = []
+    for conn in (stack.direct(autocommit=True), stack.connect(cfg, autocommit=True)):
+        got = []
+        try:
+            cur = conn.cursor()
+            for sql in script:
+                try:
+                    cur.execute(sql)
+                    got.append((sql, cur.fetchall(), conn._result.warning_count))  # noqa: SLF001
+                except pymysql.err.MySQLError as exc:
+                    got.append((sql, exc.args[0]))
+        finally:
+            conn.close()
+        answers.append(got)
+    assert answers[1] == answers[0]
+    assert answers[1][1][1] == (("Warning", 1292, "Truncated incorrect INTEGER value: 'abc'"),)
+    assert answers[1][11][1], answers[1][11]  # the UPDATE's warning
+
+
+def test_last_insert_id_is_the_clients_own(stack):
+    """LAST_INSERT_ID() is the session's: another client's inserts on the same origin connection
+    never show, and a client's value follows it to another connection."""
+    cfg = stack.config("iso-state", limit=5)
+    a, b = stack.connect(cfg, autocommit=True), stack.connect(cfg, autocommit=True)
+    try:
+        ac, bc = a.cursor(), b.cursor()
+        ac.execute("INSERT INTO iso (who) VALUES ('lid-a')")
+        a_id = ac.lastrowid
+        bc.execute("INSERT INTO iso (who) VALUES ('lid-b')")
+        b_id = bc.lastrowid
+        assert b_id > a_id
+        ac.execute("SELECT LAST_INSERT_ID(), @@identity")
+        assert ac.fetchone() == (a_id, a_id)
+        bc.execute("SELECT LAST_INSERT_ID()")
+        assert bc.fetchone() == (b_id,)
+        ac.execute("INSERT INTO iso (who, v) VALUES ('lid-child', LAST_INSERT_ID())")
+        ac.execute("SELECT v FROM iso WHERE id = LAST_INSERT_ID()")
+        assert ac.fetchone() == (str(a_id),)
+    finally:
+        a.close()
+        b.close()
+    c = stack.connect(cfg, autocommit=True)
+    try:
+        cur = c.cursor()
+        cur.execute("SELECT LAST_INSERT_ID()")
+        assert cur.fetchone() == (0,)
+    finally:
+        c.close()
+
+
+def test_row_count_outside_a_transaction_is_refused_and_works_inside(stack):
+    cfg = stack.config("iso-state", limit=5)
+    c = stack.connect(cfg)  # default: autocommit off, so the statements share a connection
+    try:
+        cur = c.cursor()
+        cur.execute("UPDATE iso SET v = 'rc' WHERE who = 'lid-a'")
+        cur.execute("SELECT ROW_COUNT()")
+        assert cur.fetchone() == (1,)
+        c.commit()
+        c.autocommit(True)
+        cur.execute("UPDATE iso SET v = 'rc2' WHERE who = 'lid-a'")
+        with pytest.raises(pymysql.err.MySQLError) as err:
+            cur.execute("SELECT ROW_COUNT()")
+        assert err.value.args[0] == 1235 and "ROW_COUNT()" in err.value.args[1]
+        cur.execute("SELECT SQL_CALC_FOUND_ROWS i FROM one WHERE i = 1 LIMIT 0")
+        cur.execute("SELECT FOUND_ROWS()")
+        assert cur.fetchone() == (1,)
+    finally:
+        c.close()
+
+
+def test_compound_statements_are_one_statement(stack):
+    """Before: refused as multi-statement queries."""
+    cfg = stack.config("iso-state", limit=5)
+    c = stack.connect(cfg, autocommit=True)
+    try:
+        cur = c.cursor()
+        cur.execute("CREATE OR REPLACE PROCEDURE two_results() BEGIN SELECT 1 AS a; SELECT 2 AS b; END")
+        cur.execute("CALL two_results()")
+        assert cur.fetchall() == ((1,),)
+        assert cur.nextset() and cur.fetchall() == ((2,),)
+        cur.execute("CREATE OR REPLACE FUNCTION twice(x INT) RETURNS INT DETERMINISTIC "
+                    "BEGIN DECLARE y INT; SET y = x * 2; RETURN y; END")
+        cur.execute("CREATE OR REPLACE TRIGGER iso_who BEFORE INSERT ON iso FOR EACH ROW "
+                    "BEGIN IF NEW.who = 'trig' THEN SET NEW.v = 'by trigger'; END IF; END")
+        cur.execute("INSERT INTO iso (who) VALUES ('trig')")
+        cur.execute("SELECT v, twice(21) FROM iso WHERE who = 'trig'")
+        assert cur.fetchone() == ("by trigger", 42)
+        cur.execute("BEGIN NOT ATOMIC DECLARE n INT DEFAULT 0; WHILE n < 3 DO SET n = n + 1; END WHILE; "
+                    "SELECT n; END")
+        assert cur.fetchall() == ((3,),)
+        with pytest.raises(pymysql.err.MySQLError) as err:
+            cur.execute("SELECT 1; SELECT 2")
+        assert "multi-statement" in str(err.value)
+    finally:
+        c.close()
+        stack.db.query(f"DROP TRIGGER IF EXISTS {DB}.iso_who")
+
+
+def test_com_reset_connection_leaves_the_session_as_new(stack):
+    cfg = stack.config("iso-state", limit=5)
+    q = "SELECT @x, @@time_zone, @@autocommit, @@collation_connection"
+    answers = []
+    for conn in (stack.direct(collation="utf8mb4_unicode_ci"), stack.connect(cfg, collation="utf8mb4_unicode_ci")):
+        try:
+            cur = conn.cursor()
+            cur.execute("SET @x = 1, time_zone = '+01:00'")
+            cur.execute("CREATE TEMPORARY TABLE tmp_reset (i INT)")
+            cur.execute("INSERT INTO iso (who) VALUES ('reset')")
+            conn._execute_command(0x1F, b"")  # noqa: SLF001 - COM_RESET_CONNECTION
+            conn._read_ok_packet()  # noqa: SLF001
+            cur.execute(q)
+            got = [cur.fetchone(), conn.server_status & 0x3]
+            with pytest.raises(pymysql.err.ProgrammingError):
+                cur.execute("SELECT * FROM tmp_reset")
+            answers.append(got)
+        finally:
+            conn.close()
+    assert answers[1] == answers[0], answers
+    assert rows_of(stack, "reset") == 0  # rolled back

@@ -62,7 +62,7 @@ const child = spawn(process.execPath, [fileURLToPath(import.meta.url), '--child'
 out.killed_thread = await new Promise((resolve, reject) => {
   child.stdout.once('data', d => resolve(Number(String(d).trim())))
   child.once('exit', code => reject(new Error(`child exited ${code}`)))
-  setTimeout(() => reject(new Error('child did not start')), 20000)
+  setTimeout(() => reject(new Error('child did not start')), 20000).unref()
 })
 child.kill('SIGKILL')
 await new Promise(resolve => child.once('exit', resolve))
