@@ -107,6 +107,7 @@ class Decision:
     dirty: bool = False
     names: frozenset[str] = frozenset()
     holds: frozenset[str] = frozenset()
+    direct: tuple[str, ...] | None = None  # a plain SET/RESET: Classification.session_set
 
     @property
     def cacheable(self) -> bool:
@@ -250,9 +251,10 @@ class OriginCatalog:
         except UnicodeDecodeError:
             return Decision("parseerror", "the query is not valid UTF-8", write_all=True, readback=True, dirty=True)
         key = sql
-        # set_config's constants (name, is_local) decide what it leaves in the session: never
-        # share its verdict with texts that differ in them.
-        if not has_time_word(text) and "set_config" not in text.lower():
+        # set_config's constants (name, is_local) and a SET's value decide what they leave in the
+        # session: never share their verdict with texts that differ in them.
+        lowered = text.lower()
+        if not has_time_word(text) and "set_config" not in lowered and not lowered.lstrip().startswith(("set", "reset")):
             # Texts that differ only in constants (ids in simple-protocol queries) share one
             # verdict: classify the normalized text once, not every text.
             norm = normalize(text)
@@ -311,7 +313,8 @@ class OriginCatalog:
                 opaque = True
         writes = dict(write_tokens=frozenset(write_tokens), write_all=write_all, reload_catalog=reload_catalog,
                       readback=opaque or bool(c.session_gucs), dirty=opaque or bool(c.session_holds),
-                      names=frozenset(names), holds=c.session_holds)
+                      names=frozenset(names), holds=c.session_holds,
+                      direct=c.session_set if not opaque else None)
         if c.status != "cacheable":
             return Decision(c.status, c.reason, unknown=frozenset(unknown), **writes)  # type: ignore[arg-type]
 

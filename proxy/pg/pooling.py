@@ -77,6 +77,7 @@ MAX_RETRY_BYTES = 1 << 20  # the messages kept for a transparent re-prepare-and-
 _NO_CATALOG = OriginCatalog()  # without a cache context: every function is unknown (fail closed)
 _OPAQUE = Decision("notaquery", "function call", write_all=True, readback=True, dirty=True)
 _UNKNOWN_SETTINGS = Decision("uncacheable", "the session's settings are being read back")
+_FAILED = ("failed",)  # a plain SET whose answer was an error
 
 _DEALLOCATE = re.compile(rb'^\s*DEALLOCATE\s+(?:PREPARE\s+)?(?:(ALL)|"([^"]+)"|([A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*$',
                          re.IGNORECASE)
@@ -205,6 +206,7 @@ class ClientCore:
         self._dirty = False  # a statement left state that cannot be carried: reset the server after
         self._blocked = False  # a blocking settings apply is in flight: client messages wait
         self._readback_tries = 0
+        self._direct_pending = 0  # plain SETs sent whose answer records them (see _note)
         self._capture = bytearray()  # the answer of an injected CAPTURE request so far
         self._ddl = False  # DDL sent in this transaction: forget shared statements again at its end
         # The current Sync group's raw client messages (None: too large to keep), for a retry.
@@ -321,15 +323,19 @@ class ClientCore:
     def _decide(self, sql: bytes) -> Decision:
         return self.catalog.decide(sql)
 
-    def _note(self, d: Decision) -> None:
+    def _note(self, d: Decision, simple: bool = False) -> None:
         """What a statement the client sends may leave in its session (before it is sent, so
-        that nothing behind it is cached under settings that may no longer hold)."""
+        that nothing behind it is cached under settings that may no longer hold). A plain
+        SET/RESET as a simple Query is recorded from its own answer (`_set_done`), not read back."""
         if d.readback:
             self.settings.custom |= d.names
-            self._check = True
-            self._readback_tries = 0
             self.settings.known = False
             self._prefix = None
+            if simple and d.direct is not None:
+                self._direct_pending += 1
+            else:
+                self._check = True
+                self._readback_tries = 0
         if d.dirty:
             self._dirty = True
         if d.reload_catalog:
@@ -620,7 +626,7 @@ class ClientCore:
                     obs.complete(b"I")
                 return
         if self.cache is None:
-            self._note(self._decide(sql))
+            self._note(self._decide(sql), simple=True)
             self._send(0x51, raw, None)
             return
         obs = self._query_obs(raw, sql, local)
@@ -640,7 +646,7 @@ class ClientCore:
                 return None
             obs = self._obs("disabled", len(raw))
             d = ns.catalog.decide(sql)
-            self._note(d)
+            self._note(d, simple=True)
             if ns.watched:
                 obs.writes_from(d)
                 if obs.writes:
@@ -657,7 +663,7 @@ class ClientCore:
             if wait is not None:
                 self._hold(wait, [(0x51, raw)])
                 return None
-        self._note(d)
+        self._note(d, simple=True)
         if self._prefix is None and d.cacheable:
             d = _UNKNOWN_SETTINGS  # its settings are not known: neither served nor stored
         obs = self._obs(d.status if refresh is None else None, len(raw))
@@ -1019,7 +1025,8 @@ class ClientCore:
                     obs.complete(b"I")
                 return
             out += raw
-            expect.append([QUERY, FORWARD, None, None, None, None])
+            change = self._decide(sql).direct if self._direct_pending else None
+            expect.append([QUERY, FORWARD, change, None, None, None])
         elif kind == 0x44:  # 'D' Describe
             what = raw[5:6]
             name = raw[6:-1]
@@ -1273,6 +1280,8 @@ class ClientCore:
             elif kind == 0x5A:  # 'Z' ReadyForQuery
                 forward = forward or action == REPLACE
                 status = bytes(buf[off + 5:off + 6])
+                if head is not None and head[0] == QUERY and action == FORWARD and head[2] is not None:
+                    self._set_done(head[2], status)
                 if head is not None and head[5] is not None and (head[0] == QUERY or head[0] == FUNCTION):
                     # A simple query (or FunctionCall) ends here: its answer is what came before.
                     self._emit(buf, run_start, off)
@@ -1312,6 +1321,8 @@ class ClientCore:
                     # A Parse we injected to re-prepare the client's statement: the client must
                     # know why its Bind fails. Our own simple queries never reach it.
                     forward = head[0] != QUERY
+                elif action == FORWARD and head is not None and head[0] == QUERY and head[2] is not None:
+                    head[2] = _FAILED  # a plain SET that failed changed nothing; read back to be sure
                 elif (forward and head is not None and (head[0] == BIND or head[0] == DESCRIBE)
                       and head[2] is not None and self._stale_statement(head, payload)):
                     # Sent again on a fresh statement: the client never sees this error.
@@ -1346,7 +1357,8 @@ class ClientCore:
                     self._fail_until_sync()
                     head = None
             elif kind == 0x53:  # 'S' ParameterStatus: what the client's statements run under
-                forward = self._parameter_status(bytes(buf[off + 5:end]), server, action == FORWARD)
+                plain_set = head is not None and head[0] == QUERY and head[2] is not None
+                forward = self._parameter_status(bytes(buf[off + 5:end]), server, action == FORWARD and not plain_set)
             elif kind == 0x47:  # 'G' CopyInResponse: the client now streams CopyData
                 self.copy_in = True
                 if head is not None and head[0] == EXECUTE:
@@ -1419,6 +1431,20 @@ class ClientCore:
             return False
         told[name] = value
         return True
+
+    def _set_done(self, change: Any, status: bytes) -> None:
+        """A plain SET/RESET's ReadyForQuery: outside a transaction and without an error it is in
+        effect for good (record it); inside one it may yet be rolled back (read back later)."""
+        self._direct_pending -= 1
+        server = self.server
+        if change is _FAILED or status != b"I" or server is None:
+            self._changed()
+            return
+        self.settings.after_set(change, server.params)
+        if not self._direct_pending and not self._check:
+            self.settings.known = True
+            if self.cache is not None:
+                self._prefix = self.cache.prefix_for(self.settings.values)
 
     def _changed(self) -> None:
         self._check = True

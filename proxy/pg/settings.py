@@ -46,6 +46,23 @@ def quote_name(name: str) -> str:
     return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
 
 
+class SqlText(str):
+    """A setting's value as a client's SET statement wrote it (`a, "B"`, `'UTC'`, `5000`):
+    applied again as `SET name = <text>`, so it means exactly what it meant. Never equal to a
+    plain value (the text `'UTC'` is not the value 'UTC')."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SqlText) and str.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(("sql", str(self)))
+
+
 def apply_sql(server: Mapping[str, str], client: Mapping[str, str]) -> tuple[str, bool]:
     """The statement that turns a server's session settings into a client's: set what differs,
     RESET what the server has and the client does not. ('', False) when they already match.
@@ -59,9 +76,10 @@ def apply_sql(server: Mapping[str, str], client: Mapping[str, str]) -> tuple[str
     parts: list[str] = []
     # RESET first: a stale session_authorization reset must not undo a role set after it.
     parts += [f"RESET {quote_name(n)}" for n in sorted(stale, key=lambda n: (n not in _FIRST, n))]
-    if names:
-        calls = ", ".join(f"pg_catalog.set_config({quote_literal(n)}, {quote_literal(client[n])}, false)"
-                          for n in names)
+    parts += [f"SET {quote_name(n)} = {client[n]}" for n in names if isinstance(client[n], SqlText)]
+    calls = ", ".join(f"pg_catalog.set_config({quote_literal(n)}, {quote_literal(client[n])}, false)"
+                      for n in names if not isinstance(client[n], SqlText))
+    if calls:
         parts.append(f"SELECT {calls}")
     return ";".join(parts) + ";", blocking
 
@@ -98,6 +116,29 @@ class SessionSettings:
 
     def readback(self) -> str:
         return readback_sql(self.custom)
+
+    def after_set(self, change: tuple[str, ...], server: dict[str, str]) -> None:
+        """A plain SET/RESET the client ran outside a transaction and the server answered without
+        error: record it without asking the server. `server` (its params) is updated too."""
+        values = self.values
+        if change[0] == "set":
+            name, text = change[1], SqlText(change[2])
+            values[name] = server[name] = text
+            if "." in name:
+                self.custom.add(name)
+        elif change[0] == "reset":
+            name = change[1]
+            server.pop(name, None)  # the server's reset value: its own baseline
+            if name in self.startup:
+                values[name] = self.startup[name]  # the client's: its startup value
+            else:
+                values.pop(name, None)
+        else:  # RESET ALL (role and session authorization are not reset by it)
+            kept = {n: v for n, v in values.items() if n in _FIRST}
+            for name in list(server):
+                if name not in _FIRST:
+                    del server[name]
+            self.values = {**self.startup, **kept}
 
     def after_readback(self, rows: Iterable[tuple[str | None, str | None]]) -> dict[str, str]:
         """Take the readback's rows as the truth; returns the server's session values (what the

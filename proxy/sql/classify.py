@@ -232,6 +232,10 @@ class Classification:
     session_gucs: frozenset[str] = frozenset()
     session_opaque: bool = False
     session_holds: frozenset[str] = frozenset()
+    # The statement is exactly one plain session-level SET/RESET whose effect the pooler can
+    # record without asking the server: ("set", name, value as written in SQL) | ("reset", name)
+    # | ("reset_all",). None otherwise (role and session authorization never: they are read back).
+    session_set: tuple[str, ...] | None = None
 
     @property
     def cacheable(self) -> bool:
@@ -540,6 +544,8 @@ def _classify(sql: str) -> Classification:
     if len(stmts) > 1:
         return Classification("multiplestatements", "multiple", **facts)  # type: ignore[arg-type]
     kind = kinds[0]
+    if kind == "VariableSetStmt":
+        facts["session_set"] = _plain_set(stmts[0], sql)
     if kind == "SelectStmt":
         if w.select_into:
             reason = "temp_table" if w.temp else "select_into"
@@ -560,6 +566,35 @@ def _classify(sql: str) -> Classification:
         return Classification("uncacheable", "temp_table" if w.temp else "ddl", **facts)  # type: ignore[arg-type]
     # SET, SHOW, BEGIN/COMMIT, COPY, EXPLAIN, CALL, DO, LISTEN, PREPARE, ...
     return Classification("notaquery", "utility", **facts)  # type: ignore[arg-type]
+
+
+def _plain_set(raw: dict[str, Any], sql: str) -> tuple[str, ...] | None:
+    """("set", name, value text) for `SET name = value[, value…]` with constants only, the value
+    exactly as written (so replaying `SET name = <text>` means what it meant); ("reset", name)
+    for RESET / SET … TO DEFAULT; ("reset_all",). None for anything else (SET LOCAL, role, session
+    authorization, casts, comments or a second statement around the value)."""
+    val = raw["stmt"]["VariableSetStmt"]
+    kind, name = val.get("kind"), val.get("name")
+    if val.get("is_local"):
+        return None
+    if kind == "VAR_RESET_ALL":
+        return ("reset_all",)
+    if not isinstance(name, str) or name in ("role", "session_authorization"):
+        return None
+    if kind in ("VAR_SET_DEFAULT", "VAR_RESET"):
+        return ("reset", name.lower())
+    args = val.get("args") or ()
+    if kind != "VAR_SET_VALUE" or not args or not all("A_Const" in a for a in args):
+        return None
+    text = sql.encode("utf-8")
+    start = args[0]["A_Const"].get("location", -1)
+    end = raw.get("stmt_location", 0) + raw["stmt_len"] if raw.get("stmt_len") else len(text)
+    if not 0 <= start < end:
+        return None
+    value = text[start:end].decode("utf-8", "replace").strip().rstrip(";").strip()
+    if not value or "--" in value or "/*" in value or ";" in value or "\x00" in value:
+        return None
+    return ("set", name.lower(), value)
 
 
 # Casts whose input/output functions are not IMMUTABLE (timezone, DateStyle,

@@ -217,11 +217,11 @@ def readback_answer(*rows: tuple[str, str]) -> bytes:
 
 def test_a_set_is_read_back_then_carried_not_reset(core):
     server = ServerState()
-    core.feed_client(q("set search_path = x"))
+    core.feed_client(q("begin") + q("set search_path = x") + q("commit"))
     core.attach(server)
-    assert take(core.to_server) == q("set search_path = x")
-    core.feed_server(done("SET") + rfq())
-    assert take(core.to_client) == done("SET") + rfq()
+    assert take(core.to_server) == q("begin") + q("set search_path = x") + q("commit")
+    core.feed_server(done("BEGIN") + rfq(b"T") + done("SET") + rfq(b"T") + done("COMMIT") + rfq())
+    assert take(core.to_client) == done("BEGIN") + rfq(b"T") + done("SET") + rfq(b"T") + done("COMMIT") + rfq()
     # Before the server goes back, the proxy asks it what the session's settings are now.
     readback = take(core.to_server)
     assert readback.startswith(b"Q") and b"pg_settings" in readback and not core.can_release

@@ -5,7 +5,7 @@ errors the proxy raises through the server, pipelines that never hang, stale sha
 from __future__ import annotations
 
 from proxy.pg.pooling import ClientCore, ServerState, message
-from proxy.pg.settings import SessionSettings, apply_sql, readback_sql
+from proxy.pg.settings import SessionSettings, SqlText, apply_sql, readback_sql
 from proxy.pg.statements import StatementRegistry
 from tests.unit.test_pg_pooling import (BIND_OK, EXECUTE, I16, I32, PARSE_OK, SYNC, bind, describe, done, err,
                                         parse, q, readback_answer, rfq, row, split, take)
@@ -53,12 +53,12 @@ def test_readback_names_custom_settings_the_session_touched():
 def test_a_carried_setting_is_applied_on_the_next_server_pipelined():
     a = core_with()
     s1, s2 = ServerState(), ServerState()
-    a.feed_client(q("set search_path = tenant_a"))
+    a.feed_client(q("select set_config('search_path', 'tenant_a', false)"))
     a.attach(s1)
     take(a.to_server)
-    a.feed_server(done("SET") + rfq())
+    a.feed_server(message(b"T", b"\x00\x00") + row(b"tenant_a") + done("SELECT 1") + rfq())
     finish_readback(a, ("search_path", "tenant_a"))
-    assert a.can_release and take(a.to_client) == done("SET") + rfq()
+    assert a.can_release and take(a.to_client).endswith(done("SELECT 1") + rfq())
     a.detach()
     a.feed_client(q("select * from t"))
     a.attach(s2)
@@ -79,13 +79,43 @@ def test_reset_of_a_startup_setting_gives_the_startup_value_back():
     a.attach(server)
     take(a.to_server)
     a.feed_server(done("RESET") + rfq())
-    finish_readback(a)  # nothing session-level left on the server
+    assert not a.to_server  # a plain RESET outside a transaction is recorded from its answer
     assert a.settings.values == {"search_path": "tenant_a"}  # as on a direct connection
-    assert server.params == {}
+    assert server.params == {}  # the server is back at its own baseline
     a.detach()
     a.feed_client(q("show search_path"))
     a.attach(server)
     assert b"'tenant_a'" in take(a.to_server)  # applied again before the client's next query
+
+
+def test_a_plain_set_outside_a_transaction_needs_no_readback():
+    a = core_with()
+    s1, s2 = ServerState(), ServerState()
+    a.feed_client(q('SET search_path = a, "B"'))
+    a.attach(s1)
+    take(a.to_server)
+    a.feed_server(done("SET") + rfq())
+    assert not a.to_server and a.can_release and a.settings.known
+    a.detach()
+    assert not s1.dirty and s1.params == {"search_path": SqlText('a, "B"')}
+    a.feed_client(q("select 1"))
+    a.attach(s2)  # replayed as written: it means what it meant
+    assert split(take(a.to_server))[0] == q('SET "search_path" = a, "B";')
+
+
+def test_a_plain_set_that_fails_or_runs_in_a_transaction_is_read_back():
+    a = core_with()
+    a.feed_client(q("set statement_timeout = 'soon'"))
+    a.attach(ServerState())
+    take(a.to_server)
+    a.feed_server(error("22023", "invalid value") + rfq())
+    finish_readback(a)
+    assert a.settings.values == {} and a.can_release
+    a.feed_client(q("begin") + q("set search_path = x") + q("commit"))
+    take(a.to_server)
+    a.feed_server(done("BEGIN") + rfq(b"T") + done("SET") + rfq(b"T") + done("COMMIT") + rfq())
+    finish_readback(a, ("search_path", "x"))
+    assert a.settings.values == {"search_path": "x"}
 
 
 def test_the_origin_is_the_truth_a_rolled_back_set_is_not_carried():
@@ -152,11 +182,11 @@ def test_a_temp_table_resets_the_server_without_a_readback():
 def test_a_client_that_vanished_is_released_without_a_readback():
     a = core_with()
     server = ServerState()
-    a.feed_client(q("set search_path = x"))
+    a.feed_client(q("select set_config('search_path', 'x', false)"))
     a.attach(server)
     take(a.to_server)
     a.gone = True
-    a.feed_server(done("SET") + rfq())
+    a.feed_server(message(b"T", b"\x00\x00") + row(b"x") + done("SELECT 1") + rfq())
     assert not a.to_server and a.can_release
     a.detach()
     assert server.dirty  # its settings were never read back: reset
@@ -179,9 +209,10 @@ def test_parameter_status_reaches_the_client_only_when_it_tells_something_new():
     assert server.reported[b"application_name"] == b"a"
     # the client's own change is news
     a.feed_client(q("set client_encoding = 'LATIN1'"))
+    take(a.to_server)
     a.feed_server(ps("client_encoding", "LATIN1") + done("SET") + rfq())
     assert take(a.to_client) == ps("client_encoding", "LATIN1") + done("SET") + rfq()
-    finish_readback(a, ("client_encoding", "LATIN1"), ("application_name", "a"))
+    assert not a.to_server  # a plain SET: recorded from its answer
     # setting it back is news again, even on a server where it never changed
     a.detach()
     b_server = ServerState(reported={b"client_encoding": b"UTF8"})
@@ -189,8 +220,9 @@ def test_parameter_status_reaches_the_client_only_when_it_tells_something_new():
     a.attach(b_server)
     sent = split(take(a.to_server))
     assert b"LATIN1" in sent[0]  # first a's carried settings…
-    a.feed_server(ps("client_encoding", "LATIN1") + ps("application_name", "a") + message(b"T", b"\x00\x00")
-                  + row(b"x") + done("SELECT 1") + rfq() + ps("client_encoding", "UTF8") + done("SET") + rfq())
+    a.feed_server(ps("client_encoding", "LATIN1") + ps("application_name", "a") + done("SET")
+                  + message(b"T", b"\x00\x00") + row(b"x") + done("SELECT 1") + rfq()
+                  + ps("client_encoding", "UTF8") + done("SET") + rfq())
     assert take(a.to_client) == ps("client_encoding", "UTF8") + done("SET") + rfq()
 
 
@@ -365,10 +397,10 @@ def test_settings_being_read_back_keep_the_client_away_from_the_cache():
     from tests.unit.test_query_cache import World, ANSWER
     w = World()
     c = w.core()
-    c.feed_client(q("set search_path = other") + q("SELECT * FROM items"))
+    c.feed_client(q("select set_config('search_path', 'other', false)") + q("SELECT * FROM items"))
     c.attach(ServerState())
     take(c.to_server)
-    c.feed_server(done("SET") + rfq() + ANSWER + rfq())
+    c.feed_server(message(b"T", b"\x00\x00") + row(b"other") + done("SELECT 1") + rfq() + ANSWER + rfq())
     finish_readback(c, ("search_path", "other"))
     assert c.can_release
     assert "miss" not in w.statuses() and not w.ns.entries  # neither stored under the old key…
