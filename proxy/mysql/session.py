@@ -184,6 +184,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         self.diag_hold = False  # the diagnostics area holds what the client may still read
         self.found_hold = False  # SQL_CALC_FOUND_ROWS: FOUND_ROWS() may come next
         self.last_ran_here = False  # the held connection ran the client's previous statement last
+        self._pre_sets_lid = False  # the prelude with the origin now sets LAST_INSERT_ID()
         self.effect: S.Effect = S.EMPTY_EFFECT  # of the statement with the origin now
         self.verdict: Any = None
         self.origin_status: int | None = None  # as the origin last reported it (sql_mode flags)
@@ -410,6 +411,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         self.lid_dirty = False
         self.pinned = None
         self.tx_hold = self.next_tx = self.diag_hold = self.found_hold = False
+        self.origin_status = None  # sql_mode flags: as a new session's (not known until the origin says)
         self._prefix = None
 
     def _deny(self, seq: int) -> None:
@@ -764,7 +766,8 @@ class MySQLClientProtocol(asyncio.Protocol):
         pre = S.prelude(self.carried.items, self.autocommit, server.applied, server.autocommit,
                         self.lid if need_lid else None)
         if pre is not None:
-            steps.append(Step(com_query(pre)))
+            steps.append(Step(com_query(pre), keep=False))
+            self._pre_sets_lid = need_lid
         steps.append(Step(payload, seq, CLIENT))
         if (self.lid_dirty or effect.changes_lid) and self._releases_after(effect):
             steps.append(Step(_LID_CAPTURE, keep=True))
@@ -807,7 +810,7 @@ class MySQLClientProtocol(asyncio.Protocol):
                 return
             else:
                 server.applied = dict(self.carried.items)  # the prelude brought it to the client's
-                self.server_lid_ok = True
+                self.server_lid_ok = self.server_lid_ok or self._pre_sets_lid
         if exchange.done and self.busy and self.server is server:
             self.busy = False
             self._after_command()
