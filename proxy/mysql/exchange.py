@@ -15,11 +15,12 @@ and what each of the proxy's own replies said.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proxy.mysql import protocol as P
 
 OWN, CLIENT = 0, 1
+_NONE: list = []  # "no step finished" (never appended to)
 
 
 @dataclass(slots=True)
@@ -32,7 +33,7 @@ class Step:
     error: P.ErrPacket | None = None
     status: int = 0
     warnings: int = 0
-    results: list[P.Result] = field(default_factory=list)
+    results: list[P.Result] | None = None
     ok: P.OkPacket | None = None
 
 
@@ -56,6 +57,8 @@ class Exchange:
         assert not self.steps, "the previous exchange is not complete"
         self.steps.extend(steps)
         self._ready(status)
+        if len(steps) == 1:
+            return P.frame(steps[0].payload, steps[0].seq)
         return b"".join(P.frame(s.payload, s.seq) for s in steps)
 
     def _ready(self, status: int | None = None) -> None:
@@ -68,7 +71,7 @@ class Exchange:
         Raises MySQLProtocolError (the connection is then unusable)."""
         rsr = self.rsr
         out = b""
-        finished: list[Step] = []
+        finished: list[Step] = _NONE
         chunk = rsr.feed(data)
         while self.steps:
             step = self.steps[0]
@@ -77,6 +80,8 @@ class Exchange:
             if not rsr.done:
                 break
             self.steps.popleft()
+            if finished is _NONE:
+                finished = []
             step.error, step.status, step.warnings, step.ok = rsr.error, rsr.status, rsr.warnings, rsr.ok
             if step.keep:
                 step.results = rsr.results

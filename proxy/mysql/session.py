@@ -185,6 +185,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         self.found_hold = False  # SQL_CALC_FOUND_ROWS: FOUND_ROWS() may come next
         self.last_ran_here = False  # the held connection ran the client's previous statement last
         self._pre_sets_lid = False  # the prelude with the origin now sets LAST_INSERT_ID()
+        self._spare: Exchange | None = None  # reused while complete
         self.effect: S.Effect = S.EMPTY_EFFECT  # of the statement with the origin now
         self.verdict: Any = None
         self.origin_status: int | None = None  # as the origin last reported it (sql_mode flags)
@@ -253,7 +254,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         server, exchange = self.server, self.exchange
         if server is not None and exchange is not None and not exchange.done and not server.closed:
             # Gone while the origin works for it: kill the statement, drain, then release.
-            self.server = self.exchange = None
+            self.server = self.exchange = self._spare = None
             self._query_failed()
             server.abandon(exchange)
             return
@@ -750,7 +751,11 @@ class MySQLClientProtocol(asyncio.Protocol):
     def _attach(self, conn: MySQLServerConn) -> None:
         self.server = conn
         conn.session = self
-        self.exchange = Exchange(conn.origin.capabilities, conn.origin.status)
+        spare = self._spare
+        if spare is not None and spare.rsr.capabilities == conn.origin.capabilities:
+            self.exchange = spare  # (the hot path: one per session, not one per statement)
+        else:
+            self.exchange = self._spare = Exchange(conn.origin.capabilities, conn.origin.status)
         self.server_lid_ok = False
         self.last_ran_here = False
         if self._write_paused:
@@ -763,15 +768,17 @@ class MySQLClientProtocol(asyncio.Protocol):
         assert server is not None and self.exchange is not None
         steps: list[Step] = []
         need_lid = effect.reads_lid and not self.server_lid_ok
-        pre = S.prelude(self.carried.items, self.autocommit, server.applied, server.autocommit,
-                        self.lid if need_lid else None)
+        pre = None
+        if need_lid or self.autocommit != server.autocommit or self.carried.items != server.applied:
+            pre = S.prelude(self.carried.items, self.autocommit, server.applied, server.autocommit,
+                            self.lid if need_lid else None)
         if pre is not None:
             steps.append(Step(com_query(pre), keep=False))
             self._pre_sets_lid = need_lid
         steps.append(Step(payload, seq, CLIENT))
         if (self.lid_dirty or effect.changes_lid) and self._releases_after(effect):
             steps.append(Step(_LID_CAPTURE, keep=True))
-        server.write(self.exchange.start(steps))
+        server.write(self.exchange.start(steps, server.origin.status))
 
     def _releases_after(self, effect: S.Effect) -> bool:
         """Will the connection most likely go back to the pool after this statement?"""
@@ -945,6 +952,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         conn.state.dirty = conn.state.dirty or self.dirty or bool(self.pinned) or self.diag_hold or self.next_tx
         if exchange is not None and not exchange.done:
             conn.state.dirty = True
+            self._spare = None  # never reused half-way
         self.dirty = False
         self.pinned = None
         self.tx_hold = self.next_tx = self.diag_hold = self.found_hold = False
