@@ -89,6 +89,8 @@ _EXTENDED = frozenset(b"PBDECH")
 _BATCHED = frozenset(b"PBDEC")  # collected up to Sync when caching is on
 MAX_BATCH_BYTES = 1 << 20
 _SYNC = b"S\x00\x00\x00\x04"
+_DROPS_STATEMENTS = re.compile(rb"deallocate|discard", re.IGNORECASE)
+_FLUSH = b"H\x00\x00\x00\x04"
 # Decisions per statement text: workloads repeat a small set of statements.
 _REFUSALS: dict[bytes, tuple[str, str] | None] = {}
 _MISSING = object()  # Parse, Bind, Describe, Execute, Close, Flush
@@ -111,9 +113,10 @@ def message(kind: bytes, payload: bytes) -> bytes:
     return _HDR.pack(kind, len(payload) + 4) + payload
 
 
-# A request that fails in the server's parser (unnamed statement): how the proxy makes the
-# server fail on purpose, so the session's transaction state follows as for a real error.
-_BAD_PARSE = message(b"P", b"\x00hd proxy raises an error\x00\x00\x00")
+# A request the server always fails (a Bind of a statement that cannot exist: proxy names have no
+# spaces), touching neither the unnamed statement nor a portal: how the proxy makes the server
+# fail on purpose, so the session's transaction state follows as for a real error.
+_FAILING_BIND = message(b"B", b"\x00hd proxy raises an error\x00\x00\x00\x00\x00\x00\x00")
 
 
 def error_message(sqlstate: str, text: str, severity: str = "ERROR", hint: str | None = None) -> bytes:
@@ -205,6 +208,7 @@ class ClientCore:
         self._check = False  # a statement may have changed settings: read them back before release
         self._dirty = False  # a statement left state that cannot be carried: reset the server after
         self._blocked = False  # a blocking settings apply is in flight: client messages wait
+        self._barrier = False  # a message waits for nothing to be outstanding (see _client_message)
         self._readback_tries = 0
         self._direct_pending = 0  # plain SETs sent whose answer records them (see _note)
         self._capture = bytearray()  # the answer of an injected CAPTURE request so far
@@ -216,6 +220,8 @@ class ClientCore:
         self._group_txn = b"I"  # the transaction status when the group started
         self._retried = False
         self._ignoring = False  # the server skips everything until the Sync the client has not sent yet
+        self._group_unnamed = False  # the current group (re)defines the unnamed statement on the server
+        self._unnamed_syncs = 0  # outstanding Syncs of groups that did
         # The edge's statement timeout fired and cancelled the running statement (set by the session):
         # the origin's 57014 "canceling statement due to user request" is reported as a timeout.
         self.timeout_cancelled = False
@@ -270,14 +276,20 @@ class ClientCore:
 
     def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
-        for kind, raw, obs in queued:
+        for i, (kind, raw, obs) in enumerate(queued):
+            if self._barrier or self._blocked:
+                self._queued.extend(queued[i:])  # (a barrier puts its own message first)
+                break
             self._client_message(kind, raw, obs)
         self._drain_fakes()
         self._maybe_readback()
 
-    def _applied(self, answer: bytes) -> None:
+    def _applied(self, answer: bytes | None) -> None:
         """The answer to a settings apply: on an error the server is not reused, and the client's
-        work must not have run (blocking) or the client cannot go on (pipelined)."""
+        work must not have run (blocking) or the client cannot go on (pipelined). None: the server
+        skipped it (after an error, before a Sync), as it skipped what it restored after."""
+        if answer is None:
+            return
         error = _first_error(answer)
         server = self.server
         if error is None:
@@ -566,7 +578,7 @@ class ClientCore:
             self._send(kind, raw, None)
 
     def _send(self, kind: int, raw: bytes, obs: Any) -> None:
-        if (self.server is None or self._blocked) and kind != 0x58:  # 'X' Terminate needs no server
+        if (self.server is None or self._blocked or self._barrier) and kind != 0x58:  # 'X' needs no server
             self._queued.append((kind, raw, obs))
         else:
             self._client_message(kind, raw, obs)
@@ -958,6 +970,15 @@ class ClientCore:
         out = self.to_server
         expect = self.expect
         before = len(expect)
+        if kind == 0x50 and raw[5] != 0 and any(e[1] != FAKE for e in expect) \
+                and cstring(raw, 5)[0].decode("utf-8", "surrogateescape") in self.statements:
+            # A name in use, maybe only by a Parse still outstanding that the server may yet skip.
+            self._wait_for_outstanding(kind, raw, obs)
+            return
+        if ((kind == 0x42 and raw[raw.index(b"\x00", 5) + 1] == 0) or (kind == 0x44 and raw[5:7] == b"S\x00")) \
+                and self._unnamed_uncertain():
+            self._wait_for_outstanding(kind, raw, obs)  # a Bind/Describe of the unnamed statement
+            return
         if kind in _EXTENDED:
             self._unsynced = True
             self._keep_for_retry(kind, raw, obs)
@@ -979,8 +1000,11 @@ class ClientCore:
                 rest = raw[portal_end + len(name) + 1:]
                 raw = message(b"B", raw[5:portal_end] + st.server_name.encode() + b"\x00" + rest)
                 out += raw
-                expect.append([BIND, FORWARD, st, self._kept_at(), None, None])
+                expect.append([BIND, FORWARD, st, (self._kept_at(), name), None, None])
             else:
+                if self._unnamed_parse is None:  # the server's unnamed statement is not the client's
+                    self._raise(error_message("26000", "unnamed prepared statement does not exist"))
+                    return
                 self._ensure_unnamed()
                 out += raw
                 expect.append([BIND, FORWARD, None, None, None, None])
@@ -991,17 +1015,29 @@ class ClientCore:
             out += raw
             self._ignoring = False
             if not self._sync_ignored:  # the server ignores Sync during an extended COPY IN
-                expect.append([SYNC, FORWARD, None, None, None, None])
+                # entry[3]: the group (re)defined the unnamed statement (see _unnamed_uncertain)
+                expect.append([SYNC, FORWARD, None, self._group_unnamed, None, None])
+                if self._group_unnamed:
+                    self._unnamed_syncs += 1
+            self._group_unnamed = False
             if self._since_sync is not None:
                 self._since_sync.append((kind, raw, obs))
             self._group_done = True
         elif kind == 0x50:  # 'P' Parse
             self._parse(raw)
         elif kind == 0x51:  # 'Q' Query
-            self.queries += 1
             sql = raw[5:-1]
             dealloc = _DEALLOCATE.match(sql) if sql[:40].lstrip()[:10].upper() == b"DEALLOCATE" else None
-            if dealloc is not None:
+            discard = dealloc is None and _DISCARD_ALL.match(sql) is not None
+            refusal = self._refusal(sql) if dealloc is None and not discard else None
+            if (dealloc is not None or discard or refusal) and any(e[1] != FAKE for e in expect):
+                # The proxy judges this one itself: it must know the server's state when it runs
+                # (a failed transaction, a transaction block, skipped after an error). Wait until
+                # nothing is outstanding; the client's later messages wait behind it.
+                self._wait_for_outstanding(kind, raw, obs)
+                return
+            self.queries += 1
+            if dealloc is not None and self.txn != b"E":
                 # The client's statement names exist only here: answer for the server.
                 answer = self._deallocate(dealloc)
                 if answer is None:
@@ -1013,10 +1049,11 @@ class ClientCore:
                     obs.failed = answer is not None
                     obs.complete(self.txn)
                 return
-            if _DISCARD_ALL.match(sql):
+            if discard and self.txn == b"I":  # (in a block or a failed one it fails on the server)
                 self.statements.clear()
-                self._unnamed_parse = None
-            refusal = self._refusal(sql) if self.txn == b"I" else None
+                self.server.statements.clear()  # type: ignore[union-attr]
+                self.server.unnamed_owner = None  # type: ignore[union-attr]
+            refusal = refusal if self.txn == b"I" else None
             if refusal:
                 expect.append([QUERY, FAKE, error_message("0A000", refusal[0], hint=refusal[1]) + ready_for_query(b"I"),
                                None, None, None])
@@ -1026,7 +1063,27 @@ class ClientCore:
                 return
             out += raw
             change = self._decide(sql).direct if self._direct_pending else None
-            expect.append([QUERY, FORWARD, change, None, None, None])
+            entry = [QUERY, FORWARD, change, None, None, None]
+            if dealloc is None and not discard and _DROPS_STATEMENTS.search(sql) is not None:
+                # DEALLOCATE ALL / DISCARD ALL among other statements: when its tag comes, the
+                # statements that existed now are gone, not those prepared after it (pipelined).
+                entry.append((dict(self.statements), self.server.statements.names()))  # type: ignore[union-attr]
+            expect.append(entry)
+            if change is not None and change[0] != "set":
+                restore = self.settings.restores(change)
+                if restore:
+                    # Right behind it, before anything else of the client's: its startup values
+                    # again. What the reset reports for them meanwhile is not passed on.
+                    expect[-1][3] = frozenset(n.encode() for n in restore)
+                    sql_restore, _ = apply_sql({}, restore)
+                    out += encode_query(sql_restore)
+                    entry = expect[-1]
+                    expect.append([QUERY, CAPTURE, self._applied, None, None, None])
+                    if obs is not None:  # the query's own entry carries its observation
+                        entry[4] = entry[5] = obs
+                        if expect[0] is entry:
+                            self._begin(obs)
+                    return
         elif kind == 0x44:  # 'D' Describe
             what = raw[5:6]
             name = raw[6:-1]
@@ -1037,9 +1094,12 @@ class ClientCore:
                     return
                 self._ensure_prepared(st)
                 out += message(b"D", b"S" + st.server_name.encode() + b"\x00")
-                expect.append([DESCRIBE, FORWARD, st, self._kept_at(), None, None])
+                expect.append([DESCRIBE, FORWARD, st, (self._kept_at(), name), None, None])
             else:
                 if what == b"S":
+                    if self._unnamed_parse is None:
+                        self._raise(error_message("26000", "unnamed prepared statement does not exist"))
+                        return
                     self._ensure_unnamed()
                 out += raw
                 expect.append([DESCRIBE, FORWARD, None, None, None, None])
@@ -1072,6 +1132,21 @@ class ClientCore:
             if len(expect) == 1 and entry[4] is not None:
                 self._begin(entry[4])
 
+    def _unnamed_uncertain(self) -> bool:
+        """Whether which statement is unnamed on the server depends on how an earlier group ends
+        (a Parse of it there may yet be skipped after an error): then a Bind or Describe of it in
+        this group waits for that group's end (this group's own Parse of it would decide it)."""
+        return self._unnamed_syncs > 0 and not self._group_unnamed
+
+    def _wait_for_outstanding(self, kind: int, raw: bytes, obs: Any) -> None:
+        """Hold this message (and the client's next ones) until nothing is outstanding: the
+        proxy's answer to it depends on how what is outstanding ends. A Flush makes the server
+        answer what it has (the proxy never waits for a Sync or Flush the client has not sent)."""
+        self._barrier = True
+        self._queued.insert(0, (kind, raw, obs))
+        if self._unsynced:
+            self.to_server += _FLUSH
+
     def _raise(self, error: bytes, *, simple: bool = False) -> None:
         """Answer the client's current request with `error`, exactly as if the server had failed
         it: the server fails a request on purpose (so an explicit transaction becomes failed, and
@@ -1083,9 +1158,8 @@ class ClientCore:
             self.to_server += proto.query("hd proxy raises an error")
             self.expect.append([QUERY, REPLACE, error, None, None, None])
             return
-        self.to_server += _BAD_PARSE
-        server.unnamed_owner = None  # the failed Parse dropped the server's unnamed statement
-        self.expect.append([PARSE, REPLACE, error, None, None, None])
+        self.to_server += _FAILING_BIND
+        self.expect.append([BIND, REPLACE, error, None, None, None])
 
     def _kept_at(self) -> int:
         """Where the message being sent is in the kept group (-1: not kept)."""
@@ -1109,31 +1183,68 @@ class ClientCore:
                 kept.append((kind, raw, obs))
 
     def _parse(self, raw: bytes) -> None:
+        """A client's Parse. Every PARSE expectation carries (7th item) what to undo when the
+        Parse does not happen: when it fails, or when the server skips it after an earlier error."""
+        server = self.server
+        assert server is not None
         name_b, off = cstring(raw, 5)
         if not name_b:
+            previous = self._unnamed_parse
             self._unnamed_parse = raw
-            self._unnamed_token = object()
-            assert self.server is not None
-            self.server.unnamed_owner = self._unnamed_token
+            token = self._unnamed_token = object()
+            server.unnamed_owner = token
             self.to_server += raw
-            self.expect.append([PARSE, FORWARD, None, None, None, None])
+
+            def undo(failed: bool) -> None:
+                # A failed Parse drops the unnamed statement; a skipped one leaves the old in place
+                # (unless a later Parse of the client's, sent meanwhile, replaced it anyway).
+                if server.unnamed_owner is token:
+                    server.unnamed_owner = None
+                if self._unnamed_token is token:
+                    self._unnamed_parse = None if failed else previous
+                    self._unnamed_token = object()
+
+            self.expect.append([PARSE, FORWARD, None, "", None, None, undo])
+            self._group_unnamed = True
             return
         name = name_b.decode("utf-8", "surrogateescape")
-        if name in self.statements:
-            self._raise(error_message("42P05", f'prepared statement "{_name(name_b)}" already exists'))
-            return
         query_b, off = cstring(raw, off)
         (count,) = _I16.unpack_from(raw, off)
         oids = tuple(_I32.unpack_from(raw, off + 2 + 4 * i)[0] for i in range(count))
+        if name in self.statements:
+            # The server parses first, then refuses the name: a syntax error wins over 42P05.
+            self._parse_unnamed(query_b, oids, SKIP)
+            self._raise(error_message("42P05", f'prepared statement "{_name(name_b)}" already exists'))
+            return
         # Query text stays bytes: no decoding on the hot path, and no failure on odd encodings.
         st = self.registry.get(query_b, oids, encode_parse)
         self.statements[name] = st
+
+        def forget(failed: bool) -> None:
+            if self.statements.get(name) is st:
+                del self.statements[name]  # the statement never existed
+
+        if not server.statements.has(st.server_name):
+            self._prepare_on_server(st, FORWARD, forget)
+        elif self.txn != b"E" and all(e[1] == FAKE for e in self.expect):
+            # Prepared there already, and nothing outstanding could fail this Parse: answer it.
+            self.expect.append([PARSE, FAKE, PARSE_COMPLETE, None, None, None, forget])
+        else:
+            # It might fail (a failed transaction: 25P02) or be skipped: the server must say so,
+            # and the client's name must exist there only if it does. A statement of its own.
+            st = self.registry.private(query_b, oids, encode_parse)
+            self.statements[name] = st
+            self._prepare_on_server(st, FORWARD, forget)
+
+    def _parse_unnamed(self, query: bytes, oids: tuple[int, ...], action: int, undo: Any = None) -> None:
+        """The client's statement parsed by the server as its unnamed one: the answer (or the error)
+        a named Parse would get, without creating a name the proxy does not use."""
         server = self.server
         assert server is not None
-        if server.statements.has(st.server_name):
-            self.expect.append([PARSE, FAKE, PARSE_COMPLETE, None, None, None])
-        else:
-            self._prepare_on_server(st, FORWARD, name)
+        server.unnamed_owner = None  # the client's own unnamed statement is sent again when needed
+        self.to_server += encode_parse("", query, oids)
+        self.expect.append([PARSE, action, None, "", None, None, undo])
+        self._group_unnamed = True
 
     def _ensure_prepared(self, st: Statement) -> None:
         server = self.server
@@ -1141,7 +1252,7 @@ class ClientCore:
         if not server.statements.has(st.server_name):
             self._prepare_on_server(st, SKIP)
 
-    def _prepare_on_server(self, st: Statement, action: int, client_name: str | None = None) -> None:
+    def _prepare_on_server(self, st: Statement, action: int, undo: Any = None) -> None:
         server = self.server
         assert server is not None
         evicted = server.statements.add(st.server_name)
@@ -1149,16 +1260,29 @@ class ClientCore:
             self.to_server += encode_close_statement(evicted)
             self.expect.append([CLOSE, SKIP, None, None, None, None])
         self.to_server += st.parse_payload
-        # entry[2]: the client's name, forgotten again if the Parse fails (as on the server)
-        self.expect.append([PARSE, action, client_name, st.server_name, None, None])
+
+        def not_prepared(failed: bool) -> None:
+            server.statements.discard(st.server_name)
+            if undo is not None:
+                undo(failed)
+
+        self.expect.append([PARSE, action, None, st.server_name, None, None, not_prepared])
 
     def _ensure_unnamed(self) -> None:
         server = self.server
         assert server is not None
         if self._unnamed_parse is not None and server.unnamed_owner is not self._unnamed_token:
             self.to_server += self._unnamed_parse
-            self.expect.append([PARSE, SKIP, None, None, None, None])
             server.unnamed_owner = self._unnamed_token
+
+            token = self._unnamed_token
+
+            def not_parsed(failed: bool) -> None:
+                if server.unnamed_owner is token:
+                    server.unnamed_owner = None
+
+            self.expect.append([PARSE, SKIP, None, "", None, None, not_parsed])
+            self._group_unnamed = True
 
     def _deallocate(self, m: re.Match[bytes]) -> bytes | None:
         """DEALLOCATE [ALL | name] on the client's names: None when done, else the error."""
@@ -1276,7 +1400,7 @@ class ClientCore:
                 if forward:
                     tag = bytes(buf[off + 5:end - 1])
                     if tag.startswith(_STATE_TAGS):
-                        self._state_tag(tag, server)
+                        self._state_tag(tag, server, head)
             elif kind == 0x5A:  # 'Z' ReadyForQuery
                 forward = forward or action == REPLACE
                 status = bytes(buf[off + 5:off + 6])
@@ -1353,12 +1477,20 @@ class ClientCore:
                 elif forward and self.timeout_cancelled and b"\x00C57014\x00" in payload:
                     self.timeout_cancelled = False  # the edge's statement timeout cancelled it
                     instead = error_message("57014", "canceling statement due to statement timeout")
+                elif forward and head is not None and (head[0] == BIND or head[0] == DESCRIBE) and head[2] is not None:
+                    # The server names its statement: the client must read its own name.
+                    ours = b'"' + head[2].server_name.encode() + b'"'
+                    if ours in payload:
+                        payload = payload.replace(ours, b'"' + head[3][1] + b'"')
+                        instead = message(b"E", payload)
                 if head is not None and head[0] not in (QUERY, FUNCTION, SYNC):
                     self._fail_until_sync()
                     head = None
             elif kind == 0x53:  # 'S' ParameterStatus: what the client's statements run under
                 plain_set = head is not None and head[0] == QUERY and head[2] is not None
-                forward = self._parameter_status(bytes(buf[off + 5:end]), server, action == FORWARD and not plain_set)
+                held = head[3] if plain_set and action == FORWARD else None
+                forward = self._parameter_status(bytes(buf[off + 5:end]), server, action == FORWARD and not plain_set,
+                                                 held)
             elif kind == 0x47:  # 'G' CopyInResponse: the client now streams CopyData
                 self.copy_in = True
                 if head is not None and head[0] == EXECUTE:
@@ -1385,6 +1517,8 @@ class ClientCore:
             off = end
             if pop and expect:
                 popped = expect.popleft()
+                if popped[0] == SYNC and popped[3]:
+                    self._unnamed_syncs -= 1
                 if popped[1] == CAPTURE:
                     answer = bytes(self._capture)
                     self._capture.clear()
@@ -1410,9 +1544,13 @@ class ClientCore:
                         self._begin(nxt[4])
         self._emit(buf, run_start, off)
         del buf[:off]
+        if self._barrier and not expect:
+            self._barrier = False
+            self._send_queued()
         self._maybe_readback()
 
-    def _parameter_status(self, payload: bytes, server: ServerState, clients_request: bool) -> bool:
+    def _parameter_status(self, payload: bytes, server: ServerState, clients_request: bool,
+                          held: frozenset[bytes] | None = None) -> bool:
         """A ParameterStatus: passed on only when it tells the client something new, so what
         the client was told always matches what its statements run under (also while the
         proxy applies its settings, and after another client's on that server)."""
@@ -1422,6 +1560,8 @@ class ClientCore:
         except ValueError:
             return True
         server.reported[name] = value
+        if held is not None and name.lower() in held:
+            return False  # a reset the proxy undoes right behind it (startup values)
         if clients_request:
             self._changed()  # a setting changed under the client's own request: read back
         if self._rec is not None:
@@ -1437,10 +1577,13 @@ class ClientCore:
         effect for good (record it); inside one it may yet be rolled back (read back later)."""
         self._direct_pending -= 1
         server = self.server
-        if change is _FAILED or status != b"I" or server is None:
+        if change is None:  # skipped
+            pass
+        elif change is _FAILED or status != b"I" or server is None:
             self._changed()
             return
-        self.settings.after_set(change, server.params)
+        else:
+            self.settings.after_set(change, server.params)
         if not self._direct_pending and not self._check:
             self.settings.known = True
             if self.cache is not None:
@@ -1452,16 +1595,26 @@ class ClientCore:
         self.settings.known = False
         self._prefix = None
 
-    def _state_tag(self, tag: bytes, server: ServerState) -> None:
+    def _state_tag(self, tag: bytes, server: ServerState, head: list[Any] | None) -> None:
         """A CommandComplete tag that says the session changed (a backstop for the classifier)."""
-        # (SET and RESET are judged by the classifier, which tells SET LOCAL apart.)
-        if tag == b"DISCARD ALL" or tag == b"DO" or tag.startswith(b"CALL"):
+        # (SET and RESET are judged by the classifier, which tells SET LOCAL apart; a lone
+        # DISCARD ALL is recorded from its answer.)
+        plain = head is not None and head[0] == QUERY and head[2] is not None
+        if (tag == b"DISCARD ALL" and not plain) or tag == b"DO" or tag.startswith(b"CALL"):
             self._changed()
         if tag.startswith(_DIRTY_TAGS):
             self._dirty = True
-        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
-            server.statements.clear()  # the server's prepared statements are gone
+        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL") and head is not None and len(head) > 6:
+            # inside a multi-statement Query: what existed when it was sent is gone (on both sides)
+            client, names = head[6]
+            for name, st in client.items():
+                if self.statements.get(name) is st:
+                    del self.statements[name]
+            for name in names:
+                server.statements.discard(name)
             server.unnamed_owner = None
+            if tag == b"DEALLOCATE ALL":
+                self.registry.invalidate()
 
     def _stale_statement(self, head: list[Any], payload: bytes) -> bool:
         """A Bind (or Describe) of a shared server-side statement failed: it no longer fits the
@@ -1484,7 +1637,7 @@ class ClientCore:
         sync_at = next((i for i, e in enumerate(expect) if e[0] == SYNC), None)
         if (sync_at is None) == self._group_done or (sync_at is not None and sync_at != len(expect) - 1):
             return False  # another group is in flight behind this one
-        first = head[3]  # the failed request, in the kept group
+        first = head[3][0]  # the failed request, in the kept group
         if first is None or not 0 <= first < len(kept):
             return False
         parsed = False
@@ -1524,15 +1677,16 @@ class ClientCore:
     def _fail_until_sync(self) -> None:
         """After an error the server ignores everything up to Sync: so do our expectations."""
         expect = self.expect
-        server = self.server
+        first = True
         while expect and expect[0][0] != SYNC:
             entry = expect.popleft()
-            if entry[0] == PARSE and entry[3] is not None and server is not None:
-                server.statements.discard(entry[3])  # the Parse did not happen
-                name = entry[2]
-                if isinstance(name, str) and self.statements.get(name) is not None \
-                        and self.statements[name].server_name == entry[3]:
-                    del self.statements[name]  # nor does the client's statement exist
+            if entry[0] == PARSE and len(entry) > 6 and entry[6] is not None:
+                entry[6](first)  # a Parse that did not happen (failed, or skipped after the error)
+            first = False
+            if entry[1] == CAPTURE and entry[0] == QUERY:
+                entry[2](None)  # skipped
+            elif entry[1] == FORWARD and entry[0] == QUERY and entry[2] is not None:
+                self._set_done(None, b"")  # a plain SET the server skipped: nothing changed
             obs = entry[5]
             if obs is not None:
                 obs.failed = True
@@ -1550,6 +1704,9 @@ class ClientCore:
         self._unsynced = False
         self._ignoring = False
         self._blocked = False
+        self._barrier = False
+        self._unnamed_syncs = 0
+        self._group_unnamed = False
 
 
 def _observations(marks: Any) -> list[QueryObs]:

@@ -117,28 +117,42 @@ class SessionSettings:
     def readback(self) -> str:
         return readback_sql(self.custom)
 
+    def restores(self, change: tuple[str, ...]) -> dict[str, str]:
+        """The startup values a RESET-like statement takes back to the server's own defaults: the
+        proxy sets them again right behind it (on a direct connection RESET gives the startup
+        value back)."""
+        if change[0] == "reset":
+            name = change[1]
+            return {name: self.startup[name]} if name in self.startup else {}
+        if change[0] in ("reset_all", "discard_all"):
+            return {n: v for n, v in self.startup.items() if n not in _FIRST}
+        return {}
+
     def after_set(self, change: tuple[str, ...], server: dict[str, str]) -> None:
-        """A plain SET/RESET the client ran outside a transaction and the server answered without
-        error: record it without asking the server. `server` (its params) is updated too."""
+        """A plain SET/RESET/RESET ALL/DISCARD ALL the client ran outside a transaction, answered
+        without error: record it without asking the server (whose params, `server`, follow;
+        startup values were set again behind it, see `restores`)."""
         values = self.values
-        if change[0] == "set":
+        kind = change[0]
+        if kind == "set":
             name, text = change[1], SqlText(change[2])
             values[name] = server[name] = text
             if "." in name:
                 self.custom.add(name)
-        elif change[0] == "reset":
+        elif kind == "reset":
             name = change[1]
-            server.pop(name, None)  # the server's reset value: its own baseline
+            server.pop(name, None)
             if name in self.startup:
-                values[name] = self.startup[name]  # the client's: its startup value
+                values[name] = server[name] = self.startup[name]
             else:
                 values.pop(name, None)
-        else:  # RESET ALL (role and session authorization are not reset by it)
-            kept = {n: v for n, v in values.items() if n in _FIRST}
-            for name in list(server):
-                if name not in _FIRST:
-                    del server[name]
-            self.values = {**self.startup, **kept}
+        else:  # RESET ALL keeps role and session authorization; DISCARD ALL resets them too
+            kept = {n: v for n, v in values.items() if n in _FIRST} if kind == "reset_all" else {}
+            server.clear()
+            restored = self.restores(change)
+            server.update(restored)
+            server.update(kept)
+            self.values = {**restored, **kept}
 
     def after_readback(self, rows: Iterable[tuple[str | None, str | None]]) -> dict[str, str]:
         """Take the readback's rows as the truth; returns the server's session values (what the

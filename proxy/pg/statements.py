@@ -40,6 +40,14 @@ class StatementRegistry:
             self._by_key[key] = st
         return st
 
+    def private(self, query: bytes, param_oids: tuple[int, ...],
+                encode_parse: Callable[[str, bytes, tuple[int, ...]], bytes]) -> Statement:
+        """A statement under a name of its own, never shared (a Parse whose outcome only the
+        server can tell: the name must exist there exactly when it succeeded)."""
+        self._next += 1
+        name = f"{self._prefix}{self._next}"
+        return Statement(name, query, param_oids, encode_parse(name, query, param_oids))
+
     def forget(self, st: Statement) -> None:
         """`st` no longer fits the catalog: the next Parse of its text gets a new server name
         (prepared afresh), while clients that hold `st` keep it, as on a direct connection."""
@@ -77,6 +85,9 @@ class ServerStatements:
             old, _ = self._names.popitem(last=False)
             return old
         return None
+
+    def names(self) -> list[str]:
+        return list(self._names)
 
     def discard(self, name: str) -> None:
         self._names.pop(name, None)

@@ -234,7 +234,8 @@ class Classification:
     session_holds: frozenset[str] = frozenset()
     # The statement is exactly one plain session-level SET/RESET whose effect the pooler can
     # record without asking the server: ("set", name, value as written in SQL) | ("reset", name)
-    # | ("reset_all",). None otherwise (role and session authorization never: they are read back).
+    # | ("reset_all",) | ("discard_all",). None otherwise (role and session authorization never:
+    # they are read back).
     session_set: tuple[str, ...] | None = None
 
     @property
@@ -546,6 +547,8 @@ def _classify(sql: str) -> Classification:
     kind = kinds[0]
     if kind == "VariableSetStmt":
         facts["session_set"] = _plain_set(stmts[0], sql)
+    elif kind == "DiscardStmt" and stmts[0]["stmt"]["DiscardStmt"].get("target") == "DISCARD_ALL":
+        facts["session_set"] = ("discard_all",)
     if kind == "SelectStmt":
         if w.select_into:
             reason = "temp_table" if w.temp else "select_into"

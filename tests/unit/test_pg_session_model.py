@@ -77,15 +77,32 @@ def test_reset_of_a_startup_setting_gives_the_startup_value_back():
     server.params = {"search_path": "tenant_a"}
     a.feed_client(q("reset search_path"))
     a.attach(server)
-    take(a.to_server)
-    a.feed_server(done("RESET") + rfq())
+    # right behind the RESET, before anything else of the client's: its startup value again
+    assert split(take(a.to_server)) == [
+        q("reset search_path"), q("SELECT pg_catalog.set_config('search_path', 'tenant_a', false);")]
+    a.feed_server(done("RESET") + rfq() + message(b"T", b"\x00\x00") + row(b"tenant_a") + done("SELECT 1") + rfq())
+    assert take(a.to_client) == done("RESET") + rfq()
     assert not a.to_server  # a plain RESET outside a transaction is recorded from its answer
     assert a.settings.values == {"search_path": "tenant_a"}  # as on a direct connection
-    assert server.params == {}  # the server is back at its own baseline
-    a.detach()
-    a.feed_client(q("show search_path"))
+    assert server.params == {"search_path": "tenant_a"} and a.can_release
+
+
+def test_reset_all_tells_the_client_nothing_when_its_startup_values_come_back():
+    told = {b"application_name": b"mine", b"TimeZone": b"UTC"}
+    a = core_with({"application_name": "mine"}, reported=told)
+    server = ServerState(reported=dict(told))
+    server.params = {"application_name": "mine", "timezone": "Asia/Tokyo"}
+    a.settings.values["timezone"] = "Asia/Tokyo"
+    a.settings.reported[b"TimeZone"] = b"Asia/Tokyo"
+    a.feed_client(q("RESET ALL"))
     a.attach(server)
-    assert b"'tenant_a'" in take(a.to_server)  # applied again before the client's next query
+    assert split(take(a.to_server))[1] == q("SELECT pg_catalog.set_config('application_name', 'mine', false);")
+    a.feed_server(ps("application_name", "") + ps("TimeZone", "UTC") + done("RESET") + rfq()
+                  + ps("application_name", "mine") + message(b"T", b"\x00\x00") + row(b"mine") + done("SELECT 1")
+                  + rfq())
+    # as from a direct connection: TimeZone went back to the default, application_name never changed
+    assert take(a.to_client) == ps("TimeZone", "UTC") + done("RESET") + rfq()
+    assert a.settings.values == {"application_name": "mine"} and server.params == {"application_name": "mine"}
 
 
 def test_a_plain_set_outside_a_transaction_needs_no_readback():
@@ -270,10 +287,14 @@ def test_a_reused_statement_name_fails_as_on_the_server():
     a.feed_server(PARSE_OK + rfq())
     take(a.to_client)
     a.feed_client(q("begin") + parse("s1", "select 2") + bind("s1") + EXECUTE + SYNC)
+    # the name is taken unless something outstanding fails: the Parse waits for the BEGIN's answer
+    assert split(take(a.to_server)) == [q("begin")]
+    a.feed_server(done("BEGIN") + rfq(b"T"))
     sent = split(take(a.to_server))
-    assert sent[0] == q("begin") and sent[1].startswith(b"P") and b"hd proxy raises" in sent[1]
-    # the server fails the bad Parse, skips Bind and Execute, answers the Sync: 'E' (failed block)
-    a.feed_server(done("BEGIN") + rfq(b"T") + err("syntax error") + rfq(b"E"))
+    # the server parses the text first (a syntax error would come before 42P05), then fails on purpose
+    assert sent[0] == parse("", "select 2") and b"hd proxy raises" in sent[1]
+    # the server fails on purpose, skips Bind and Execute, answers the Sync: 'E' (failed block)
+    a.feed_server(PARSE_OK + err("no such statement") + rfq(b"E"))
     out = take(a.to_client)
     assert out.startswith(done("BEGIN") + rfq(b"T"))
     assert b"42P05" in out and b'prepared statement "s1" already exists' in out and out.endswith(rfq(b"E"))
