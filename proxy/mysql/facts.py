@@ -3,8 +3,9 @@
 * the server version its greeting announced (clients are greeted with it: MariaDB clients must
   see MariaDB), the default autocommit mode and the connection's character set after login
   (what a pooled connection starts with), learned from every new pooled connection (cheap);
-* the origin's UTF-8 collations by id (``information_schema.COLLATIONS``), loaded on first need:
-  a client's handshake names its collation by id only, and the proxy applies it by name.
+* the origin's UTF-8 collations by id and each character set's default one
+  (``information_schema.COLLATIONS``), loaded at a config's first login: a client's handshake
+  names its collation by id only, and the proxy applies it by name.
 
 The greeting is sent before the client names its config (the user name comes in the handshake
 response), so the listener greets every client with one version: the origins' version when all
@@ -24,8 +25,8 @@ from typing import Any
 log = logging.getLogger("proxy.mysql")
 
 FALLBACK_VERSION = "8.0.0-hd-proxy"  # before any origin was reached (no mysql config yet)
-COLLATIONS_SQL = ("SELECT ID, CHARACTER_SET_NAME, COLLATION_NAME FROM information_schema.COLLATIONS "
-                  "WHERE ID < 256 AND CHARACTER_SET_NAME IN ('utf8mb4', 'utf8mb3', 'utf8')")
+COLLATIONS_SQL = ("SELECT ID, CHARACTER_SET_NAME, COLLATION_NAME, IS_DEFAULT FROM information_schema.COLLATIONS "
+                  "WHERE CHARACTER_SET_NAME IN ('utf8mb4', 'utf8mb3', 'utf8')")
 LOAD_TIMEOUT = 5.0
 # Collation ids pooled connections log in with (see origin._connect), by name.
 POOL_COLLATIONS = {45: ("utf8mb4", "utf8mb4_general_ci"), 255: ("utf8mb4", "utf8mb4_0900_ai_ci")}
@@ -42,6 +43,7 @@ class OriginFacts:
     default_autocommit: bool = True
     pool_charset: int = 45  # the collation id pooled connections log in with
     collations: dict[int, tuple[str, str]] | None = None  # id -> (charset, collation), UTF-8 only
+    default_collations: dict[str, str] = field(default_factory=dict)  # charset -> its default collation
     reset_names: str | None = None  # the NAMES COM_RESET_CONNECTION leaves (MariaDB: the server's default)
     loading: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -56,6 +58,19 @@ class OriginFacts:
         if charset_id == self.pool_charset or not self.collations or charset_id not in self.collations:
             return self.pool_names
         return names_sql(*self.collations[charset_id])
+
+    def canonical(self, items: tuple[tuple[str, str | None], ...]) -> tuple[tuple[str, str | None], ...]:
+        """`SET NAMES cs` means cs with its default collation: say so, so that a client's NAMES
+        compares equal to a connection's that has the same (PyMySQL sends `SET NAMES utf8mb4` at
+        every connect: without this each of its statements would need a prelude)."""
+        out = []
+        for key, sql in items:
+            if key == "names" and sql is not None and sql.startswith("NAMES ") and " COLLATE " not in sql:
+                default = self.default_collations.get(sql[6:])
+                if default is not None:
+                    sql = f"{sql} COLLATE {default}"
+            out.append((key, sql))
+        return tuple(out)
 
     def learn_connection(self, origin: Any) -> None:
         """From a new pooled connection (MySQLOriginConnection)."""
@@ -86,7 +101,9 @@ class OriginFacts:
                 rows = await conn.admin_query(COLLATIONS_SQL)
             finally:
                 pool.release(conn)
-            self.collations = {int(_text(r[0])): (_text(r[1]), _text(r[2])) for r in rows}
+            rows = [(int(_text(r[0])), _text(r[1]), _text(r[2]), _text(r[3] or b"")) for r in rows]
+            self.default_collations = {cs: coll for _, cs, coll, default in rows if default.lower() == "yes"}
+            self.collations = {i: (cs, coll) for i, cs, coll, _ in rows if i < 256}
         finally:
             self.loading = None
 

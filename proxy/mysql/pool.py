@@ -141,6 +141,10 @@ class MySQLServerConn:
         try:
             await asyncio.wait_for(self.origin.reset(), RESET_TIMEOUT)
             r = await self.origin.query(_NAMES_AFTER_RESET, timeout=RESET_TIMEOUT)
+        except (ConnectionError, OSError, asyncio.TimeoutError):
+            raise
+        except Exception as exc:  # an ERR or a protocol error: the pool closes the connection
+            raise ConnectionError(f"the origin connection could not be reset: {exc}") from exc
         finally:
             self._attach()  # the command helper borrowed the receiver
         cs, coll = (bytes(v or b"").decode() for v in r.rows[0])

@@ -381,7 +381,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             self._login_timer.cancel()
         self.pool = self.service.mysql_pool_for(self.config)
         self.facts = facts_for(self.pool)
-        if self.charset != self.facts.pool_charset and self.facts.collations is None:
+        if self.facts.collations is None:
             # The client's collation is applied by name: learn the origin's names first (once).
             self.busy = True
             self.transport.pause_reading()
@@ -576,7 +576,7 @@ class MySQLClientProtocol(asyncio.Protocol):
                          coll not in {c for _, c in self.facts.collations.values()}):
                 return False
         if effect.items:
-            self.carried.apply(effect.items)
+            self.carried.apply(self.facts.canonical(effect.items))
         if effect.autocommit is not None:
             self.autocommit = effect.autocommit
         self._ok(seq)
@@ -840,7 +840,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         self.autocommit = bool(status & _AUTOCOMMIT)
         if ok and effect.action == S.CARRY:
             assert self.facts is not None
-            self.carried.apply(S.for_flavor(effect.items, self.facts.mariadb))
+            self.carried.apply(self.facts.canonical(S.for_flavor(effect.items, self.facts.mariadb)))
             server.applied = dict(self.carried.items)
         elif effect.action == S.PIN and (ok or self.verdict.kind in ("call", "other")) and not self.pinned:
             self.pinned = effect.reason

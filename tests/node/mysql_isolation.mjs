@@ -1,6 +1,7 @@
 // mysql2 in its DEFAULT mode through the hd MySQL proxy: isolation checks for
 // tests/e2e/test_mysql_isolation.py, one JSON document on stdout.
-//   node mysql_isolation.mjs PROXY_URL DIRECT_URL N       (N: how many next clients must share the setter's origin connection)
+//   node mysql_isolation.mjs PROXY_URL DIRECT_URL N ROOT_URL   (N: how many next clients must share the setter's
+//        origin connection; ROOT_URL: an admin connection to MariaDB that takes away other origin connections)
 //   node mysql_isolation.mjs --child PROXY_URL WHO        (opens a transaction, inserts, prints its CONNECTION_ID(), waits to be killed)
 import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
@@ -81,8 +82,9 @@ await withConn(proxyUrl, async c => {
   out.setter_sees = r[0].leak
 })
 out.next = []
+const root = await mysql.createConnection(options(process.argv[5]))
 for (let attempt = 0; attempt < 3 * N && out.next.filter(p => p.thread === out.setter_thread).length < N; attempt++) {
-  out.next.push(await withConn(proxyUrl, async c => {
+  const probe = await withConn(proxyUrl, async c => {
     const [r] = await c.query("SELECT CONNECTION_ID() AS thread, @leak AS leak, @@time_zone AS tz, @@collation_connection AS coll, " +
       "IS_FREE_LOCK('hd-node-lock') AS lk, @@autocommit AS ac, LAST_INSERT_ID() AS lid FROM one")
     let tmp = 0
@@ -93,6 +95,12 @@ for (let attempt = 0; attempt < 3 * N && out.next.filter(p => p.thread === out.s
       state: { leak: row.leak, tz: row.tz, coll: row.coll, lock: Number(row.lk), ac: Number(row.ac), lid: Number(row.lid) },
       tmp
     }
-  }))
+  })
+  out.next.push(probe)
+  if (probe.thread !== out.setter_thread) {
+    // the setter's connection was still being reset and another served: take that one away
+    try { await root.query(`KILL CONNECTION ${probe.thread}`) } catch (e) {}
+  }
 }
+await root.end()
 console.log(JSON.stringify(out))
