@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -396,3 +397,29 @@ def test_a_view_over_a_volatile_function_is_not_cached(stack):
         assert _origin_selects(stack) - before == 3 and len(seen) == 3, seen
     finally:
         c.close()
+
+
+# ------------------------------------------------------------------------------------ vanished clients
+
+def test_a_vanished_clients_statement_is_killed_through_the_tunnel(stack):
+    """Clients that drop their socket while `SELECT SLEEP(30)` runs: the statements are killed at
+    the origin (the kill goes through the tunnel too) instead of sleeping on."""
+    def sleeping() -> int:
+        return sum(1 for c in stack.db.connections(ORIGIN_USER) if (c["info"] or "").startswith("SELECT SLEEP"))
+
+    conns = []
+    for _ in range(3):
+        c = stack.connect(ssl_disabled=True, autocommit=True)
+        c._execute_command(3, "SELECT SLEEP(30)")  # noqa: SLF001 - the reply is never read
+        conns.append(c)
+    deadline = time.monotonic() + 15
+    while sleeping() < 3:
+        assert time.monotonic() < deadline, "the SLEEPs did not start"
+        time.sleep(0.05)
+    for c in conns:
+        c._sock.shutdown(socket.SHUT_RDWR)  # noqa: SLF001 - gone without COM_QUIT
+        c._sock.close()  # noqa: SLF001
+    deadline = time.monotonic() + 20
+    while sleeping():
+        assert time.monotonic() < deadline, "the SLEEPs of the vanished clients still run at the origin"
+        time.sleep(0.05)

@@ -424,6 +424,30 @@ def test_kill_query_reaches_the_origin_connection_the_session_holds(stack, how):
             pass
 
 
+def test_ctrl_c_in_the_mariadb_cli_kills_the_query(stack):
+    """The `mariadb` client on Ctrl-C opens a second connection and sends `KILL QUERY <the id its
+    greeting gave>`. Before: that id meant nothing at the origin and the SLEEP ran on."""
+    cli = shutil.which("mariadb") or shutil.which("mysql")
+    assert cli, "the mariadb client is needed"
+    cfg = stack.config("iso-kill", limit=5)
+    a = stack.args(cfg)
+    p = subprocess.Popen([cli, "-h", a["host"], "-P", str(a["port"]), "-u", a["user"], f"--password={a['password']}",
+                          "--skip-ssl", a["database"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        p.stdin.write("SELECT SLEEP(30);\n")
+        p.stdin.flush()
+        poll_until(lambda: len(_sleeping(stack)) == 1, 10, what="the CLI's SLEEP at the origin")
+        p.send_signal(signal.SIGINT)
+        poll_until(lambda: not _sleeping(stack), 10, what="the SLEEP to be killed")
+        out, err = p.communicate(input="", timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=10)
+    assert "query killed" in out + err and "1317" in err, (out, err)
+
+
 def test_kill_of_another_configs_session_is_refused(stack):
     a_cfg, b_cfg = stack.config("iso-kill", limit=5), stack.config("iso-kill-other", limit=5)
     a, b = stack.connect(a_cfg, autocommit=True), stack.connect(b_cfg, autocommit=True)
