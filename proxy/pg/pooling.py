@@ -631,6 +631,7 @@ class ClientCore:
         if local:
             refusal = self._refusal(sql)
             if refusal:
+                self._drop_unnamed()  # a simple Query drops the unnamed statement, even one that fails
                 self.to_client += error_message("0A000", refusal[0], hint=refusal[1]) + ready_for_query(b"I")
                 if self.cache is not None:
                     obs = self._obs("disabled" if self.cache.policy.disabled else "notaquery", len(raw))
@@ -668,6 +669,7 @@ class ClientCore:
         key = (self._prefix, sql)
         if (refresh is None and local and self._prefix is not None and len(sql) <= MAX_KEY_BYTES
                 and self._serve(key, len(raw), (), lambda: raw)):
+            self._drop_unnamed()  # as the server would have, running it
             return None
         d = ns.catalog.decide(sql)
         if (d.unknown or ns.catalog_stale) and local and refresh is None:
@@ -1037,12 +1039,18 @@ class ClientCore:
                 self._wait_for_outstanding(kind, raw, obs)
                 return
             self.queries += 1
+            # Every simple Query drops the unnamed statement (PostgreSQL's exec_simple_query), on
+            # the server and so for the client; undone if the server skips it (see _fail_until_sync).
+            unnamed_undo = self._drop_unnamed()
+            if self._unsynced:
+                self._group_unnamed = True  # a later group's unnamed Bind depends on how this ends
             if dealloc is not None and self.txn != b"E":
                 # The client's statement names exist only here: answer for the server.
                 answer = self._deallocate(dealloc)
                 if answer is None:
                     expect.append([QUERY, FAKE, message(b"C", b"DEALLOCATE ALL\x00" if dealloc.group(1)
-                                                       else b"DEALLOCATE\x00") + _RFQ_CURRENT, None, None, None])
+                                                       else b"DEALLOCATE\x00") + _RFQ_CURRENT, None, None, None,
+                                   (None, unnamed_undo)])
                 else:
                     self._raise(answer, simple=True)
                 if obs is not None:
@@ -1056,18 +1064,19 @@ class ClientCore:
             refusal = refusal if self.txn == b"I" else None
             if refusal:
                 expect.append([QUERY, FAKE, error_message("0A000", refusal[0], hint=refusal[1]) + ready_for_query(b"I"),
-                               None, None, None])
+                               None, None, None, (None, unnamed_undo)])
                 if obs is not None:
                     obs.failed = True
                     obs.complete(b"I")
                 return
             out += raw
             change = self._decide(sql).direct if self._direct_pending else None
-            entry = [QUERY, FORWARD, change, None, None, None]
+            snapshot = None
             if dealloc is None and not discard and _DROPS_STATEMENTS.search(sql) is not None:
                 # DEALLOCATE ALL / DISCARD ALL among other statements: when its tag comes, the
                 # statements that existed now are gone, not those prepared after it (pipelined).
-                entry.append((dict(self.statements), self.server.statements.names()))  # type: ignore[union-attr]
+                snapshot = (dict(self.statements), self.server.statements.names())  # type: ignore[union-attr]
+            entry = [QUERY, FORWARD, change, None, None, None, (snapshot, unnamed_undo)]
             expect.append(entry)
             if change is not None and change[0] != "set":
                 restore = self.settings.restores(change)
@@ -1131,6 +1140,25 @@ class ClientCore:
                 entry[4] = entry[5] = obs
             if len(expect) == 1 and entry[4] is not None:
                 self._begin(entry[4])
+
+    def _drop_unnamed(self) -> Any:
+        """A simple Query drops the unnamed statement; returns what undoes that if it is skipped."""
+        previous, server = self._unnamed_parse, self.server
+        if previous is None:
+            if server is not None:
+                server.unnamed_owner = None
+            return None
+        token = self._unnamed_token = object()
+        self._unnamed_parse = None
+        if server is not None:
+            server.unnamed_owner = None
+
+        def undo() -> None:
+            if self._unnamed_token is token:
+                self._unnamed_parse = previous
+                self._unnamed_token = object()
+
+        return undo
 
     def _unnamed_uncertain(self) -> bool:
         """Whether which statement is unnamed on the server depends on how an earlier group ends
@@ -1604,9 +1632,10 @@ class ClientCore:
             self._changed()
         if tag.startswith(_DIRTY_TAGS):
             self._dirty = True
-        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL") and head is not None and len(head) > 6:
+        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL") and head is not None and len(head) > 6 \
+                and head[6][0] is not None:
             # inside a multi-statement Query: what existed when it was sent is gone (on both sides)
-            client, names = head[6]
+            client, names = head[6][0]
             for name, st in client.items():
                 if self.statements.get(name) is st:
                     del self.statements[name]
@@ -1687,6 +1716,8 @@ class ClientCore:
                 entry[2](None)  # skipped
             elif entry[1] == FORWARD and entry[0] == QUERY and entry[2] is not None:
                 self._set_done(None, b"")  # a plain SET the server skipped: nothing changed
+            if entry[0] == QUERY and len(entry) > 6 and entry[6][1] is not None:
+                entry[6][1]()  # skipped: the unnamed statement was not dropped after all
             obs = entry[5]
             if obs is not None:
                 obs.failed = True

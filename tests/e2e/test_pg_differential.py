@@ -1017,3 +1017,16 @@ def test_errors_inside_and_after_pipelines(world: World, caching: str) -> None:
                     proto.sync(), proto.query("SELECT 1"), proto.query("ROLLBACK"),
                     proto.parse("", X), proto.sync(), proto.bind("", "", (), [b"2"]), proto.execute(), proto.sync(),
                     proto.bind("", "", (), [b"3"]), proto.execute(), proto.sync()), caching)
+
+
+@_caching()
+def test_unnamed_statement_survives_deallocate_all_in_a_multi_statement_query(world: World, caching: str) -> None:
+    """DEALLOCATE ALL drops named statements only; a Describe of the unnamed statement after it,
+    in a later group, still describes it (found by a sweep with HD_DIFF_SEED=12)."""
+    world.check(seq(proto.parse("s1", "ROLLBACK"), proto.bind("", "s1", (), [], [1]), proto.describe("P", ""),
+                    proto.execute("", 2), proto.sync(), proto.bind("", "s1", (), []),
+                    proto.query("SELECT 10 / (3 - k) AS q FROM dt_small ORDER BY k"),
+                    proto.parse("", "SELECT 1 / $1::int AS q"), proto.bind("p1", "", (), [b"1"]),
+                    proto.execute("p1", 2), proto.sync(),
+                    proto.query("UPDATE dt_scratch SET v = v || '!' WHERE k = 1; DEALLOCATE ALL"),
+                    proto.describe("S", ""), proto.sync()), caching)
