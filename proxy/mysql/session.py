@@ -711,13 +711,13 @@ class MySQLClientProtocol(asyncio.Protocol):
     def _to_origin(self, seq: int, payload: bytes) -> None:
         self.busy = True
         if self.server is not None:
-            self._forward(seq, payload, attached=False)
+            self._forward(seq, payload)
             return
         pool = self.pool
         conn = pool.try_acquire()
         if conn is not None:
             self._attach(conn)
-            self._forward(seq, payload, attached=True)
+            self._forward(seq, payload)
             return
         self.transport.pause_reading()
         asyncio.get_running_loop().create_task(self._acquire_then_forward(pool, seq, payload))
@@ -746,7 +746,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             return
         self.transport.resume_reading()
         self._attach(conn)
-        self._forward(seq, payload, attached=True)
+        self._forward(seq, payload)
 
     def _attach(self, conn: MySQLServerConn) -> None:
         self.server = conn
@@ -761,7 +761,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         if self._write_paused:
             conn.channel.pause_reading()
 
-    def _forward(self, seq: int, payload: bytes, *, attached: bool) -> None:
+    def _forward(self, seq: int, payload: bytes) -> None:
         """Send the client's command, with the SET that brings the connection to the client's
         session in front of it and the read-back of LAST_INSERT_ID() after it, when needed."""
         server, effect = self.server, self.effect
@@ -908,7 +908,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             if plan.is_write:
                 invalidate(ns, plan)  # again once done: reads that overlapped it must miss
             metrics.query(status, ok, time.monotonic() - self._t0, self._qbytes, self._rbytes)
-        if self.pending_writes and not self._in_transaction():
+        if self.pending_writes and not (self.tx_hold or (self.server is not None and self.server.origin.in_transaction)):
             for write in self.pending_writes:  # the transaction ended: what it wrote is visible
                 invalidate(ns, write)
             self.pending_writes.clear()
@@ -950,15 +950,16 @@ class MySQLClientProtocol(asyncio.Protocol):
             return
         rollback = conn.origin.in_transaction or self.tx_hold
         conn.state.dirty = conn.state.dirty or self.dirty or bool(self.pinned) or self.diag_hold or self.next_tx
-        if exchange is not None and not exchange.done:
-            conn.state.dirty = True
-            self._spare = None  # never reused half-way
         self.dirty = False
         self.pinned = None
         self.tx_hold = self.next_tx = self.diag_hold = self.found_hold = False
         self.last_ran_here = self.server_lid_ok = False
         if self._write_paused:
             conn.channel.resume_reading()
+        if exchange is not None and not exchange.done:
+            self._spare = None  # never reused half-way
+            conn.abandon(exchange)  # a reply is still coming: killed and drained before reuse
+            return
         conn.release_when_free(rollback)
 
     def _next_queued(self) -> None:

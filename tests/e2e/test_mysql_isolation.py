@@ -734,3 +734,26 @@ def test_com_reset_connection_leaves_the_session_as_new(stack):
             conn.close()
     assert answers[1] == answers[0], answers
     assert rows_of(stack, "reset") == 0  # rolled back
+
+
+def test_a_commit_with_autocommit_off_invalidates_reads_cached_during_the_transaction(stack):
+    """A PyMySQL client (autocommit off) updates a row; another reads it through the cache before the
+    COMMIT (the old value, cached); after the COMMIT the cached read is dropped."""
+    cfg = stack.config("iso-cache", limit=5, caching=True, max_age=3600)
+    stack.db.query(f"CREATE TABLE IF NOT EXISTS {DB}.cached (id INT PRIMARY KEY, v INT)")
+    stack.db.query(f"REPLACE INTO {DB}.cached VALUES (1, 10)")
+    writer, reader = stack.connect(cfg), stack.connect(cfg, autocommit=True)
+    try:
+        read = "SELECT v FROM cached WHERE id = 1"
+        rc, wc = reader.cursor(), writer.cursor()
+        rc.execute(read)
+        assert rc.fetchone() == (10,)
+        wc.execute("UPDATE cached SET v = 20 WHERE id = 1")
+        rc.execute(read)
+        assert rc.fetchone() == (10,)  # not committed yet: the old value (from the origin, cached again)
+        writer.commit()
+        rc.execute(read)
+        assert rc.fetchone() == (20,)
+    finally:
+        writer.close()
+        reader.close()
