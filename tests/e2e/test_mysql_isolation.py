@@ -757,3 +757,20 @@ def test_a_commit_with_autocommit_off_invalidates_reads_cached_during_the_transa
     finally:
         writer.close()
         reader.close()
+
+
+def test_the_first_client_after_a_restart_is_greeted_with_the_origins_version(stack):
+    """The greeting comes before the client names its config: after a restart the listener first
+    learns an origin's version from a pooled connection (bounded), so even the first client sees
+    MariaDB. (Last in this module: it restarts the edge.)"""
+    cfg = stack.config("iso-ac", limit=5)
+    assert stack.edge is not None
+    stack.edge.restart()
+    url = stack.edge.hd("hyperdrive", "get", cfg["id"], "--connection-string", json=False).strip()
+    cfg = stack.configs["iso-ac"] = {**cfg, "connection_string": url}  # the listener's new port
+    d, p = stack.direct(), stack.connect(cfg)
+    try:
+        assert p.get_server_info() == d.get_server_info()
+    finally:
+        d.close()
+        p.close()

@@ -261,3 +261,41 @@ def test_exchange_reports_errors_of_each_step() -> None:
     err = P.frame(P.ErrPacket.for_code(1193, "Unknown system variable 'x'").build(CAPS), 1)
     out, done = ex.feed(err + ok(1))
     assert out == ok(1) and done[0].error is not None and done[0].error.code == 1193 and done[1].error is None
+
+
+# ------------------------------------------------------------------------------ facts
+
+class _Origin:
+    def __init__(self, version: str, mariadb: bool = True, status: int = 2, charset: int = 45) -> None:
+        self.server_version, self.is_mariadb, self.status, self.charset = version, mariadb, status, charset
+
+
+class _Pool:
+    pass
+
+
+def test_the_greeting_shows_the_origins_version_and_the_lowest_when_they_differ() -> None:
+    from proxy.mysql import facts as F
+
+    a, b = _Pool(), _Pool()
+    F.facts_for(a).learn_connection(_Origin("5.5.5-10.11.19-MariaDB-0+deb12u1"))
+    assert F.greeting_version() == "5.5.5-10.11.19-MariaDB-0+deb12u1"
+    F.facts_for(b).learn_connection(_Origin("5.5.5-10.6.2-MariaDB", status=0))
+    assert F.greeting_version() == "5.5.5-10.6.2-MariaDB"
+    assert F.facts_for(b).default_autocommit is False
+    del b
+    import gc
+    gc.collect()
+    assert F.greeting_version() == "5.5.5-10.11.19-MariaDB-0+deb12u1"
+
+
+def test_names_of_a_login_collation() -> None:
+    from proxy.mysql.facts import OriginFacts
+
+    f = OriginFacts()
+    assert f.names_for(224) == "NAMES utf8mb4 COLLATE utf8mb4_general_ci"  # not known yet: the pool's
+    f.collations = {45: ("utf8mb4", "utf8mb4_general_ci"), 224: ("utf8mb4", "utf8mb4_unicode_ci")}
+    f.default_collations = {"utf8mb4": "utf8mb4_general_ci"}
+    assert f.names_for(224) == "NAMES utf8mb4 COLLATE utf8mb4_unicode_ci"
+    assert f.names_for(255) == "NAMES utf8mb4 COLLATE utf8mb4_general_ci"  # unknown to this origin
+    assert f.canonical((("names", "NAMES utf8mb4"),)) == (("names", "NAMES utf8mb4 COLLATE utf8mb4_general_ci"),)
