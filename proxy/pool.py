@@ -212,6 +212,12 @@ class Pool:
             except ValueError:
                 pass
 
+    async def open_unpooled(self) -> Any:
+        """One more origin connection of this config, outside the pool and its limit (the origin
+        connection itself, not wrapped): for short control work such as MySQL's KILL QUERY while
+        every pooled connection is busy. The caller closes it."""
+        return await self._connect()
+
     async def _open(self) -> ServerConn:
         self._opening += 1
         started = time.monotonic()

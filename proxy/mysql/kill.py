@@ -99,7 +99,7 @@ class Killer:
                 await conn.admin_query(sql)
             else:
                 if self.own is None or self.own.closed:
-                    self.own = await self.pool._connect()  # outside the pool's count: see the module doc
+                    self.own = await self.pool.open_unpooled()  # outside the pool's count: see the module doc
                 await self.own.query(sql, timeout=KILL_TIMEOUT)
         except MySQLServerError as exc:
             if exc.code != ER_NO_SUCH_THREAD:

@@ -189,6 +189,10 @@ class ClientCore:
         self._queued: list[tuple[int, bytes, Any]] = []  # Any: QueryObs, _Marks or None
         self.statements: dict[str, Statement] = {}
         self._unnamed_parse: bytes | None = None
+        # The unnamed statement as each change to it (a Parse of it, a simple Query dropping it)
+        # left it, in order: a change the server did not make (failed, skipped after an error) is
+        # undone in its cell, and the cells after it inherit (see _unnamed_change).
+        self._unnamed_cell: list[bytes | None] = [None]
         self._unnamed_token: object = object()
         self.txn = b"I"
         self.copy_in = False
@@ -934,8 +938,7 @@ class ClientCore:
         """A Parse answered from the cache: remember the statement for later Binds."""
         name_b, query_b, oids = parse_fields(raw)
         if not name_b:
-            self._unnamed_parse = raw
-            self._unnamed_token = object()  # on no server yet: re-sent when bound there
+            self._unnamed_change(raw)  # on no server yet: re-sent when bound there
             return
         self.statements[name_b.decode("utf-8", "surrogateescape")] = self.registry.get(query_b, oids, encode_parse)
 
@@ -977,8 +980,8 @@ class ClientCore:
             # A name in use, maybe only by a Parse still outstanding that the server may yet skip.
             self._wait_for_outstanding(kind, raw, obs)
             return
-        if ((kind == 0x42 and raw[raw.index(b"\x00", 5) + 1] == 0) or (kind == 0x44 and raw[5:7] == b"S\x00")) \
-                and self._unnamed_uncertain():
+        if self._unnamed_syncs and not self._group_unnamed and (
+                (kind == 0x42 and raw[raw.index(b"\x00", 5) + 1] == 0) or (kind == 0x44 and raw[5:7] == b"S\x00")):
             self._wait_for_outstanding(kind, raw, obs)  # a Bind/Describe of the unnamed statement
             return
         if kind in _EXTENDED:
@@ -1141,24 +1144,39 @@ class ClientCore:
             if len(expect) == 1 and entry[4] is not None:
                 self._begin(entry[4])
 
-    def _drop_unnamed(self) -> Any:
-        """A simple Query drops the unnamed statement; returns what undoes that if it is skipped."""
-        previous, server = self._unnamed_parse, self.server
-        if previous is None:
-            if server is not None:
-                server.unnamed_owner = None
-            return None
+    def _unnamed_change(self, raw: bytes | None) -> Any:
+        """The client's unnamed statement becomes `raw` (a Parse) or None (dropped); returns
+        undo(failed): a failed Parse leaves no unnamed statement, a skipped change leaves what the
+        change before it left (itself possibly undone: cells are undone in order)."""
+        previous = self._unnamed_cell
+        cell: list[bytes | None] = [raw]
+        self._unnamed_cell = cell
+        self._unnamed_parse = raw
         token = self._unnamed_token = object()
-        self._unnamed_parse = None
-        if server is not None:
-            server.unnamed_owner = None
 
-        def undo() -> None:
-            if self._unnamed_token is token:
-                self._unnamed_parse = previous
-                self._unnamed_token = object()
+        def undo(failed: bool = False) -> None:
+            cell[0] = None if failed else previous[0]
+            if self._unnamed_cell is cell:
+                self._unnamed_parse = cell[0]
+                self._unnamed_token = object()  # sent again where needed
+            server = self.server
+            if server is not None and server.unnamed_owner is token:
+                server.unnamed_owner = None
 
         return undo
+
+    def _drop_unnamed(self) -> Any:
+        """A simple Query drops the unnamed statement; returns what undoes that if it is skipped."""
+        server = self.server
+        if server is not None:
+            server.unnamed_owner = None
+        if not self._unsynced:  # nothing before it can make the server skip it: no undo (hot path)
+            if self._unnamed_parse is not None or self._unnamed_cell[0] is not None:
+                self._unnamed_cell = [None]
+                self._unnamed_parse = None
+                self._unnamed_token = object()
+            return None
+        return self._unnamed_change(None)
 
     def _unnamed_uncertain(self) -> bool:
         """Whether which statement is unnamed on the server depends on how an earlier group ends
@@ -1217,21 +1235,9 @@ class ClientCore:
         assert server is not None
         name_b, off = cstring(raw, 5)
         if not name_b:
-            previous = self._unnamed_parse
-            self._unnamed_parse = raw
-            token = self._unnamed_token = object()
-            server.unnamed_owner = token
+            undo = self._unnamed_change(raw)
+            server.unnamed_owner = self._unnamed_token
             self.to_server += raw
-
-            def undo(failed: bool) -> None:
-                # A failed Parse drops the unnamed statement; a skipped one leaves the old in place
-                # (unless a later Parse of the client's, sent meanwhile, replaced it anyway).
-                if server.unnamed_owner is token:
-                    server.unnamed_owner = None
-                if self._unnamed_token is token:
-                    self._unnamed_parse = None if failed else previous
-                    self._unnamed_token = object()
-
             self.expect.append([PARSE, FORWARD, None, "", None, None, undo])
             self._group_unnamed = True
             return

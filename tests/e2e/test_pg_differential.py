@@ -1030,3 +1030,12 @@ def test_unnamed_statement_survives_deallocate_all_in_a_multi_statement_query(wo
                     proto.execute("p1", 2), proto.sync(),
                     proto.query("UPDATE dt_scratch SET v = v || '!' WHERE k = 1; DEALLOCATE ALL"),
                     proto.describe("S", ""), proto.sync()), caching)
+
+
+@_caching()
+def test_a_failed_unnamed_parse_leaves_none_even_after_a_skipped_one(world: World, caching: str) -> None:
+    """Parse '' fails (the unnamed statement is dropped), the next Parse '' is skipped: no
+    unnamed statement is left, not the failed one (found by a sweep with HD_DIFF_SEED=15)."""
+    world.check(seq(proto.parse("", "SELECT v FROM dt_missing"),
+                    proto.parse("", "INSERT INTO dt_scratch VALUES (7, 'g') RETURNING k, v"), proto.sync(),
+                    proto.bind("", "", (), [], [1]), proto.execute(), proto.sync()), caching)
