@@ -59,3 +59,15 @@ def test_mysql_bench_quick_run(tmp_path):
     for row in summary["rows"]:
         assert all(row["qps"][t] > 0 for t in ("direct", "nocache", "cache")), row
         assert row["cache_vs_nocache"] > 0 and row["hit_ratio"] is not None, row
+
+
+@pytest.mark.slow
+def test_settings_bench_quick_run(tmp_path):
+    out = tmp_path / "settings.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.settings_bench", "--quick", "--duration", "1",
+                           "--json-out", str(out)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {(r["cell"], r["target"]) for r in doc["rows"]} == {
+        (c, t) for c in ("none", "startup", "mixed", "set-each") for t in ("pgbouncer", "proxy")}
+    assert all(r["tps"] > 0 for r in doc["rows"])
