@@ -145,6 +145,7 @@ class OriginCatalog:
     def __init__(self, classifier: ClassificationCache | None = None, *, max_decisions: int = 4096) -> None:
         self.classifier = classifier or ClassificationCache()
         self.loaded = False
+        self.version = 0  # bumped by every load: verdicts made before may no longer hold
         self.attempted_at = float("-inf")
         self.missing: set[str] = set()  # names reloads were started for (still unknown: absent)
         self.missing_since = float("-inf")
@@ -223,6 +224,7 @@ class OriginCatalog:
         self._family, self._cascades = family, cascades
         self._decisions.clear()
         self.loaded = True
+        self.version += 1
 
     def may_reload(self, now: float, names: frozenset[str] = frozenset()) -> bool:
         """Unknown names justify a reload at most once per RELOAD_MIN_INTERVAL, and names that

@@ -90,6 +90,13 @@ _BATCHED = frozenset(b"PBDEC")  # collected up to Sync when caching is on
 MAX_BATCH_BYTES = 1 << 20
 _SYNC = b"S\x00\x00\x00\x04"
 _DROPS_STATEMENTS = re.compile(rb"deallocate|discard", re.IGNORECASE)
+# A simple Query that matches none of these (no call, no word of a statement that can change the
+# session or the catalog) leaves nothing in the session: it needs no parse (a caching-disabled
+# config's queries need one for nothing else). A false match only costs the parse.
+_MAY_AFFECT_SESSION = re.compile(
+    rb"[(]|\b(?:set|reset|discard|do|call|listen|unlisten|prepare|execute|deallocate|declare|create|alter|drop"
+    rb"|truncate|grant|revoke|comment|security|load|into|lock|cluster|reindex|refresh|import|reassign|rule)\b",
+    re.IGNORECASE)
 _FLUSH = b"H\x00\x00\x00\x04"
 # Decisions per statement text: workloads repeat a small set of statements.
 _REFUSALS: dict[bytes, tuple[str, str] | None] = {}
@@ -221,6 +228,7 @@ class ClientCore:
         self._since_sync: list[tuple[int, bytes, Any]] | None = []
         self._since_sync_bytes = 0
         self._group_done = True  # its Sync was sent: the next extended message starts a group
+        self._group_clean = True
         self._group_txn = b"I"  # the transaction status when the group started
         self._retried = False
         self._ignoring = False  # the server skips everything until the Sync the client has not sent yet
@@ -232,6 +240,8 @@ class ClientCore:
         self.gone = False  # the client disconnected: its server only finishes what is in flight
         self.readies = 0  # ReadyForQuery messages seen (the session re-arms its statement timer)
         self.queries = 0
+        self._plain_q: bytes | None = None  # the last simple Query seen to be plain (see _query)
+        self._harmless: dict[bytes, int] = {}  # statement texts that leave nothing (catalog version)
         # --- the query cache (None: no caching, no per-query metrics) ---
         self.cache = cache
         self.catalog = cache.ns.catalog if cache is not None else _NO_CATALOG
@@ -267,7 +277,8 @@ class ClientCore:
     # ------------------------------------------------------------------ linking
     def attach(self, server: ServerState) -> None:
         self.server = server
-        sql, blocking = apply_sql(server.params, self.settings.values)
+        sql, blocking = ("", False) if server.params == self.settings.values else \
+            apply_sql(server.params, self.settings.values)
         if sql:
             # Pipelined with the client's messages; a role change first proves it took effect.
             self.to_server += encode_query(sql)
@@ -280,11 +291,13 @@ class ClientCore:
 
     def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
-        for i, (kind, raw, obs) in enumerate(queued):
+        i = 0
+        for kind, raw, obs in queued:
             if self._barrier or self._blocked:
                 self._queued.extend(queued[i:])  # (a barrier puts its own message first)
                 break
             self._client_message(kind, raw, obs)
+            i += 1
         self._drain_fakes()
         self._maybe_readback()
 
@@ -421,7 +434,8 @@ class ClientCore:
             # Flush the client has not sent; the part goes out now, judged message by message.
             self._checked(self._flush_batch, None)
         self._drain_fakes()
-        self._maybe_readback()
+        if self._check:
+            self._maybe_readback()
 
     def _fast_ok(self) -> bool:
         """Whether a batch may be answered from the cache as it is read (no server held, nothing
@@ -547,8 +561,12 @@ class ClientCore:
             self._note(self._decide(parse_fields(raw)[1]))
         elif kind == 0x42:  # Bind of a statement prepared earlier: the same, each time it runs
             query = self._bound_query(raw)
-            if query is not None:
-                self._note(self._decide(query))
+            if query is not None and self._harmless.get(query) != self.catalog.version:
+                d = self._decide(query)
+                if d.readback or d.dirty or d.reload_catalog:
+                    self._note(d)
+                elif len(self._harmless) < 1024:
+                    self._harmless[query] = self.catalog.version  # (the hot path: a Bind per query)
         cache = self.cache
         caching = cache is not None and not cache.policy.disabled
         if caching:
@@ -589,8 +607,8 @@ class ClientCore:
 
     def _bound_query(self, raw: bytes) -> bytes | None:
         """The text of the statement a Bind names (None: not known here)."""
-        statement = raw[raw.index(b"\x00", 5) + 1:]
-        name = statement[:statement.index(b"\x00")]
+        start = raw.index(b"\x00", 5) + 1
+        name = raw[start:raw.index(b"\x00", start)]
         if name:
             st = self.statements.get(name.decode("utf-8", "surrogateescape"))
             return st.query if st is not None else None
@@ -631,8 +649,12 @@ class ClientCore:
     # ------------------------------------------------------------------ simple queries
     def _query(self, raw: bytes) -> None:
         sql = raw[5:-1]
+        # Most queries are plain (no call, no session or catalog word): one search tells, and
+        # spares them the rest (refusals, session effects, DEALLOCATE/DISCARD handling).
+        plain = _MAY_AFFECT_SESSION.search(sql) is None
+        self._plain_q = raw if plain else None
         local = self.server is None and not self._queued and self.txn == b"I"
-        if local:
+        if local and not plain:
             refusal = self._refusal(sql)
             if refusal:
                 self._drop_unnamed()  # a simple Query drops the unnamed statement, even one that fails
@@ -643,7 +665,8 @@ class ClientCore:
                     obs.complete(b"I")
                 return
         if self.cache is None:
-            self._note(self._decide(sql), simple=True)
+            if not plain:
+                self._note(self._decide(sql), simple=True)
             self._send(0x51, raw, None)
             return
         obs = self._query_obs(raw, sql, local)
@@ -662,12 +685,13 @@ class ClientCore:
                 self.refresh_fill = None
                 return None
             obs = self._obs("disabled", len(raw))
-            d = ns.catalog.decide(sql)
-            self._note(d, simple=True)
-            if ns.watched:
-                obs.writes_from(d)
-                if obs.writes:
-                    obs.invalidate()
+            if ns.watched or self._plain_q is not raw:
+                d = ns.catalog.decide(sql)
+                self._note(d, simple=True)
+                if ns.watched:
+                    obs.writes_from(d)
+                    if obs.writes:
+                        obs.invalidate()
             return obs
         refresh = self.refresh_fill
         key = (self._prefix, sql)
@@ -986,7 +1010,8 @@ class ClientCore:
             return
         if kind in _EXTENDED:
             self._unsynced = True
-            self._keep_for_retry(kind, raw, obs)
+            if self._since_sync is not None or self._group_done or self._group_clean:
+                self._keep_for_retry(kind, raw, obs)
         if self._ignoring and (kind in _EXTENDED or kind == 0x51):
             # The server skips everything up to the next Sync after an error, answering nothing.
             for o in _observations((obs,)):
@@ -1005,7 +1030,10 @@ class ClientCore:
                 rest = raw[portal_end + len(name) + 1:]
                 raw = message(b"B", raw[5:portal_end] + st.server_name.encode() + b"\x00" + rest)
                 out += raw
-                expect.append([BIND, FORWARD, st, (self._kept_at(), name), None, None])
+                entry = [BIND, FORWARD, st, name, None, None]
+                if self._since_sync is not None:
+                    entry.append(len(self._since_sync) - 1)  # where it is in the kept group
+                expect.append(entry)
             else:
                 if self._unnamed_parse is None:  # the server's unnamed statement is not the client's
                     self._raise(error_message("26000", "unnamed prepared statement does not exist"))
@@ -1032,9 +1060,12 @@ class ClientCore:
             self._parse(raw)
         elif kind == 0x51:  # 'Q' Query
             sql = raw[5:-1]
-            dealloc = _DEALLOCATE.match(sql) if sql[:40].lstrip()[:10].upper() == b"DEALLOCATE" else None
-            discard = dealloc is None and _DISCARD_ALL.match(sql) is not None
-            refusal = self._refusal(sql) if dealloc is None and not discard else None
+            if self._plain_q is raw:
+                dealloc, discard, refusal = None, False, None
+            else:
+                dealloc = _DEALLOCATE.match(sql) if sql[:40].lstrip()[:10].upper() == b"DEALLOCATE" else None
+                discard = dealloc is None and _DISCARD_ALL.match(sql) is not None
+                refusal = self._refusal(sql) if dealloc is None and not discard else None
             if (dealloc is not None or discard or refusal) and any(e[1] != FAKE for e in expect):
                 # The proxy judges this one itself: it must know the server's state when it runs
                 # (a failed transaction, a transaction block, skipped after an error). Wait until
@@ -1075,7 +1106,8 @@ class ClientCore:
             out += raw
             change = self._decide(sql).direct if self._direct_pending else None
             snapshot = None
-            if dealloc is None and not discard and _DROPS_STATEMENTS.search(sql) is not None:
+            if self._plain_q is not raw and dealloc is None and not discard \
+                    and _DROPS_STATEMENTS.search(sql) is not None:
                 # DEALLOCATE ALL / DISCARD ALL among other statements: when its tag comes, the
                 # statements that existed now are gone, not those prepared after it (pipelined).
                 snapshot = (dict(self.statements), self.server.statements.names())  # type: ignore[union-attr]
@@ -1106,7 +1138,10 @@ class ClientCore:
                     return
                 self._ensure_prepared(st)
                 out += message(b"D", b"S" + st.server_name.encode() + b"\x00")
-                expect.append([DESCRIBE, FORWARD, st, (self._kept_at(), name), None, None])
+                entry = [DESCRIBE, FORWARD, st, name, None, None]
+                if self._since_sync is not None:
+                    entry.append(len(self._since_sync) - 1)
+                expect.append(entry)
             else:
                 if what == b"S":
                     if self._unnamed_parse is None:
@@ -1207,26 +1242,31 @@ class ClientCore:
         self.to_server += _FAILING_BIND
         self.expect.append([BIND, REPLACE, error, None, None, None])
 
-    def _kept_at(self) -> int:
-        """Where the message being sent is in the kept group (-1: not kept)."""
-        return len(self._since_sync) - 1 if self._since_sync is not None else -1
-
     def _keep_for_retry(self, kind: int, raw: bytes, obs: Any) -> None:
-        """Keep the raw messages of the current Sync group, so that a group that failed only
-        because a shared server-side statement went stale can be sent again (bounded)."""
+        """Keep the raw messages of the current Sync group from its first Parse on, so that a group
+        that failed only because a shared server-side statement went stale can be sent again
+        (bounded). A group with no Parse, or with a Bind/Execute before it, is never retried:
+        nothing is kept (the hot path of prepared statements)."""
         if self._group_done:
             self._group_done = False
-            self._since_sync = []
-            self._since_sync_bytes = 0
+            self._since_sync = None
+            self._group_clean = True  # only Parse / Close / Describe so far
             self._group_txn = self.txn
             self._retried = False
         kept = self._since_sync
-        if kept is not None:
-            self._since_sync_bytes += len(raw)
-            if self._since_sync_bytes > MAX_RETRY_BYTES:
-                self._since_sync = None
-            else:
-                kept.append((kind, raw, obs))
+        if kept is None:
+            if kind == 0x50 and self._group_clean:
+                self._since_sync = [(kind, raw, obs)]
+                self._since_sync_bytes = len(raw)
+            elif kind != 0x43 and kind != 0x44 and kind != 0x50:
+                self._group_clean = False
+            return
+        self._since_sync_bytes += len(raw)
+        if self._since_sync_bytes > MAX_RETRY_BYTES:
+            self._since_sync = None
+            self._group_clean = False
+        else:
+            kept.append((kind, raw, obs))
 
     def _parse(self, raw: bytes) -> None:
         """A client's Parse. Every PARSE expectation carries (7th item) what to undo when the
@@ -1515,7 +1555,7 @@ class ClientCore:
                     # The server names its statement: the client must read its own name.
                     ours = b'"' + head[2].server_name.encode() + b'"'
                     if ours in payload:
-                        payload = payload.replace(ours, b'"' + head[3][1] + b'"')
+                        payload = payload.replace(ours, b'"' + head[3] + b'"')
                         instead = message(b"E", payload)
                 if head is not None and head[0] not in (QUERY, FUNCTION, SYNC):
                     self._fail_until_sync()
@@ -1581,7 +1621,8 @@ class ClientCore:
         if self._barrier and not expect:
             self._barrier = False
             self._send_queued()
-        self._maybe_readback()
+        if self._check:
+            self._maybe_readback()
 
     def _parameter_status(self, payload: bytes, server: ServerState, clients_request: bool,
                           held: frozenset[bytes] | None = None) -> bool:
@@ -1672,7 +1713,7 @@ class ClientCore:
         sync_at = next((i for i, e in enumerate(expect) if e[0] == SYNC), None)
         if (sync_at is None) == self._group_done or (sync_at is not None and sync_at != len(expect) - 1):
             return False  # another group is in flight behind this one
-        first = head[3][0]  # the failed request, in the kept group
+        first = head[6] if len(head) > 6 else None  # the failed request, in the kept group
         if first is None or not 0 <= first < len(kept):
             return False
         parsed = False

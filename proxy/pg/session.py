@@ -56,8 +56,8 @@ class ClientSession:
         self._cancel = cancel
         self.statement_timeout = statement_timeout  # seconds; 0: none
         self._timer = Timer()
-        self._timed_requests = -1  # ReadyForQuery count when the current request started
-        self._request_started: float | None = None  # loop time; None while the server is idle
+        self._seen_readies = -1  # the core's ReadyForQuery count at the last tick
+        self._stalled_ticks = 0  # ticks in a row with a request outstanding and no ReadyForQuery
         self._drain_timer = Timer()
         self.server: ServerConn | None = None
         self._acquiring = False
@@ -199,8 +199,6 @@ class ClientSession:
             self._closed = True
             self.transport.close()  # connection_lost gives back (or drains) the server
             return
-        if self.statement_timeout:
-            self._time_statement()
         if self.server is not None and core.can_release:
             server, self.server = self.server, None
             core.detach()
@@ -214,36 +212,34 @@ class ClientSession:
             self.transport.pause_reading()
             asyncio.get_running_loop().create_task(self._acquire())
 
-    def _time_statement(self) -> None:
-        """The edge's statement timeout: from when the server starts on a request until its
-        ReadyForQuery (restarted for each request of a pipeline). One timer per session, armed
-        once and re-armed only when it fires early: no timer call per query."""
-        core = self.core
-        if self.server is None or not core.expect or self._closed:
-            self._request_started = None
-            return
-        if self._request_started is None or self._timed_requests != core.readies:
-            self._timed_requests = core.readies
-            loop = asyncio.get_running_loop()
-            self._request_started = loop.time()
-            if not self._timer.running:
-                self._timer.start(self.statement_timeout, self._timed_out)
+    # The edge's statement timeout. No work per query: while the session holds a server, a timer
+    # ticks every TICKS-th of the timeout; a request still outstanding with no ReadyForQuery for
+    # TICKS + 1 ticks in a row (so after between the timeout and 1 + 1/TICKS times it) is cancelled.
+    TICKS = 4
 
-    def _timed_out(self) -> None:
+    def _arm_statement_timer(self) -> None:
+        if self.statement_timeout and not self._timer.running:
+            self._seen_readies = self.core.readies
+            self._stalled_ticks = 0
+            self._timer.start(self.statement_timeout / self.TICKS, self._tick)
+
+    def _tick(self) -> None:
         self._timer.handle = None
-        started = self._request_started
-        server = self.server
-        if started is None or server is None or not self.core.expect or self._cancel is None:
-            return  # idle now: armed again by the next request
-        left = started + self.statement_timeout - asyncio.get_running_loop().time()
-        if left > 0:
-            self._timer.start(left, self._timed_out)  # a later request: its own full time
-            return
-        self._request_started = None
-        log.info("a statement ran longer than the edge's statement timeout (%.0fs); cancelling it",
-                 self.statement_timeout)
-        self.core.timeout_cancelled = True
-        self._cancel(server)
+        server, core = self.server, self.core
+        if server is None or self._closed:
+            return  # armed again when a server is attached
+        if not core.expect or core.readies != self._seen_readies:
+            self._seen_readies = core.readies
+            self._stalled_ticks = 0
+        else:
+            self._stalled_ticks += 1
+            if self._stalled_ticks > self.TICKS and self._cancel is not None:
+                self._stalled_ticks = 0
+                log.info("a statement ran longer than the edge's statement timeout (%.0fs); cancelling it",
+                         self.statement_timeout)
+                core.timeout_cancelled = True
+                self._cancel(server)
+        self._timer.start(self.statement_timeout / self.TICKS, self._tick)
 
     def _watch(self, wait: Any) -> None:
         """The core waits (for another client's identical query, or a catalog load): stop
@@ -299,6 +295,8 @@ class ClientSession:
     def _attach(self, server: ServerConn) -> None:
         self.server = server
         server.session = self
+        if not self._timer.running:
+            self._arm_statement_timer()
         try:
             self.core.attach(server.state)
             self._pump()
