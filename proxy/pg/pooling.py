@@ -242,6 +242,7 @@ class ClientCore:
         self.queries = 0
         self._plain_q: bytes | None = None  # the last simple Query seen to be plain (see _query)
         self._harmless: dict[bytes, int] = {}  # statement texts that leave nothing (catalog version)
+        self._harmless_unnamed: bytes | None = None  # the unnamed Parse known to leave nothing
         # --- the query cache (None: no caching, no per-query metrics) ---
         self.cache = cache
         self.catalog = cache.ns.catalog if cache is not None else _NO_CATALOG
@@ -559,14 +560,8 @@ class ClientCore:
     def _route(self, kind: int, raw: bytes) -> None:
         if kind == 0x50:  # Parse: what its statement may leave in the session
             self._note(self._decide(parse_fields(raw)[1]))
-        elif kind == 0x42:  # Bind of a statement prepared earlier: the same, each time it runs
-            query = self._bound_query(raw)
-            if query is not None and self._harmless.get(query) != self.catalog.version:
-                d = self._decide(query)
-                if d.readback or d.dirty or d.reload_catalog:
-                    self._note(d)
-                elif len(self._harmless) < 1024:
-                    self._harmless[query] = self.catalog.version  # (the hot path: a Bind per query)
+        # (A Bind, each time its statement runs: judged with its batch when caching is on — see
+        # _flush_batch and _extended_obs — and as it is sent otherwise, see _bound.)
         cache = self.cache
         caching = cache is not None and not cache.policy.disabled
         if caching:
@@ -604,6 +599,21 @@ class ClientCore:
             self._queued.append((kind, raw, obs))
         else:
             self._client_message(kind, raw, obs)
+
+    def _bound(self, query: bytes) -> bool:
+        """A statement about to run again (its Bind): what it may leave in the session. With
+        caching on, the batch's judgement did this before anything behind it was judged.
+        True when it leaves nothing."""
+        cache = self.cache
+        if cache is not None and not cache.policy.disabled:
+            return False
+        d = self._decide(query)
+        if d.readback or d.dirty or d.reload_catalog:
+            self._note(d)
+            return False
+        if len(self._harmless) < 1024:
+            self._harmless[query] = self.catalog.version  # (the hot path: a Bind per query)
+        return True
 
     def _bound_query(self, raw: bytes) -> bytes | None:
         """The text of the statement a Bind names (None: not known here)."""
@@ -766,6 +776,7 @@ class ClientCore:
         for i in executes:
             query = statements.get(i)
             d = cache.ns.catalog.decide(query) if query is not None else None
+            self._note(d if d is not None else _OPAQUE)  # what it may leave in the session
             if cache.policy.disabled:
                 # Not cached, but its writes still invalidate other configs' reads.
                 obs = self._obs("disabled", qbytes)
@@ -1025,6 +1036,8 @@ class ClientCore:
                 if st is None:  # the server would see a name that may be the proxy's: refuse here
                     self._raise(error_message("26000", f'prepared statement "{_name(name)}" does not exist'))
                     return
+                if self._harmless.get(st.query) != self.catalog.version:
+                    self._bound(st.query)
                 self._ensure_prepared(st)
                 portal_end = raw.index(b"\x00", 5) + 1
                 rest = raw[portal_end + len(name) + 1:]
@@ -1038,6 +1051,9 @@ class ClientCore:
                 if self._unnamed_parse is None:  # the server's unnamed statement is not the client's
                     self._raise(error_message("26000", "unnamed prepared statement does not exist"))
                     return
+                if self._unnamed_parse is not self._harmless_unnamed:
+                    if self._bound(parse_fields(self._unnamed_parse)[1]):
+                        self._harmless_unnamed = self._unnamed_parse
                 self._ensure_unnamed()
                 out += raw
                 expect.append([BIND, FORWARD, None, None, None, None])
