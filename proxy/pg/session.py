@@ -295,7 +295,7 @@ class ClientSession:
     def _attach(self, server: ServerConn) -> None:
         self.server = server
         server.session = self
-        if not self._timer.running:
+        if self._timer.handle is None:
             self._arm_statement_timer()
         try:
             self.core.attach(server.state)
@@ -305,7 +305,8 @@ class ClientSession:
 
     def _give_back(self, server: ServerConn, client_gone: bool = False) -> None:
         core = self.core
-        self._drain_timer.cancel()
+        if self._drain_timer.handle is not None:
+            self._drain_timer.cancel()
         if client_gone and core.expect:
             # Requests still in flight for a client that is gone: the server connection is in
             # an unknown state, so it is not reused.
