@@ -326,6 +326,11 @@ class MySQLClientProtocol(asyncio.Protocol):
             if rest:
                 self.data_received(rest)
             return
+        if self.tls is None and "mysql" in getattr(self.service, "client_tls_required", ()):
+            # hd edge --client-tls require (control/edge.py sets the attribute): MySQL's require_secure_transport
+            self._fatal(P.ErrPacket.for_code(3159, "Connections using insecure transport are prohibited while"
+                                             " --require_secure_transport=ON."), P.next_seq(seq))
+            return
         self.caps = hello.capabilities & (OFFERED | int(C.CLIENT_SSL))
         self.user = hello.user
         if hello.charset not in UTF8_CHARSETS:

@@ -145,6 +145,12 @@ class StartupProtocol(asyncio.Protocol):
         self.reader = pgp.StartupReader()
 
     def _begin_auth(self, params: dict[str, str]) -> None:
+        if not self.tls and "postgres" in getattr(self.service, "client_tls_required", ()):
+            # hd edge --client-tls require (control/edge.py sets the attribute): as PgBouncer's client_tls_sslmode
+            self._fatal("28000", "this edge accepts Postgres clients over TLS only (this connection is not encrypted)",
+                        hint="connect with sslmode=verify-full and the edge's CA as sslrootcert: the connection"
+                             " string from `hd hyperdrive get NAME --connection-string` does")
+            return
         user = params.get("user", "")
         database = params.get("database") or user
         if len(user.encode()) > MAX_NAME or len(database.encode()) > MAX_NAME:
