@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.mysql")
 
 LOGIN_TIMEOUT = 15.0
+MAX_PRELOGIN_PACKET = 64 * 1024
 WARMUP_TIMEOUT = 3.0  # the first greeting after a start waits this long at most for an origin's version
 C = P.Capability
 # What the proxy offers clients: the classic reply format (pooled origin connections use the
@@ -155,7 +156,9 @@ class MySQLClientProtocol(asyncio.Protocol):
         self.service = service
         self.ssl_context = ssl_context
         self.transport: Any = None
-        self.reader = P.PacketReader()
+        # Before login a client can make the edge hold at most one small packet (the handshake
+        # response is a few hundred bytes): no multi-packet payloads, nothing over 64 KiB.
+        self.reader = P.PacketReader(MAX_PRELOGIN_PACKET)
         self.tls: TlsCore | None = None
         self.phase = "login"  # login → auth → command → closed
         self.nonce = new_nonce()
@@ -236,6 +239,14 @@ class MySQLClientProtocol(asyncio.Protocol):
             self._flush_tls()
             if not data:
                 return
+        if self.tls is None and self.phase == "login" and len(data) > 36 and data[:3] == b"\x20\x00\x00":
+            # A 32-byte packet first: an SSLRequest, and a client's TLS ClientHello may follow it in
+            # the same read (the protocol has no answer to wait for). Read it alone: the bytes after
+            # it are TLS, not a packet to hold to the pre-login size limit.
+            self.data_received(data[:36])
+            if self.phase != "closed":
+                self.data_received(data[36:])
+            return
         try:
             packets = self.reader.read(data)
         except P.MySQLProtocolError as exc:
@@ -304,6 +315,10 @@ class MySQLClientProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ login
     def _packet(self, seq: int, payload: bytes) -> None:
         if self.phase == "command":
+            if seq != 0:
+                # The client's mistake, not the origin's: as a MySQL server, refuse and disconnect.
+                self._fatal(P._out_of_order(0, seq).err_packet(), seq=1)
+                return
             self._command(seq, payload)
         elif self.phase == "login":
             self._login(seq, payload)
@@ -322,7 +337,7 @@ class MySQLClientProtocol(asyncio.Protocol):
                 return
             self.tls = TlsCore(self.ssl_context, server_side=True)
             rest = self.reader.rest()  # a ClientHello that came in the same read
-            self.reader = P.PacketReader()
+            self.reader = P.PacketReader(MAX_PRELOGIN_PACKET)
             if rest:
                 self.data_received(rest)
             return
@@ -382,6 +397,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         if isinstance(self.auth, CachingSha2Server):
             _SHA2_SEEN.add((self.config.id, caching_sha2_digest(self.config.client_password)))
         self.phase = "command"
+        self.reader.max_packet = P.MAX_PACKET
         if self._login_timer is not None:
             self._login_timer.cancel()
         self.pool = self.service.mysql_pool_for(self.config)

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.listener")
 
 STARTUP_TIMEOUT = 15.0
+# What a client that has not authenticated can make the edge hold (docs/ARCHITECTURE.md, bounds):
+# startup packets are at most 10,000 bytes (PostgreSQL's own limit), a SASL message at most
+# PostgreSQL's 65,535-byte auth token, and nothing more is buffered before login.
+MAX_PREAUTH_BUFFER = 64 * 1024
+MAX_AUTH_MESSAGE = 65535 + 4
 MAX_NAME = 63  # bytes, as PostgreSQL's NAMEDATALEN - 1
 # Startup parameters that are not session settings; every other valid name is a setting the
 # client's session carries (proxy/pg/settings.py), judged by the origin at login.
@@ -56,6 +61,9 @@ class StartupProtocol(asyncio.Protocol):
         self._buf = bytearray()
         self._timer: asyncio.TimerHandle | None = None
         self._sasl_started = False
+        self._ssl_seen = False  # at most one SSLRequest and one GSSENCRequest, as PostgreSQL
+        self._gss_seen = False
+        self._read_paused = False
 
     # ------------------------------------------------------------------ transport events
     def connection_made(self, transport: Any) -> None:
@@ -77,8 +85,14 @@ class StartupProtocol(asyncio.Protocol):
                 self._auth(data)
             else:  # authenticated, session not set up yet: keep what the client pipelined
                 self._buf += data
+                if len(self._buf) > MAX_PREAUTH_BUFFER and not self._read_paused:
+                    self._read_paused = True  # bounded: read on once the session is set up
+                    self.transport.pause_reading()
         except pgp.PgProtocolError as exc:
-            self._fatal("08P01", f"invalid startup packet: {exc}")
+            if str(exc).startswith("invalid length"):
+                self._close_silently()  # as PostgreSQL: a broken packet is logged, not answered
+            else:
+                self._fatal("08P01", f"invalid startup packet: {exc}")
 
     def eof_received(self) -> bool | None:
         if self.session is not None:
@@ -101,36 +115,50 @@ class StartupProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ startup
     def _startup(self, data: bytes) -> None:
+        if self.reader.buffered + len(data) > MAX_PREAUTH_BUFFER:
+            self._close_silently()  # far more than any startup sequence
+            return
         event = self.reader.feed(data)
-        if event is None:
-            return
-        if isinstance(event, pgp.SslRequest):
-            if self.tls or self.ssl_context is None:
+        while event is not None:  # several packets may come in one read: a loop, never recursion
+            if isinstance(event, pgp.SslRequest):
+                if self._ssl_seen:
+                    self._close_silently()  # PostgreSQL accepts one SSLRequest per connection
+                    return
+                self._ssl_seen = True
+                if self.tls or self.ssl_context is None:
+                    self.transport.write(b"N")
+                    event = self._next_packet()
+                    continue
+                self.transport.write(b"S")
+                rest = self.reader.rest()
+                if rest:  # a client must wait for 'S' before its ClientHello
+                    self._fatal("08P01", "data received after SSLRequest before the TLS handshake")
+                    return
+                asyncio.get_running_loop().create_task(self._start_tls())
+                return
+            if isinstance(event, pgp.GssEncRequest):
+                if self._gss_seen:
+                    self._close_silently()  # and one GSSENCRequest
+                    return
+                self._gss_seen = True
                 self.transport.write(b"N")
-                self._restart_reader()
+                event = self._next_packet()
+                continue
+            if isinstance(event, pgp.CancelRequest):
+                self.service.cancel(event.pid, event.key)
+                self.transport.close()
                 return
-            self.transport.write(b"S")
-            rest = self.reader.rest()
-            if rest:  # a client must wait for 'S' before its ClientHello
-                self._fatal("08P01", "data received after SSLRequest before the TLS handshake")
-                return
-            asyncio.get_running_loop().create_task(self._start_tls())
+            self._begin_auth(event.params)
             return
-        if isinstance(event, pgp.GssEncRequest):
-            self.transport.write(b"N")
-            self._restart_reader()
-            return
-        if isinstance(event, pgp.CancelRequest):
-            self.service.cancel(event.pid, event.key)
-            self.transport.close()
-            return
-        self._begin_auth(event.params)
 
-    def _restart_reader(self) -> None:
+    def _next_packet(self) -> Any:
         rest = self.reader.rest()
         self.reader = pgp.StartupReader()
-        if rest:
-            self._startup(rest)
+        return self.reader.feed(rest) if rest else None
+
+    def _close_silently(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
@@ -190,6 +218,10 @@ class StartupProtocol(asyncio.Protocol):
         self._buf += data
         while len(self._buf) >= 5:
             length = int.from_bytes(self._buf[1:5], "big")
+            if length < 4 or length > MAX_AUTH_MESSAGE:
+                # never buffered: what an unauthenticated client claims is not taken on trust
+                self._fatal("08P01", f"invalid message length {length} during authentication")
+                return
             if len(self._buf) < 1 + length:
                 return
             kind = self._buf[0]
@@ -271,6 +303,9 @@ class StartupProtocol(asyncio.Protocol):
         self.transport.write(bytes(out))
         leftover = bytes(self._buf)
         self._buf.clear()
+        if self._read_paused:  # before the session may pause reading for reasons of its own
+            self._read_paused = False
+            self.transport.resume_reading()
         if leftover:
             session.data_received(leftover)
 
