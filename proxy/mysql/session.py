@@ -77,6 +77,7 @@ log = logging.getLogger("proxy.mysql")
 
 LOGIN_TIMEOUT = 15.0
 MAX_PRELOGIN_PACKET = 64 * 1024
+MAX_QUEUED_BYTES = 1 << 20  # commands a client may send ahead of its answers before it is not read
 WARMUP_TIMEOUT = 3.0  # the first greeting after a start waits this long at most for an origin's version
 C = P.Capability
 # What the proxy offers clients: the classic reply format (pooled origin connections use the
@@ -202,6 +203,8 @@ class MySQLClientProtocol(asyncio.Protocol):
         self._rbytes = 0
         self._login_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
+        self._read_pauses: set[str] = set()  # why reading from the client is paused (empty: reading)
+        self._queued_bytes = 0
 
     # ------------------------------------------------------------------ transport
     def connection_made(self, transport: Any) -> None:
@@ -271,15 +274,32 @@ class MySQLClientProtocol(asyncio.Protocol):
             return
         self._drop_server(broken=False)
 
+    # Back-pressure: a client that does not read its answers is not read either (its next
+    # commands wait, cache hits included), nor its origin connection; commands queued behind a
+    # busy one are bounded too. Reading is paused while any reason holds.
     def pause_writing(self) -> None:
         self._write_paused = True
         if self.server is not None:
             self.server.channel.pause_reading()
+        self._pause_reading("write")
 
     def resume_writing(self) -> None:
         self._write_paused = False
         if self.server is not None:
             self.server.channel.resume_reading()
+        self._resume_reading("write")
+        self._next_queued()
+
+    def _pause_reading(self, reason: str) -> None:
+        if not self._read_pauses and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._read_pauses.add(reason)
+
+    def _resume_reading(self, reason: str) -> None:
+        if reason in self._read_pauses:
+            self._read_pauses.discard(reason)
+            if not self._read_pauses and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def _send(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -405,7 +425,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         if self.facts.collations is None:
             # The client's collation is applied by name: learn the origin's names first (once).
             self.busy = True
-            self.transport.pause_reading()
+            self._pause_reading("work")
             asyncio.get_running_loop().create_task(self._logged_in_later(out_seq))
             return
         self._logged_in(out_seq)
@@ -416,7 +436,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         if self.phase != "command":
             return
         self.busy = False
-        self.transport.resume_reading()
+        self._resume_reading("work")
         self._logged_in(out_seq)
         self._next_queued()
 
@@ -451,8 +471,11 @@ class MySQLClientProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ commands
     def _command(self, seq: int, payload: bytes) -> None:
-        if self.busy:
+        if self.busy or self._write_paused:
             self.queue.append((seq, payload))
+            self._queued_bytes += len(payload)
+            if self._queued_bytes > MAX_QUEUED_BYTES:
+                self._pause_reading("queue")  # a client pipelining without end waits for its answers
             return
         if not payload:
             self._err(0, P.ErrPacket.for_code(P.ER.MALFORMED_PACKET, "empty command packet"))
@@ -543,7 +566,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             if needs_views(verdict):
                 # Which names are views decides cacheability: learn them first (once, bounded).
                 self.busy = True
-                self.transport.pause_reading()
+                self._pause_reading("work")
                 asyncio.get_running_loop().create_task(self._load_views_then(seq, payload, views))
                 return
         plan = plan_query(query.sql, ns=ns, prefix=prefix, database=self.config.database,
@@ -616,7 +639,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         if self.phase != "command":
             return
         self.busy = False
-        self.transport.resume_reading()
+        self._resume_reading("work")
         self._query(seq, payload)
         self._next_queued()
 
@@ -704,7 +727,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         if fill is not None:
             # The same query is with the origin for someone else: wait for its answer (bounded).
             self.busy = True
-            self.transport.pause_reading()
+            self._pause_reading("work")
             waiter = _FillWaiter(self, plan, payload, fill)
             fill.add_callback(waiter.done)
             waiter.timer = asyncio.get_running_loop().call_later(Fill.timeout, waiter.done)
@@ -716,7 +739,7 @@ class MySQLClientProtocol(asyncio.Protocol):
         """A query we waited on finished: serve its stored answer, or ask the origin ourselves."""
         if self.phase != "command":
             return
-        self.transport.resume_reading()
+        self._resume_reading("work")
         ns, policy, metrics = self._cache_view()
         entry = ns.get(plan.key)
         if entry is not None:
@@ -740,7 +763,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             self._attach(conn)
             self._forward(seq, payload)
             return
-        self.transport.pause_reading()
+        self._pause_reading("work")
         asyncio.get_running_loop().create_task(self._acquire_then_forward(pool, seq, payload))
 
     async def _acquire_then_forward(self, pool: Any, seq: int, payload: bytes) -> None:
@@ -750,7 +773,7 @@ class MySQLClientProtocol(asyncio.Protocol):
             self.busy = False
             self._query_failed()
             if self.phase != "closed":
-                self.transport.resume_reading()
+                self._resume_reading("work")
                 self._err(seq, P.ErrPacket.for_code(1040, f"{exc}"))
                 self._next_queued()
             return
@@ -758,14 +781,14 @@ class MySQLClientProtocol(asyncio.Protocol):
             self.busy = False
             self._query_failed()
             if self.phase != "closed":
-                self.transport.resume_reading()
+                self._resume_reading("work")
                 self._err(seq, P.ErrPacket.for_code(2013, f"cannot reach the origin database: {exc}"))
                 self._next_queued()
             return
         if self.phase == "closed":
             pool.release(conn)
             return
-        self.transport.resume_reading()
+        self._resume_reading("work")
         self._attach(conn)
         self._forward(seq, payload)
 
@@ -984,9 +1007,12 @@ class MySQLClientProtocol(asyncio.Protocol):
         conn.release_when_free(rollback)
 
     def _next_queued(self) -> None:
-        while self.queue and not self.busy and self.phase == "command":
+        while self.queue and not self.busy and not self._write_paused and self.phase == "command":
             seq, payload = self.queue.popleft()
+            self._queued_bytes -= len(payload)
             self._command(seq, payload)
+        if self._queued_bytes <= MAX_QUEUED_BYTES // 2:
+            self._resume_reading("queue")
 
 
 class _FillWaiter:

@@ -74,6 +74,10 @@ _STATE_TAGS = _SETTINGS_TAGS + _DIRTY_TAGS
 # Errors that mean a shared server-side prepared statement no longer fits the catalog.
 _STALE_STATEMENT = ((b"XX000", b"cache lookup failed for "), (b"0A000", b"cached plan must not change result type"))
 MAX_RETRY_BYTES = 1 << 20  # the messages kept for a transparent re-prepare-and-retry
+OUTPUT_BUDGET = 256 * 1024  # answers produced while reading one client chunk before the core stops
+STREAM_OVER = 1 << 20  # client messages longer than this are streamed to the server, never held whole
+MAX_PARSE = 16 << 20  # longest statement text a Parse may carry (kept to prepare it on other servers)
+_STREAMED = frozenset(b"BQdF")
 _NO_CATALOG = OriginCatalog()  # without a cache context: every function is unknown (fail closed)
 _OPAQUE = Decision("notaquery", "function call", write_all=True, readback=True, dirty=True)
 _UNKNOWN_SETTINGS = Decision("uncacheable", "the session's settings are being read back")
@@ -241,6 +245,10 @@ class ClientCore:
         self.readies = 0  # ReadyForQuery messages seen (the session re-arms its statement timer)
         self.queries = 0
         self._plain_q: bytes | None = None  # the last simple Query seen to be plain (see _query)
+        self.backlog = False  # feed_client stopped with complete messages left (see OUTPUT_BUDGET)
+        self._stream_left = 0  # bytes still to pass (or drop) of a message being streamed
+        self._stream_forward = True
+        self._stream_pending = False  # a message to stream waits for a server (or its names)
         self._harmless: dict[bytes, int] = {}  # statement texts that leave nothing (catalog version)
         self._harmless_unnamed: bytes | None = None  # the unnamed Parse known to leave nothing
         # --- the query cache (None: no caching, no per-query metrics) ---
@@ -266,14 +274,15 @@ class ClientCore:
     # ------------------------------------------------------------------ state queries
     @property
     def wants_server(self) -> bool:
-        return self.server is None and bool(self._queued)
+        return self.server is None and (bool(self._queued) or self._stream_pending)
 
     @property
     def can_release(self) -> bool:
         if self.gone:  # only what is in flight counts: the pool rolls back and resets the rest
             return self.server is not None and not self.expect and not self.copy_in
         return (self.server is not None and not self.expect and self.txn == b"I" and not self._check
-                and not self.copy_in and not self._queued and not self._unsynced and not self._blocked)
+                and not self.copy_in and not self._queued and not self._unsynced and not self._blocked
+                and not self._stream_left and not self._stream_pending)
 
     # ------------------------------------------------------------------ linking
     def attach(self, server: ServerState) -> None:
@@ -301,6 +310,8 @@ class ClientCore:
             i += 1
         self._drain_fakes()
         self._maybe_readback()
+        if self._stream_pending and not self._queued and not self._blocked and not self._barrier:
+            self.feed_client(b"")  # a large message waited for a server: it goes out now
 
     def _applied(self, answer: bytes | None) -> None:
         """The answer to a settings apply: on an error the server is not reused, and the client's
@@ -407,15 +418,29 @@ class ClientCore:
     def feed_client(self, data: bytes) -> None:
         buf = self._buf
         buf += data
+        if self._stream_left:
+            self._stream_on(buf)
         off = 0
         n = len(buf)
-        while n - off >= 5:
+        self.backlog = False
+        to_client = self.to_client
+        while n - off >= 5 and not self._stream_left:
+            if len(to_client) >= OUTPUT_BUDGET:
+                # Answers (from the cache, or the proxy's own) are piling up for a client that may
+                # not read them: stop here; the session goes on once they are written.
+                self.backlog = True
+                break
             kind = buf[off]
             (length,) = _I32.unpack_from(buf, off + 1)
             if length < 4 or length > 1 << 30:
                 raise ClientProtocolError(f"invalid message length {length}")
             end = off + 1 + length
             if end > n:
+                if length > STREAM_OVER:
+                    # Never held whole: go on with it as it arrives (or wait for a server first).
+                    del buf[:off]
+                    off = n = 0
+                    self._stream_start(kind, length, buf)
                 break
             if (kind == 0x42 or kind == 0x50) and self._fast_ok():
                 parsed = self._fast_parse(buf, off, n)
@@ -429,7 +454,7 @@ class ClientCore:
             else:
                 self._route_checked(kind, raw)
         del buf[:off]
-        if self._batch and not buf and self.wait is None:
+        if self._batch and not buf and self.wait is None and not self.backlog:
             # The client sent part of a batch and nothing more: it may be waiting for what the
             # server says before the Sync (an error is sent at once). Never wait for a Sync or a
             # Flush the client has not sent; the part goes out now, judged message by message.
@@ -437,6 +462,98 @@ class ClientCore:
         self._drain_fakes()
         if self._check:
             self._maybe_readback()
+
+    # ------------------------------------------------------------------ large messages
+    def _stream_start(self, kind: int, length: int, buf: bytearray) -> None:
+        """A message over STREAM_OVER bytes whose start is at buf[0]: forwarded to the server as
+        it arrives instead of being held whole (a huge Bind, Query, CopyData, FunctionCall), or
+        refused with its bytes discarded (a Parse over MAX_PARSE, anything else that large)."""
+        if self.wait is not None:
+            return  # resume() goes on with it
+        if kind not in _STREAMED:
+            if kind == 0x50 and length <= MAX_PARSE:
+                return  # a long statement text, still held whole: it must be kept for re-preparing
+            if kind != 0x50:
+                raise ClientProtocolError(f"{chr(kind)!r} message of {length} bytes is too long")
+        if self._batch:
+            self._flush_batch(None)
+        if self.server is None or self._queued or self._blocked or self._barrier:
+            self._stream_pending = True  # a server first (attach goes on), behind what is queued
+            return
+        self._stream_pending = False
+        total = 1 + length
+        if kind == 0x50:  # a Parse over MAX_PARSE: refused, its bytes dropped as they come
+            self._raise(error_message("54000", f"the statement text is longer than the proxy keeps "
+                                               f"({MAX_PARSE >> 20} MiB)",
+                                      hint="send large values as parameters of a shorter statement"))
+            self._stream(total, False, buf)
+            return
+        if self._ignoring:  # the server skips it anyway: through, with no answer to expect
+            self._stream(total, True, buf)
+            return
+        self._unsynced = self._unsynced or kind in _EXTENDED
+        if kind == 0x42:  # Bind: the statement name comes first; rename it, stream the rest
+            try:
+                portal_end = buf.index(b"\x00", 5, min(len(buf), 5 + 65536)) + 1
+                name_end = buf.index(b"\x00", portal_end, min(len(buf), portal_end + 65536))
+            except ValueError:
+                if len(buf) > 5 + 2 * 65536:
+                    raise ClientProtocolError("malformed 'B' message: names longer than 64 KiB") from None
+                self._stream_pending = True  # wait for the names (bounded above)
+                return
+            name = bytes(buf[portal_end:name_end])
+            if name:
+                st = self.statements.get(name.decode("utf-8", "surrogateescape"))
+                if st is None:
+                    self._raise(error_message("26000", f'prepared statement "{_name(name)}" does not exist'))
+                    self._stream(total, False, buf)
+                    return
+                self._bound(st.query)
+                self._ensure_prepared(st)
+                new = st.server_name.encode()
+                self.to_server += b"B" + _I32.pack(length - len(name) + len(new)) + bytes(buf[5:portal_end]) + new
+                del buf[:name_end]
+                self.expect.append([BIND, FORWARD, st, name, None, None])
+                self._stream(total - name_end, True, buf)
+                return
+            if self._unnamed_parse is None:
+                self._raise(error_message("26000", "unnamed prepared statement does not exist"))
+                self._stream(total, False, buf)
+                return
+            self._bound(parse_fields(self._unnamed_parse)[1])
+            self._ensure_unnamed()
+            self.expect.append([BIND, FORWARD, None, None, None, None])
+        elif kind == 0x51:  # Query: too big to judge — fail closed (read back, reset, not cached)
+            self.queries += 1
+            self._note(_OPAQUE)
+            self._drop_unnamed()
+            obs = None
+            if self.cache is not None:
+                obs = self._obs("oversizedquery" if not self.cache.policy.disabled else "disabled", total)
+                obs.write_all = True
+                obs.invalidate()
+            self.expect.append([QUERY, FORWARD, None, None, obs, obs])
+            if len(self.expect) == 1 and obs is not None:
+                self._begin(obs)
+        elif kind == 0x46:  # FunctionCall: may change anything
+            self._note(_OPAQUE)
+            self.expect.append([FUNCTION, FORWARD, None, None, None, None])
+        # CopyData needs no expectation
+        self._stream(total, True, buf)
+
+    def _stream(self, left: int, forward: bool, buf: bytearray) -> None:
+        self._stream_left = left
+        self._stream_forward = forward
+        self._stream_on(buf)
+
+    def _stream_on(self, buf: bytearray) -> None:
+        """Pass (or drop) what has arrived of the message being streamed."""
+        k = min(self._stream_left, len(buf))
+        if k:
+            if self._stream_forward:
+                self.to_server += buf[:k]
+            del buf[:k]
+            self._stream_left -= k
 
     def _fast_ok(self) -> bool:
         """Whether a batch may be answered from the cache as it is read (no server held, nothing

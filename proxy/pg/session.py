@@ -59,6 +59,9 @@ class ClientSession:
         self._seen_readies = -1  # the core's ReadyForQuery count at the last tick
         self._stalled_ticks = 0  # ticks in a row with a request outstanding and no ReadyForQuery
         self._drain_timer = Timer()
+        self._pauses: set[str] = set()  # why reading from the client is paused (empty: reading)
+        self._client_write_paused = False
+        self._continuing = False
         self.server: ServerConn | None = None
         self._acquiring = False
         self._closed = False
@@ -121,15 +124,61 @@ class ClientSession:
             server.session = None
             server.close()
 
+    # Back-pressure: a client that does not read its answers is not read either (nor its
+    # server), whether the answers come from the origin or from the cache; a server that does not
+    # read what the client sends stops the client too. Reading from the client is paused while
+    # any reason holds (see _pause).
     def pause_writing(self) -> None:
+        self._client_write_paused = True
         if self.server is not None:
             self.server.channel.pause_reading()
             self._server_paused = True
+        self._pause("client-not-reading")
 
     def resume_writing(self) -> None:
+        self._client_write_paused = False
         if self._server_paused and self.server is not None:
             self.server.channel.resume_reading()
         self._server_paused = False
+        self._unpause("client-not-reading")
+        self._continue()
+
+    def _pause(self, reason: str) -> None:
+        if not self._pauses and not self._closed:
+            self.transport.pause_reading()
+        self._pauses.add(reason)
+
+    def _unpause(self, reason: str) -> None:
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses and not self._closed:
+                self.transport.resume_reading()
+
+    def _server_write_paused(self) -> None:
+        self._pause("server-not-reading")
+
+    def _server_write_resumed(self) -> None:
+        self._unpause("server-not-reading")
+
+    def _continue(self) -> None:
+        """Go on with client bytes the core left unprocessed (its output budget was spent)."""
+        core = self.core
+        if not core.backlog or self._client_write_paused or self._closed or self._continuing:
+            return
+        self._continuing = True
+        asyncio.get_running_loop().call_soon(self._continue_now)
+
+    def _continue_now(self) -> None:
+        self._continuing = False
+        if self._closed or self._client_write_paused:
+            return
+        try:
+            self.core.feed_client(b"")
+            self._pump()
+        except ClientProtocolError as exc:
+            self._fatal("08P01", f"protocol violation: {exc}")
+        except Exception as exc:
+            self._internal_error(exc)
 
     # ------------------------------------------------------------------ server side
     def server_data(self, data: bytes) -> None:
@@ -199,6 +248,11 @@ class ClientSession:
             self._closed = True
             self.transport.close()  # connection_lost gives back (or drains) the server
             return
+        if core.backlog:
+            self._pause("backlog")
+            self._continue()
+        elif "backlog" in self._pauses:
+            self._unpause("backlog")
         if self.server is not None and core.can_release:
             server, self.server = self.server, None
             core.detach()
@@ -209,7 +263,7 @@ class ClientSession:
                 self._attach(server)
                 return
             self._acquiring = True
-            self.transport.pause_reading()
+            self._pause("acquire")
             asyncio.get_running_loop().create_task(self._acquire())
 
     # The edge's statement timeout. No work per query: while the session holds a server, a timer
@@ -245,7 +299,7 @@ class ClientSession:
         """The core waits (for another client's identical query, or a catalog load): stop
         reading from the client meanwhile, and go on when it is done or after a bound."""
         self._waiting = wait
-        self.transport.pause_reading()
+        self._pause("wait")
         loop = asyncio.get_running_loop()
         self._wait_timer = loop.call_later(getattr(wait, "timeout", 30.0), self._wait_over, wait, True)
         wait.add_callback(lambda: loop.call_soon(self._wait_over, wait, False))
@@ -261,7 +315,7 @@ class ClientSession:
             return
         if timed_out:
             log.info("a cache wait took longer than %ss; going to the origin", getattr(wait, "timeout", 30.0))
-        self.transport.resume_reading()
+        self._unpause("wait")
         try:
             self.core.resume(timed_out=timed_out)
             self._pump()
@@ -288,13 +342,16 @@ class ClientSession:
         if server.closed:
             self._error_and_drop_queue("Server connection attempt failed: the connection closed")
             return
-        if not self._closed:
-            self.transport.resume_reading()
+        self._unpause("acquire")
         self._attach(server)
 
     def _attach(self, server: ServerConn) -> None:
         self.server = server
         server.session = self
+        server.channel.set_write_flow(self._server_write_paused, self._server_write_resumed)
+        if self._client_write_paused:
+            server.channel.pause_reading()
+            self._server_paused = True
         if self._timer.handle is None:
             self._arm_statement_timer()
         try:
@@ -307,6 +364,11 @@ class ClientSession:
         core = self.core
         if self._drain_timer.handle is not None:
             self._drain_timer.cancel()
+        server.channel.set_write_flow(None, None)
+        if self._server_paused:  # never hand a paused channel to the next client
+            self._server_paused = False
+            server.channel.resume_reading()
+        self._unpause("server-not-reading")
         if client_gone and core.expect:
             # Requests still in flight for a client that is gone: the server connection is in
             # an unknown state, so it is not reused.
@@ -320,7 +382,7 @@ class ClientSession:
         out = self.core.fail_queued(error_message("58000", text))
         if not self._closed:
             self.transport.write(out)
-            self.transport.resume_reading()
+        self._unpause("acquire")
 
     def _fatal(self, sqlstate: str, text: str, hint: str | None = None) -> None:
         if self._closed:
