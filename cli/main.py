@@ -132,7 +132,7 @@ def parse_size(text: str) -> int:
 
 
 # --- hd edge --------------------------------------------------------------------------------
-@hd.command("edge")
+@hd.group("edge", invoke_without_command=True, context_settings=CONTEXT)
 @click.option("--state-dir", envvar="HD_STATE_DIR", metavar="DIR", help="State directory (default ~/.hd).")
 @click.option("--api-listen", default="127.0.0.1:8787", show_default=True, metavar="H:P",
               help="Control API address (port 0: any free port).")
@@ -142,7 +142,22 @@ def parse_size(text: str) -> int:
               help="Postgres proxy address (put in Hyperdrive connection strings).")
 @click.option("--mysql-listen", default="127.0.0.1:3307", show_default=True, metavar="H:P",
               help="MySQL proxy address (put in the connection strings of mysql configs).")
-@click.option("--advertise", metavar="H:P", help="Tunnel address put in tokens (default: the bound address).")
+@click.option("--advertise", metavar="H:P",
+              help="Tunnel address put in tokens (default: the bound address); its host is also the host of"
+                   " connection strings for a listener on every address, and a name the certificate carries.")
+@click.option("--tls-cert", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Your own certificate (chain, PEM) for the database listeners, e.g. from an ACME client;"
+                   " reloaded when the file changes. Default: one signed by the edge's CA.")
+@click.option("--tls-key", metavar="FILE", type=click.Path(dir_okay=False), help="The key of --tls-cert (PEM).")
+@click.option("--tls-ca", metavar="FILE", type=click.Path(dir_okay=False),
+              help="The CA bundle applications verify --tls-cert with (put in connection strings; default:"
+                   " this machine's system bundle, right for a public CA).")
+@click.option("--tls-name", "tls_names", multiple=True, metavar="NAME",
+              help="Another DNS name or IP address the edge's own listener certificate carries (repeatable);"
+                   " localhost, 127.0.0.1, ::1, --advertise and the listen addresses always are.")
+@click.option("--client-tls", type=click.Choice(["require", "allow"]),
+              help="require: refuse database clients without TLS; allow: accept them. Default: require on"
+                   " listeners bound to anything but loopback, allow on loopback.")
 @click.option("--key-rotation", type=Duration(), default="1008h", show_default=True,
               help="Rotate the Access signing key when it is this old (the JWKS keeps the previous one).")
 @click.option("--connect-timeout", type=Duration(), default="15s", show_default=True,
@@ -155,14 +170,21 @@ def parse_size(text: str) -> int:
               help="Proxy: memory for cached query results, all configs together (e.g. 64MiB, 2GiB; 0 turns"
                    " the cache off for every config).")
 @click.option("--json", "as_json", is_flag=True, help="Print the edge's endpoints as one JSON object once ready.")
-def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_listen: str | None,
-             mysql_listen: str | None, advertise: str | None, key_rotation: float, connect_timeout: float,
-             idle_timeout: float, statement_timeout: float, cache_size: str, as_json: bool) -> None:
-    """Run the edge in the foreground: control API, tunnel relay and the Postgres and MySQL proxy."""
+@click.pass_context
+def edge_cmd(ctx: click.Context, state_dir: str | None, api_listen: str, tunnel_listen: str, pg_listen: str | None,
+             mysql_listen: str | None, advertise: str | None, tls_cert: str | None, tls_key: str | None,
+             tls_ca: str | None, tls_names: tuple[str, ...], client_tls: str | None, key_rotation: float,
+             connect_timeout: float, idle_timeout: float, statement_timeout: float, cache_size: str,
+             as_json: bool) -> None:
+    """Run the edge in the foreground: control API, tunnel relay and the Postgres and MySQL proxy.
+
+    `hd edge ca` prints the certificate applications verify the edge with."""
+    if ctx.invoked_subcommand is not None:
+        return  # `hd edge ca`: its own options decide
     from control.edge import EdgeError, run_edge
 
-    as_json = as_json or bool(click.get_current_context().find_root().params.get("as_json"))
-    sdir = default_state_dir(state_dir or click.get_current_context().find_root().params.get("state_dir"))
+    as_json = as_json or bool(ctx.find_root().params.get("as_json"))
+    sdir = default_state_dir(state_dir or ctx.find_root().params.get("state_dir"))
     logging.basicConfig(
         level=os.environ.get("HD_LOG_LEVEL", "INFO").upper(),
         stream=sys.stderr,
@@ -174,12 +196,18 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
         cache_bytes = parse_size(cache_size)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--cache-size'") from None
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together: give both")
+    if tls_ca and not tls_cert:
+        raise click.UsageError("--tls-ca is the CA of your own --tls-cert: give --tls-cert and --tls-key too")
 
     def ready(info: dict) -> None:
         if as_json:
             out.emit_json(info)
         else:
             out.say(f"Edge ready: API {info['api_url']}, tunnels {info['tunnel_url']}, state in {sdir}")
+            if info.get("ca_path"):
+                out.say(f"Applications verify the edge with {info['ca_path']} (hd edge ca prints it)")
             out.say("Next: hd tunnel create NAME")
         sys.stdout.flush()
 
@@ -188,7 +216,9 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
                            pg_listen=pg_listen, mysql_listen=mysql_listen, key_rotation=key_rotation,
                            proxy_options={"connect_timeout": connect_timeout, "idle_timeout": idle_timeout,
                                           "statement_timeout_ms": int(statement_timeout * 1000),
-                                          "cache_max_bytes": cache_bytes}),
+                                          "cache_max_bytes": cache_bytes},
+                           tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_names=tls_names,
+                           client_tls=client_tls),
                   fast_loop=True)
     except EdgeError as e:
         raise CliError(str(e)) from None
@@ -196,6 +226,48 @@ def edge_cmd(state_dir: str | None, api_listen: str, tunnel_listen: str, pg_list
         if e.name and e.name.startswith("relay"):
             raise CliError("the relay (relay.server) is not installed in this build") from None
         raise
+
+
+@edge_cmd.command("ca")
+@common_options
+def edge_ca(opts: Opts) -> None:
+    """Print the CA certificate (PEM) applications verify the edge's database listeners with.
+
+    From the local state dir (the edge need not be running), or from the API named with
+    --api-url/HD_API_URL. --json: {"pem", "path"} (path: the file on the edge's host)."""
+    api_url = opts.api_url or os.environ.get("HD_API_URL")
+    if api_url:
+        doc = opts.client().get("/v1/edge/ca")
+        pem, path = doc["pem"], doc["path"]
+    else:
+        pem, path = _local_ca(default_state_dir(opts.state_dir or _edge_group_state_dir()))
+    if opts.json:
+        return out.emit_json({"pem": pem, "path": path})
+    sys.stdout.write(pem if pem.endswith("\n") else pem + "\n")  # alone on stdout: hd edge ca > edge-ca.pem
+
+
+def _edge_group_state_dir() -> str | None:
+    """`hd edge --state-dir D ca`: the group's option, when the subcommand did not get its own."""
+    ctx = click.get_current_context()
+    parent = ctx.parent
+    return parent.params.get("state_dir") if parent is not None else None
+
+
+def _local_ca(sdir: Any) -> tuple[str, str]:
+    from cli.apiclient import read_edge_json
+    from control.certs import CA_CERT_FILE
+
+    doc = read_edge_json(sdir) or {}
+    if "ca_path" in doc and not doc["ca_path"]:
+        raise CliError("this edge's certificate is verified with the clients' own trust store (it has no CA file)")
+    path = doc.get("ca_path") or str((sdir / CA_CERT_FILE).absolute())
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read(), path
+    except FileNotFoundError:
+        raise CliError(f"no edge CA in {sdir}: start `hd edge` once (it makes the CA on first start)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 # --- hd tunnel ------------------------------------------------------------------------------

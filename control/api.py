@@ -3,8 +3,14 @@
 Every route needs `Authorization: Bearer <admin token>` except `/openapi.json`, `/healthz`, the
 Access JWKS at `/cdn-cgi/access/certs` (public keys only) and the Prometheus `/metrics` (counters
 and gauges only, for scrapers without the token). Errors are `{"error": "message"}`
-with 400/401/404/405/409/503 (500 only for bugs); a failed origin test of a Hyperdrive config adds
-`"code"` (2008–2016) and `"hint"`. Secrets and tokens are never logged: a tunnel token appears only
+with 400/401/404/405/408/409/413/503 (500 only for bugs); a failed origin test of a Hyperdrive config
+adds `"code"` (2008–2016) and `"hint"`.
+
+Bounds (the API shares the edge's process and file descriptors with every listener): a connection
+must deliver a complete request head within HEADER_TIMEOUT of connecting (or of its previous
+response), heads are capped by SERVER_LIMITS, a body must arrive within BODY_TIMEOUT and is at most
+MAX_BODY bytes (after decompression), JSON nests at most MAX_JSON_DEPTH deep; anything malformed is
+a 4xx, never a traceback. Secrets and tokens are never logged: a tunnel token appears only
 in the body of `/token` and `POST /v1/tunnels` responses, a service-token secret only in the
 responses that create or rotate it (the store keeps a keyed hash); a Hyperdrive config's origin
 password and access secret are never returned, its connection string (which holds the generated
@@ -22,12 +28,17 @@ import json
 import logging
 import math
 import time
+import zlib
+from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote, urlencode
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from access.assertion import SigningKey, jwks_document
 from access.tokens import SecretHasher, new_client_id, new_client_secret
+from control.certs import connection_params
 from control.durations import parse_duration
 from control.openapi import OPENAPI
 from control.store import (
@@ -62,7 +73,37 @@ METRICS_PATH = "/metrics"
 PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz", JWKS_PATH, METRICS_PATH})
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_METRICS_SINCE = "1h"
-EDGE_INFO_KEYS = ("api_url", "tunnel_url", "tunnel_address", "cert_pin", "issuer", "pg_listen", "mysql_listen")
+EDGE_INFO_KEYS = ("api_url", "tunnel_url", "tunnel_address", "cert_pin", "issuer", "pg_listen", "mysql_listen",
+                  "ca_path", "client_tls")
+HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+MAX_BODY = 1024 * 1024  # a CA bundle can be a few hundred KiB
+MAX_JSON_DEPTH = 16  # our bodies nest 3 deep; json.loads itself would recurse ~1000 deep
+# web.AppRunner keyword arguments (control/edge.py; the tests' servers too). aiohttp's idle timer
+# runs from accept and from each response, and closes a connection still waiting for a complete
+# request head: the header timeout. A head is at most 8 KiB of request line and 32 fields of 2 KiB.
+# Bodies are decoded here (`_decode_body`), not by aiohttp, whose decoding errors surface as
+# unhandled exceptions when it drains a body after the response.
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a stranger's malformed request (head too long, bad framing) as an ERROR with a
+    traceback: anyone could fill the log. Those become one DEBUG line; real errors stay as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = f"{record.getMessage()}: {exc.message}", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_HTTP_LOG = logging.getLogger("hd.api.http")
+_HTTP_LOG.addFilter(_MalformedRequests())
+SERVER_LIMITS: dict[str, Any] = {"keepalive_timeout": HEADER_TIMEOUT, "max_line_size": 8190,
+                                 "max_field_size": 2048, "max_headers": 32, "auto_decompress": False,
+                                 "logger": _HTTP_LOG}
+_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 DEFAULT_MYSQL_LISTEN = "127.0.0.1:3307"
 PROBE_TIMEOUT = 60.0  # a guard only: the proxy's own connect timeout (15 s) comes first
 
@@ -230,6 +271,41 @@ def _duration_field(body: dict, key: str, default: float | None, *, allow_none: 
     return float(value)
 
 
+def _decode_body(raw: bytes, coding: str) -> bytes:
+    """A gzip or deflate body inflated to at most MAX_BODY bytes; 400 when it is not what it says."""
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return raw
+    wbits = _CODINGS.get(coding)
+    if wbits is None:
+        raise web.HTTPUnsupportedMediaType(text=f"Content-Encoding {coding!r} is not supported: send gzip,"
+                                                " deflate or an unencoded body")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(raw, MAX_BODY + 1)
+    except zlib.error as e:
+        raise ValidationError(f"request body is not valid {coding} data: {e}") from None
+    if len(out) > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(MAX_BODY, len(out),
+                                            text=f"request body is over {MAX_BODY} bytes once inflated")
+    if not inflater.eof:
+        raise ValidationError(f"request body is truncated {coding} data")
+    return out
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, iteratively (no recursion for a hostile document)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_JSON_DEPTH:
+                return d
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def error(status: int, message: str, headers: dict | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
@@ -286,13 +362,22 @@ class _Api:
     # --- helpers ----------------------------------------------------------------------------
     @staticmethod
     async def _body(request: web.Request, allowed: set[str]) -> dict:
-        raw = await request.read()
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                raw = await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {BODY_TIMEOUT:g}s") from None
+        except HttpProcessingError as e:  # bad chunked or length framing
+            raise ValidationError(f"unreadable request body: {e.message}") from None
+        raw = _decode_body(raw, request.headers.get("Content-Encoding", ""))
         if not raw.strip():
             return {}
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the interpreter's limit
             raise ValidationError("request body is not valid JSON") from None
+        if _depth(body) > MAX_JSON_DEPTH:
+            raise ValidationError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
         if not isinstance(body, dict):
             raise ValidationError("request body must be a JSON object")
         unknown = sorted(set(body) - allowed)
@@ -367,6 +452,16 @@ class _Api:
 
     async def edge(self, request: web.Request) -> web.Response:
         return web.json_response({k: self.edge_info[k] for k in EDGE_INFO_KEYS if k in self.edge_info})
+
+    async def edge_ca(self, request: web.Request) -> web.Response:
+        path = self.edge_info.get("ca_path")
+        if not path:
+            raise NotFoundError("this edge's certificate is verified with the clients' own trust store (no CA file)")
+        try:
+            pem = await asyncio.to_thread(Path(path).read_text, encoding="ascii")
+        except (OSError, UnicodeDecodeError) as e:
+            raise NotFoundError(f"cannot read the CA certificate {path}: {getattr(e, 'strerror', None) or e}") from None
+        return web.json_response({"pem": pem, "path": path})
 
     async def create_tunnel(self, request: web.Request) -> web.Response:
         body = await self._body(request, {"name"})
@@ -578,7 +673,11 @@ class _Api:
         return self.edge_info.get("pg_listen") or DEFAULT_PG_LISTEN
 
     def _with_connection_string(self, c: HyperdriveConfig) -> dict:
-        return {**hyperdrive_json(c), "connection_string": connection_string(c, self._listen_for(c))}
+        # The proxy's URL with what makes a driver verify the edge (control/certs.py), in place of
+        # proxy.configs' `sslmode=require`, which verifies nothing in libpq and breaks node-postgres.
+        base = connection_string(c, self._listen_for(c)).partition("?")[0]
+        params = connection_params(c.scheme, self.edge_info.get("ca_path"))
+        return {**hyperdrive_json(c), "connection_string": f"{base}?{urlencode(params, quote_via=quote, safe='/')}"}
 
     @staticmethod
     def _hyperdrive_fields(body: dict, *, creating: bool) -> dict:
@@ -788,11 +887,12 @@ def make_app(
         raise ValueError("admin_token must not be empty")
     api = _Api(store, relay, admin_token, edge_info, hash_key or store.service_token_hash_key(), proxy)
     # 1 MiB: a CA bundle can be a few hundred KiB
-    app = web.Application(middlewares=[api.middleware], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[api.middleware], client_max_size=MAX_BODY)
     r = app.router
     r.add_get("/openapi.json", api.openapi, allow_head=False)
     r.add_get("/healthz", api.healthz, allow_head=False)
     r.add_get("/v1/edge", api.edge, allow_head=False)
+    r.add_get("/v1/edge/ca", api.edge_ca, allow_head=False)
     r.add_post("/v1/tunnels", api.create_tunnel)
     r.add_get("/v1/tunnels", api.list_tunnels, allow_head=False)
     r.add_get("/v1/tunnels/{id_or_name}", api.get_tunnel, allow_head=False)

@@ -143,6 +143,15 @@ OPENAPI: dict[str, Any] = {
         "/v1/edge": {
             "get": _op("Edge endpoints and certificate pin", {"200": _json(_ref("Edge"), "edge information")})
         },
+        "/v1/edge/ca": {
+            "get": _op(
+                "The CA certificate applications verify the edge's database listeners with (`hd edge ca`)",
+                {"200": _json({"type": "object", "required": ["pem", "path"],
+                               "properties": {"pem": {"type": "string"},
+                                              "path": {"type": "string", "description": "the file on the edge's host"}}},
+                              "PEM text and where it lives"), "404": _ERR},
+            )
+        },
         "/v1/tunnels": {
             "post": _op(
                 "Create a tunnel",
@@ -463,6 +472,12 @@ OPENAPI: dict[str, Any] = {
                     "issuer": {"type": "string", "description": "iss of Access assertions (https://host:port)"},
                     "pg_listen": {"type": "string", "description": "host:port of the Postgres proxy"},
                     "mysql_listen": {"type": "string", "description": "host:port of the MySQL proxy"},
+                    "ca_path": {"type": ["string", "null"],
+                                "description": "CA file (on the edge's host) that verifies the listeners;"
+                                               " null: the clients' own trust store"},
+                    "client_tls": {"type": "object", "description": "per listener (postgres, mysql): require"
+                                                                    " (plaintext clients refused) or allow",
+                                   "additionalProperties": {"enum": ["require", "allow"]}},
                 },
             },
             "Tunnel": {

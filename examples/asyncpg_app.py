@@ -3,7 +3,8 @@
     DATABASE_URL="$(hd hyperdrive get my-db --connection-string)" python examples/asyncpg_app.py
     python examples/asyncpg_app.py postgresql://…        # or the URL as the argument
 
-asyncpg reads `sslmode=require` from the URL (encrypt, no certificate check) and prepares every
+TLS: the connection string says `sslmode=verify-full&sslrootcert=<the edge's CA>`; asyncpg reads
+both from the URL, so it checks the edge's certificate and host name. asyncpg prepares every
 statement on the server: that works through the proxy's transaction pooling as it is.
 """
 

@@ -3,11 +3,9 @@
 //   DATABASE_URL="$(hd hyperdrive get my-db --connection-string)" node examples/node_postgres_app.mjs
 //   node examples/node_postgres_app.mjs postgresql://…      # or the URL as the argument
 //
-// TLS: the connection string says `sslmode=require` (libpq: encrypt, do not verify the certificate;
-// the proxy's certificate is self-signed). node-postgres instead treats `sslmode=require` in a URL
-// as verify-full and would reject that certificate, and the URL's TLS settings override the `ssl`
-// option. So we take sslmode out of the URL and pass the libpq `require` equivalent in code:
-// `ssl: { rejectUnauthorized: false }`.
+// TLS: the connection string says `sslmode=verify-full&sslrootcert=<the edge's CA>`, and
+// node-postgres reads both from the URL: it verifies the edge's certificate and host name. Pass the
+// string as it is; do not add `ssl: { rejectUnauthorized: false }`, which turns verification off.
 import pg from 'pg'
 
 const url = process.argv[2] || process.env.DATABASE_URL
@@ -15,12 +13,8 @@ if (!url) {
   console.error('usage: node node_postgres_app.mjs DATABASE_URL (or set DATABASE_URL)')
   process.exit(2)
 }
-const connectionString = new URL(url)
-connectionString.searchParams.delete('sslmode')
-
 const pool = new pg.Pool({
-  connectionString: connectionString.toString(),
-  ssl: { rejectUnauthorized: false },
+  connectionString: url,
   max: 4,
   connectionTimeoutMillis: 15000
 })

@@ -3,7 +3,8 @@
     DATABASE_URL="$(hd hyperdrive get my-db --connection-string)" python examples/psycopg_app.py
     python examples/psycopg_app.py postgresql://…        # or the URL as the argument
 
-The connection string is the ordinary one (`sslmode=require`: encrypted to the proxy). Server-side
+The connection string is the ordinary one: `sslmode=verify-full` with the edge's CA as `sslrootcert`,
+so libpq checks the edge's certificate and host name before sending the password. Server-side
 prepared statements work through the proxy's transaction pooling, so `prepare_threshold` may be
 left as is or lowered; here every statement is prepared (`prepare_threshold=0`).
 """

@@ -4,7 +4,8 @@
     python examples/sqlalchemy_app.py postgresql://…     # or the URL as the argument
 
 The connection string from `hd hyperdrive` starts with `postgresql://`; SQLAlchemy picks its
-driver from the scheme, so we ask for psycopg 3 with `postgresql+psycopg://`.
+driver from the scheme, so we ask for psycopg 3 with `postgresql+psycopg://`. Its query
+(`sslmode=verify-full&sslrootcert=…`) goes to libpq as it is: the edge's certificate is verified.
 """
 
 from __future__ import annotations

@@ -195,8 +195,11 @@ def stack(tmp_path_factory):
         urls = {route: edge.hd("hyperdrive", "get", f"iso-{route}", "--connection-string", json=False).strip()
                 for route in ("tunnel", "direct")}
         for url in urls.values():
-            assert url.startswith("postgresql://"), url
-        yield Stack(cluster, edge, urls, cluster.dsn(APP_USER, dbname=APP_DB, sslmode="require"))
+            assert url.startswith("postgresql://") and "sslmode=verify-full&sslrootcert=" in url, url
+        # every driver verifies what it talks to: the edge with its CA (in the URLs above), the origin
+        # with the cluster's
+        yield Stack(cluster, edge, urls, cluster.dsn(APP_USER, dbname=APP_DB, sslmode="verify-full",
+                                                     sslrootcert=cluster.ca_cert_path))
     finally:
         if edge is not None:
             # the edge first: while its pooled origin connections through the tunnel are open,

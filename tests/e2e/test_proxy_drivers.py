@@ -21,6 +21,12 @@ scenario (`CHECKS`):
 Drivers: psycopg 3 (prepare_threshold=0), asyncpg, pg8000 (native API), SQLAlchemy 2 on
 psycopg, node-postgres and Postgres.js (run with `node` from tests/node, a bounded subprocess each).
 The four apps in examples/ run against the same config at the end.
+
+TLS: every driver verifies the edge (certificate chain to the edge's CA, and the host name), as the
+README tells users: psycopg, asyncpg, SQLAlchemy and node-postgres take the connection string
+verbatim (sslmode=verify-full, sslrootcert=<the CA in the state dir>); pg8000 (no URLs) and
+Postgres.js (no sslrootcert) are given the CA file the string names. `test_driver_verifies_the_edge`
+proves it: with another CA every driver refuses to connect.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -39,10 +46,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from control.certs import make_ca
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 from tests.harness.edge import ConnectorProc, EdgeProc
 from tests.harness.pg import PgCluster
@@ -116,12 +125,10 @@ def _report_on_failure(request, stack):
 
 # --------------------------------------------------------------------------------- the Python drivers
 
-def _ssl_require() -> ssl.SSLContext:
-    """libpq's sslmode=require: encrypt, verify nothing (the proxy's certificate is self-signed)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+def _verify_full(dsn: str) -> ssl.SSLContext:
+    """libpq's sslmode=verify-full for a driver that takes no URL: the CA file the connection
+    string names (sslrootcert), certificate and host name checked (ssl's defaults)."""
+    return ssl.create_default_context(cafile=parse_qs(urlsplit(dsn).query)["sslrootcert"][0])
 
 
 def _send_cancel(host: str, port: int, key_data: bytes) -> None:
@@ -262,7 +269,7 @@ class Asyncpg:
 
     def connect(self):
         import asyncpg
-        return asyncpg.connect(self.dsn, timeout=10)  # sslmode=require in the URL: encrypt, no verify
+        return asyncpg.connect(self.dsn, timeout=10)  # sslmode=verify-full + sslrootcert from the URL
 
     def __getattr__(self, case):  # basic() runs self._basic() in a fresh event loop, etc.
         coro = getattr(type(self), f"_{case}", None)
@@ -404,7 +411,7 @@ class Pg8000:
         self.dsn = dsn
         u = urlsplit(dsn)
         self.kwargs = dict(user=unquote(u.username), password=unquote(u.password), host=u.hostname,
-                           port=u.port, database=unquote(u.path.lstrip("/")), ssl_context=_ssl_require(),
+                           port=u.port, database=unquote(u.path.lstrip("/")), ssl_context=_verify_full(dsn),
                            timeout=60)
 
     def connect(self):
@@ -852,6 +859,23 @@ def test_driver(stack, driver, case):
     CHECKS[case](result, stack)
     if case == "cancel":  # the CancelRequest reached the origin as one: it cancelled the statement
         assert stack.cluster.log_text().count(CANCELLED_AT_ORIGIN) > cancelled_before
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("driver", list(DRIVERS))
+def test_driver_verifies_the_edge(stack, driver, tmp_path):
+    """The same connection string with another CA as sslrootcert: the driver refuses the edge's
+    certificate, so the matrix above ran with verification really on."""
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(make_ca()[0].public_bytes(serialization.Encoding.PEM))
+    ca = parse_qs(urlsplit(stack.dsn).query)["sslrootcert"][0]
+    assert Path(ca).is_file() and ca in stack.dsn
+    impl = DRIVERS[driver](stack.dsn.replace(quote(ca, safe="/"), quote(str(other), safe="/")))
+    with pytest.raises(Exception) as refused:
+        impl.basic()
+    text = f"{refused.value!r} {refused.value}"
+    assert re.search(r"certificate verify failed|self[- ]signed certificate|unable to (get|verify)"
+                     r"|SELF_SIGNED|UNABLE_TO", text), text[-2000:]
 
 
 # --------------------------------------------------------------------------------------- the examples

@@ -2,9 +2,8 @@
 //   node pg_driver.mjs CASE [DATABASE_URL]       (else $DATABASE_URL; $DRIVER names the rows it writes)
 // Run by tests/e2e/test_proxy_drivers.py; the result shapes are the same for every driver there.
 //
-// TLS: node-postgres treats `sslmode=require` in a URL as verify-full (and the URL's ssl settings
-// override the `ssl` option), so we drop sslmode from the URL and pass the libpq `require`
-// equivalent in code: encrypt, do not verify (the proxy's certificate is self-signed).
+// TLS: the connection string verbatim. It says sslmode=verify-full with the edge's CA as
+// sslrootcert, which node-postgres reads from the URL itself: verification is on.
 import pg from 'pg'
 import copyStreams from 'pg-copy-streams'
 import { Readable, Writable } from 'node:stream'
@@ -16,9 +15,7 @@ const DRIVER = process.env.DRIVER || 'node-pg'
 const LARGE_SQL = "select repeat('x', 1000) || i as s from generate_series(1, 10000) i"
 
 function config () {
-  const url = new URL(DATABASE_URL)
-  url.searchParams.delete('sslmode')
-  return { connectionString: url.toString(), ssl: { rejectUnauthorized: false }, connectionTimeoutMillis: 10000 }
+  return { connectionString: DATABASE_URL, connectionTimeoutMillis: 10000 }
 }
 
 async function connect () {

@@ -2,8 +2,10 @@
 //   node postgresjs_driver.mjs CASE [DATABASE_URL]   (else $DATABASE_URL; $DRIVER names the rows it writes)
 // Run by tests/e2e/test_proxy_drivers.py; the result shapes are the same for every driver there.
 // Postgres.js prepares every parameterized query as a named statement (prepare: true, the default)
-// and sends Parse/Bind/Describe/Execute/Sync pipelined; `ssl: 'require'` = encrypt, do not verify.
+// and sends Parse/Bind/Describe/Execute/Sync pipelined. TLS: verification on, with the CA the
+// connection string names (pg_tls.mjs: Postgres.js reads sslmode from a URL but not sslrootcert).
 import postgres from 'postgres'
+import { postgresjsTls } from './pg_tls.mjs'
 import { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 
@@ -12,8 +14,10 @@ const DATABASE_URL = urlArg || process.env.DATABASE_URL
 const DRIVER = process.env.DRIVER || 'postgres.js'
 const LARGE_SQL = "select repeat('x', 1000) || i as s from generate_series(1, 10000) i"
 
+const TLS = postgresjsTls(DATABASE_URL)
+
 function connect (options = {}) {
-  return postgres(DATABASE_URL, { ssl: 'require', max: 1, connect_timeout: 10, onnotice: () => {}, ...options })
+  return postgres(TLS.url, { ...TLS.options, max: 1, connect_timeout: 10, onnotice: () => {}, ...options })
 }
 
 async function withSql (fn, options) {

@@ -8,12 +8,15 @@
 // to be killed, at most 60 s). Client A of `leak` is `max: 1` (one connection, so that "its session"
 // means one server session); every other client has the default pool and uses one connection.
 // The driver's view of the reported parameters: `sql.parameters`.
+// TLS: verification on, with the CA the URL names (pg_tls.mjs).
 import postgres from 'postgres'
+import { postgresjsTls } from './pg_tls.mjs'
 
 const [caseName, url, tag] = process.argv.slice(2)
 const SPEC = JSON.parse(process.env.ISO_SPEC)
+const TLS = postgresjsTls(url)
 
-const connect = (options = {}) => postgres(url, { ssl: 'require', connect_timeout: 10, onnotice: () => {}, ...options })
+const connect = (options = {}) => postgres(TLS.url, { ...TLS.options, connect_timeout: 10, onnotice: () => {}, ...options })
 const end = sql => sql.end({ timeout: 5 })
 
 // sql`...` for a text with $1..$n: the parts between placeholders become the template's strings.

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from access.assertion import SigningKey
 from access.tokens import SecretHasher, is_client_id
-from control.api import make_app
+from control.api import SERVER_LIMITS, make_app
 from control.openapi import OPENAPI
 from control.secretbox import SecretBox
 from control.store import Store
@@ -65,7 +65,9 @@ class FakeRelay:
 async def api_client(store, relay, proxy=None, edge_info=None):
     """The API over `store` on a test server; the store is closed afterwards."""
     app = make_app(store, relay, admin_token=ADMIN, edge_info=dict(edge_info or EDGE_INFO), proxy=proxy)
-    client = TestClient(TestServer(app, host="127.0.0.1"))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(**SERVER_LIMITS)  # as hd edge serves it
+    client = TestClient(server)
     await client.start_server()
     try:
         yield client
@@ -700,8 +702,9 @@ async def test_create_hyperdrive_probes_then_stores_and_returns_the_connection_s
     assert c["caching"] == {"disabled": False, "max_age": 30, "stale_while_revalidate": 15}
     assert (c["sslmode"], c["ca_certificate_id"], c["mtls_certificate_id"], c["origin_connection_limit"]) == (
         "require", None, None, 20)
+    # verification on, with the edge's CA (EDGE_INFO has none here: the clients' trust store)
     assert c["connection_string"] == (f"postgresql://{stored.client_user}:{stored.client_password}"
-                                      "@127.0.0.1:6543/app?sslmode=require")
+                                      "@127.0.0.1:6543/app?sslmode=verify-full")
     assert "origin-pw-1" not in str(c)
     [spec] = proxy.probes
     assert (spec.host, spec.port, spec.user, spec.password, spec.database) == (
@@ -827,7 +830,8 @@ async def test_mysql_origins_wait_for_a_proxy_that_speaks_mysql(hd_env) -> None:
     proxy.supports_mysql = True
     status, c = await call(client, "POST", "/v1/hyperdrive/configs", body)
     assert status == 201 and c["origin"]["port"] == 3306
-    assert c["connection_string"].startswith("mysql://hd_") and c["connection_string"].endswith("@127.0.0.1:3307/shop")
+    assert c["connection_string"].startswith("mysql://hd_") and c["connection_string"].endswith(
+        "@127.0.0.1:3307/shop?ssl-mode=VERIFY_IDENTITY")
     # the MySQL probe tested the origin, the Postgres one was not used
     assert proxy.probes == [] and [(s.host, s.port, s.user) for s in proxy.mysql_probes] == [("db.example", 3306, "root")]
     proxy.fail_with = OriginError(2013, "invalid credentials for user root", "check the user and password")
@@ -1023,3 +1027,126 @@ async def test_prometheus_metrics_need_no_token(metrics_env) -> None:
         assert value(samples, "hd_hyperdrive_result_bytes_total", config_id=c["id"]) == 20
     resp = await client.post("/metrics", headers={})
     assert resp.status == 405
+
+
+# --- bounds: every malformed request is a 4xx (issue 13) -------------------------------------
+
+async def test_bodies_gzip_and_deflate_are_inflated_within_bounds(env) -> None:
+    import gzip
+    import zlib
+
+    from control.api import MAX_BODY
+
+    client, _, _ = env
+    headers = {**AUTH, "Content-Type": "application/json"}
+
+    async def post(body: bytes, coding: str) -> tuple[int, dict]:
+        resp = await client.post("/v1/tunnels", data=body, headers={**headers, "Content-Encoding": coding})
+        return resp.status, await resp.json()
+
+    assert (await post(gzip.compress(b'{"name": "zipped"}'), "gzip"))[0] == 201
+    assert (await post(zlib.compress(b'{"name": "deflated"}'), "deflate"))[0] == 201
+    status, err = await post(b"not gzip at all", "gzip")
+    assert status == 400 and "not valid gzip" in err["error"]
+    status, err = await post(gzip.compress(b'{"name": "cut"}')[:-12], "gzip")
+    assert status == 400 and "truncated" in err["error"]
+    status, err = await post(gzip.compress(b'{"name": "' + b"a" * (10 * MAX_BODY) + b'"}'), "gzip")
+    assert status == 413 and "inflated" in err["error"]
+    status, err = await post(b'{"name": "x"}', "br")
+    assert status == 415 and "not supported" in err["error"]
+
+
+async def test_deeply_nested_json_is_a_400(env) -> None:
+    client, _, _ = env
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"name": ' + b"[" * 20 + b"]" * 20 + b"}"):
+        resp = await client.post("/v1/tunnels", data=body, headers=AUTH)
+        assert resp.status == 400, await resp.text()
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408(env, monkeypatch) -> None:
+    import asyncio
+
+    import control.api as api
+
+    monkeypatch.setattr(api, "BODY_TIMEOUT", 0.3)
+    client, _, _ = env
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(f"POST /v1/tunnels HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n"
+                     "Content-Length: 100\r\n\r\n{\"name\"".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408"), head
+    finally:
+        writer.close()
+
+
+def _fuzz_values():
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+               | st.text(max_size=40) | st.sampled_from(["", "0", "-1", "24h", "non-expiring", "1e400", "x" * 300]))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+# a valid body per route: the fuzzer changes some of its fields, so that handlers get past the
+# first check and meet odd values everywhere
+_VALID = {
+    ("POST", "/v1/tunnels"): {"name": "fuzz"},
+    ("POST", "/v1/tunnels/t/routes"): {"hostname": "a.example", "service": "tcp://127.0.0.1:5432",
+                                       "public": True, "connect_timeout": "10s"},
+    ("POST", "/v1/access/service-tokens"): {"name": "tok", "duration": "24h"},
+    ("POST", "/v1/access/service-tokens/tok/rotate"): {"grace": "1h"},
+    ("POST", "/v1/access/apps"): {"name": "app", "domains": ["b.example"], "service_tokens": ["tok"],
+                                  "any_service_token": False},
+    ("POST", "/v1/hyperdrive/configs"): {"name": "cfg", "origin_host": "db.example", "origin_port": 5432,
+                                         "database": "app", "origin_user": "app", "origin_password": "pw",
+                                         "max_age": 30, "swr": 5, "caching_disabled": False,
+                                         "origin_connection_limit": 10, "sslmode": "require"},
+    ("PATCH", "/v1/hyperdrive/configs/cfg"): {"max_age": 60, "origin_password": "pw2"},
+    ("POST", "/v1/certificates"): {"name": "c", "kind": "certificate-authority", "cert_pem": "x"},
+    ("DELETE", "/v1/tunnels/nope"): {},
+}
+
+
+async def test_no_body_makes_any_route_fail_with_a_5xx(hd_env) -> None:
+    """Property: whatever JSON a client sends to whatever route, the answer is not a 5xx (a 500
+    would mean an unhandled exception on input the API should have refused)."""
+    import asyncio
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client, store, _ = hd_env
+    await call(client, "POST", "/v1/tunnels", {"name": "t"})
+    base = str(client.make_url("/"))[:-1]
+    seen: list[int] = []
+
+    @st.composite
+    def requests(draw):
+        route = draw(st.sampled_from(sorted(_VALID)))
+        body = dict(_VALID[route])
+        for key in draw(st.lists(st.sampled_from(sorted(body) + ["junk"]), max_size=3, unique=True)):
+            body[key] = draw(_fuzz_values())
+        return route, draw(st.sampled_from([body, body, body, draw(_fuzz_values())]))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(req=requests())
+    def check(req) -> None:
+        (method, path), body = req
+        request = urllib.request.Request(base + path, data=_json.dumps(body).encode(), method=method,
+                                         headers={**AUTH, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        seen.append(status)
+        assert status < 500, (method, path, body, status)
+
+    await asyncio.to_thread(check)
+    assert {200, 201} & set(seen) and 400 in seen  # it met handlers past their first check

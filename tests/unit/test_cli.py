@@ -759,8 +759,9 @@ def test_hyperdrive_create_get_update_list_delete(edge, proxy, capsys) -> None:
         stored = store.get_hyperdrive("hd-one")
     finally:
         store.close()
+    # verification on: the edge's CA from the state dir (control/certs.py)
     assert c["connection_string"] == (f"postgresql://{stored.client_user}:{stored.client_password}"
-                                      "@127.0.0.1:6432/app?sslmode=require")
+                                      f"@127.0.0.1:6432/app?sslmode=verify-full&sslrootcert={edge.state_dir}/ca-cert.pem")
     assert proxy.probes[-1].password == "pw1" and proxy.events == [("config_changed", c["id"])]
     # get --connection-string prints the string alone: psql "$(hd hyperdrive get hd-one --connection-string)"
     rc, out, err = hd_in(capsys, edge, "hyperdrive", "get", "hd-one", "--connection-string")
