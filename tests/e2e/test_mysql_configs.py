@@ -129,7 +129,9 @@ def test_create_with_a_mysql_connection_string(medge, maria):
     assert c["origin"]["scheme"] == "mysql" and c["origin"]["port"] == maria.port
     port = mysql_listen_port(medge)
     url = c["connection_string"]
-    assert url.startswith("mysql://hd_") and url.endswith(f"@127.0.0.1:{port}/{DB}"), url
+    ca = medge.state_dir / "ca-cert.pem"
+    assert url.startswith("mysql://hd_"), url
+    assert url.endswith(f"@127.0.0.1:{port}/{DB}?ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}"), url
     assert PASSWORD not in url
     got = medge.hd("hyperdrive", "get", "my-url", "--connection-string", json=False).strip()
     assert got == url
@@ -140,7 +142,8 @@ def test_create_with_origin_scheme_flags(medge, maria):
                  "--origin-port", maria.port, "--database", DB, "--origin-user", USER,
                  "--origin-password", PASSWORD, "--sslmode", "disable")
     assert c["origin"]["scheme"] == "mysql"
-    assert c["connection_string"].endswith(f"@127.0.0.1:{mysql_listen_port(medge)}/{DB}")
+    assert c["connection_string"].endswith(f"@127.0.0.1:{mysql_listen_port(medge)}/{DB}"
+                                           f"?ssl-mode=VERIFY_IDENTITY&ssl-ca={medge.state_dir / 'ca-cert.pem'}")
 
 
 def test_create_over_tls_to_the_origin(medge, tls_maria):
