@@ -83,6 +83,30 @@ _OPAQUE = Decision("notaquery", "function call", write_all=True, readback=True, 
 _UNKNOWN_SETTINGS = Decision("uncacheable", "the session's settings are being read back")
 _FAILED = ("failed",)  # a plain SET whose answer was an error
 
+
+class _Readback:
+    """A settings readback in flight, as something the core waits on: a cacheable query behind
+    it waits one round trip for the settings it runs under instead of going uncached."""
+
+    __slots__ = ("callbacks", "done")
+    timeout = 30.0
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
+        self.done = False
+
+    def add_callback(self, fn: Any) -> None:
+        if self.done:
+            fn()
+        else:
+            self.callbacks.append(fn)
+
+    def finish(self) -> None:
+        self.done = True
+        callbacks, self.callbacks = self.callbacks, []
+        for fn in callbacks:
+            fn()
+
 _DEALLOCATE = re.compile(rb'^\s*DEALLOCATE\s+(?:PREPARE\s+)?(?:(ALL)|"([^"]+)"|([A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*$',
                          re.IGNORECASE)
 _DISCARD_ALL = re.compile(rb"^\s*DISCARD\s+ALL\s*;?\s*$", re.IGNORECASE)
@@ -270,6 +294,7 @@ class ClientCore:
         self._txn_writes: list[QueryObs] = []  # writes to invalidate again when the transaction ends
         self._portals: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}  # portal -> statement (in a txn)
         self.refresh_fill: Fill | None = None  # set on a background refresh's core
+        self._reading_back: _Readback | None = None  # the settings readback in flight, if any
 
     # ------------------------------------------------------------------ state queries
     @property
@@ -392,6 +417,13 @@ class ClientCore:
             self._check = False
             self.to_server += encode_query(self.settings.readback())
             self.expect.append([QUERY, CAPTURE, self._read_back, None, None, None])
+            if self.cache is not None and self._reading_back is None:
+                self._reading_back = _Readback()
+
+    def _readback_over(self) -> None:
+        wait, self._reading_back = self._reading_back, None
+        if wait is not None:
+            wait.finish()
 
     def _read_back(self, answer: bytes) -> None:
         server = self.server
@@ -403,6 +435,7 @@ class ClientCore:
                 self._maybe_readback()
                 return
             self._check = True  # still unknown: the server is reset when released
+            self._readback_over()
             self.fatal = error_message("08006", "the proxy could not read this session's settings back: "
                                        + _error_text(error), severity="FATAL", hint="reconnect")
             return
@@ -413,6 +446,7 @@ class ClientCore:
             server.params = values
         if self.cache is not None and (self._prefix is None or self.settings.values != before):
             self._prefix = self.cache.prefix_for(self.settings.values)
+        self._readback_over()
 
     # ------------------------------------------------------------------ client side
     def feed_client(self, data: bytes) -> None:
@@ -832,6 +866,9 @@ class ClientCore:
             if wait is not None:
                 self._hold(wait, [(0x51, raw)])
                 return None
+        if self._prefix is None and d.cacheable and refresh is None and self._reading_back is not None:
+            self._hold(self._reading_back, [(0x51, raw)])  # the settings it runs under are on their way
+            return None
         self._note(d, simple=True)
         if self._prefix is None and d.cacheable:
             d = _UNKNOWN_SETTINGS  # its settings are not known: neither served nor stored
@@ -1015,6 +1052,9 @@ class ClientCore:
             if wait is not None:
                 self._hold(wait, batch + [(0x53, sync)])
                 return None
+        if self._prefix is None and d.cacheable and refresh is None and self._reading_back is not None:
+            self._hold(self._reading_back, batch + [(0x53, sync)])
+            return None
         self._note(d)
         if self._prefix is None and d.cacheable:
             d = _UNKNOWN_SETTINGS  # its settings are not known: neither served nor stored

@@ -623,3 +623,35 @@ def test_writes_through_a_config_with_caching_disabled_still_invalidate():
     writer.feed_server(PARSE_OK + BIND_OK + done("DELETE 1") + rfq())
     assert w.ns.entries == 0
     assert w.metrics.summary()["queries"]["by_cache_status"]["disabled"] == 2
+
+
+def _rows2(*pairs: tuple[bytes, bytes]) -> bytes:
+    return b"".join(message(b"D", I16.pack(2) + I32.pack(len(a)) + a + I32.pack(len(b)) + b) for a, b in pairs)
+
+
+def test_a_read_behind_a_settings_readback_waits_for_it_and_is_cached():
+    """A statement that may change the session makes the proxy read the settings back once the
+    client is idle; a cacheable read that arrives meanwhile waits that round trip (it is cached
+    under the settings it runs under) instead of going uncached."""
+    w = World()
+    c = w.core()
+    c.feed_client(q("SELECT set_config('search_path', 'tenant', false)"))
+    server = ServerState()
+    c.attach(server)
+    assert take(c.to_server).startswith(b"Q")
+    c.feed_server(ROWDESC + row(b"tenant") + done("SELECT 1") + rfq())
+    readback = take(c.to_server)
+    assert b"pg_settings" in readback  # the readback went out behind the answer
+    assert take(c.to_client).endswith(rfq())
+    c.feed_client(q("SELECT * FROM items"))  # the client's next read, before the readback's answer
+    assert c.wait is not None and take(c.to_server) == b""  # it waits
+    c.feed_server(ROWDESC + _rows2((b"search_path", b"tenant")) + done("SELECT 1") + rfq())
+    assert c.wait is not None and c.wait.done
+    c.resume()  # (the session calls this once the wait is done)
+    assert take(c.to_server) == q("SELECT * FROM items")  # on the same server, judged now
+    c.feed_server(ANSWER + rfq())
+    assert take(c.to_client) == ANSWER + rfq()
+    assert w.statuses().get("miss") == 1 and "uncacheable" not in w.statuses()
+    tenant = w.core({"search_path": "tenant"})
+    tenant.feed_client(q("SELECT * FROM items"))
+    assert not tenant.wants_server and take(tenant.to_client) == ANSWER + rfq()  # stored under tenant's settings
