@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 ALGORITHM = "RS256"
 DEFAULT_LIFETIME = 180.0  # "a few minutes": an assertion is used once, at stream open
 DEFAULT_LEEWAY = 5.0
+MAX_JWKS_KEYS = 16  # keys of a fetched or pushed JWKS that are looked at
+_MAX_MODULUS_B64 = 16384 // 6 + 4  # base64url length of a 16384-bit modulus: larger is not a signing key of ours
 
 
 def _b64u(n: int) -> str:
@@ -138,8 +140,12 @@ class JwksCache:
 
     def _load(self, doc: dict[str, Any]) -> None:
         keys: dict[str, RSAPublicKey] = {}
-        for jwk in doc.get("keys", []):
+        listed = doc.get("keys")
+        # The edge publishes two keys; parsing RSA keys costs CPU, so a few is all we look at.
+        for jwk in listed[:MAX_JWKS_KEYS] if isinstance(listed, list) else []:
             if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or "kid" not in jwk:
+                continue
+            if len(str(jwk.get("n", ""))) > _MAX_MODULUS_B64:
                 continue
             try:
                 key = jwt.algorithms.RSAAlgorithm.from_jwk(jwk)
@@ -159,10 +165,11 @@ class JwksCache:
         stale = self._fetched_at is None or now - self._fetched_at >= self._ttl
         if kid not in self._keys or stale:
             if self._fetched_at is None or now - self._fetched_at >= self._min_refresh:
+                first = not self._keys
                 try:
                     await self._refresh()
                 except Exception:
-                    if self._fetched_at is None:
+                    if first:  # no key to fall back on: say why rather than "unknown key"
                         raise
         return self._keys.get(kid)
 

@@ -1,11 +1,19 @@
 """The relay's access decision for each new stream, with its caches, rate limit and log.
 
 Order of checks (deny by default):
-1. a source that failed too often recently → 429, without looking at its credentials;
-2. no Access application covers the hostname → allowed only if the route is `--public`, else 403;
-3. credentials missing, unknown, wrong, expired or revoked → 401 (counts as a failure);
-4. valid token not named by the application's policy → 403;
-5. allowed → an RS256 assertion for the application's AUD goes with the ConnectRequest.
+1. no Access application covers the hostname → allowed only if the route is `--public`, else 403;
+2. credentials missing, unknown, wrong, expired or revoked → 401 (a failure, counted), or 429
+   when that failure's counter is full (see below);
+3. valid token not named by the application's policy → 403;
+4. allowed → an RS256 assertion for the application's AUD goes with the ConnectRequest.
+
+Credentials are always checked, request by request, as Cloudflare Access does: a valid token is
+never refused because of failures, its own or anyone else's. Failures are counted per claimed
+client id when that id exists, and per source address (an IPv6 /64) when it does not, so an
+attacker hammering one id, or spraying ids from one address, gets 429 — and nobody else does.
+A wrong secret and an unknown client id get the same answer (status, code and message); the
+access log keeps the precise reason for the operator. Revoked and expired are told only to a
+caller who presents the right secret.
 
 Token lookups and secret checks are cached for at most `cache_ttl` (1 s), and every change
 made through the control plane clears the cache, so a revocation applies to the next stream.
@@ -13,14 +21,21 @@ made through the control plane clears the cache, so a revocation applies to the 
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import time
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from access.assertion import AssertionMinter
 from access.policy import Decision, RouteLike
 from access.tokens import SecretHasher, credentials_from_headers, is_client_id
+
+# What a caller learns when its credentials do not check out, whatever the reason (unknown id,
+# wrong secret): the same for all, so an answer never tells whether a client id exists.
+MAX_SECRET_LENGTH = 256
+INVALID_CREDENTIALS = "invalid service token credentials (CF-Access-Client-Id / CF-Access-Client-Secret)"
 
 
 class TokenLike(Protocol):
@@ -55,60 +70,79 @@ class Verdict:
 
 
 class FailureLimiter:
-    """At most `limit` failed credential checks per source in a sliding `window`; then the
-    source is refused (429) until its oldest failure leaves the window."""
+    """Failed credential checks per key, as a leaky bucket (GCRA): `limit` failures at once,
+    then one more every `window / limit` seconds — on average `limit` per `window`.
 
-    def __init__(self, limit: int = 20, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    One float per key, and at most `max_keys` keys: past that, the keys whose last failure is
+    oldest (the first to have drained) are forgotten, so a spray of keys costs bounded memory
+    and never wipes the counters of the keys being hammered right now.
+    """
+
+    def __init__(self, limit: int = 20, window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 65536) -> None:
+        if limit < 1 or window <= 0 or max_keys < 1:
+            raise ValueError("limit and max_keys must be >= 1 and window > 0")
         self.limit = limit
         self.window = window
-        self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
+        self.max_keys = max_keys
+        self._interval = window / limit
+        self.clock = clock
+        # key -> the time its bucket is empty again; ordered by last failure (oldest first)
+        self._empty_at: OrderedDict[str, float] = OrderedDict()
 
-    def _recent(self, source: str, now: float) -> deque[float] | None:
-        q = self._failures.get(source)
-        if q is None:
-            return None
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        if not q:
-            del self._failures[source]
-            return None
-        return q
+    def __len__(self) -> int:
+        return len(self._empty_at)
 
-    def retry_after(self, source: str) -> float:
-        """Seconds until `source` may try again (0 when it may now)."""
-        now = self._clock()
-        q = self._recent(source, now)
-        if q is None or len(q) < self.limit:
+    def retry_after(self, key: str) -> float:
+        """Seconds until `key` may fail again without being refused (0: it may now)."""
+        empty_at = self._empty_at.get(key)
+        if empty_at is None:
             return 0.0
-        return max(0.0, q[0] + self.window - now)
+        now = self.clock()
+        if empty_at <= now:
+            del self._empty_at[key]
+            return 0.0
+        return max(0.0, empty_at - now - (self.window - self._interval))
 
-    def failure(self, source: str) -> None:
-        now = self._clock()
-        if len(self._failures) > 100_000:  # bound memory under a spray of sources
-            self._failures.clear()
-        self._failures.setdefault(source, deque()).append(now)
+    def failure(self, key: str) -> None:
+        now = self.clock()
+        empty_at = self._empty_at.pop(key, now)
+        self._empty_at[key] = max(empty_at, now) + self._interval
+        while len(self._empty_at) > self.max_keys:
+            self._empty_at.popitem(last=False)
 
 
-def _limit_keys(source: str, creds: tuple[str, str] | None) -> list[str]:
-    ip = source.rsplit(":", 1)[0]
-    if creds is not None and is_client_id(creds[0]):
-        return [ip, f"{ip}|{creds[0]}"]
-    return [ip]
+def source_key(source: str) -> str:
+    """The limiter key of a source "host:port": the IPv4 address, or the IPv6 /64 (one host
+    usually holds a whole /64, so counting single v6 addresses would count nothing)."""
+    host = source.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return "src:" + host[:64]  # "in-process" and the like
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"src:{ip.ipv4_mapped}"
+        return f"src:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    return f"src:{ip}"
 
 
 class Gatekeeper:
     def __init__(self, store: AccessStore, hasher: SecretHasher, minter: AssertionMinter | None, *,
                  clock: Callable[[], float] = time.time, cache_ttl: float = 1.0,
-                 limiter: FailureLimiter | None = None) -> None:
+                 limiter: FailureLimiter | None = None, source_limiter: FailureLimiter | None = None) -> None:
         self.store = store
         self.hasher = hasher
         self.minter = minter
         self._clock = clock
         self.cache_ttl = cache_ttl
-        self.limiter = limiter or FailureLimiter()
+        # Two tables: failures per existing client id (as many keys as there are tokens at most)
+        # and per source. A spray of sources evicts only source entries, never an id's count.
+        self.limiter = limiter if limiter is not None else FailureLimiter()
+        self.source_limiter = source_limiter if source_limiter is not None else FailureLimiter(
+            self.limiter.limit, self.limiter.window, self.limiter.clock)
         self._tokens: dict[str, tuple[float, Any]] = {}
-        self._checked: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._checked: dict[tuple[str, str], float] = {}  # (client id, secret) -> valid until
         self._apps: dict[str, tuple[float, Any]] = {}
         self._log: list[dict[str, Any]] = []
 
@@ -139,33 +173,30 @@ class Gatekeeper:
         return token
 
     def _secret_ok(self, token: TokenLike, secret: str, now: float) -> bool:
+        if len(secret) > MAX_SECRET_LENGTH:  # ours are 64 hex digits; never hash or keep a huge one
+            return False
         key = (token.client_id, secret)
         hit = self._checked.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if hit is not None and hit > now:
+            return True
         ok = self.hasher.matches(secret, token.secret_hash) or (
             token.prev_expires_at is not None and now < token.prev_expires_at
             and self.hasher.matches(secret, token.prev_secret_hash))
+        if not ok:
+            return False  # failures are not cached: a guesser must not fill memory with its guesses
         if len(self._checked) > 10_000:
             self._checked.clear()
         # Never cache a grace-period success past the end of the grace period.
         until = now + self.cache_ttl
         if token.prev_expires_at is not None and now < token.prev_expires_at:
             until = min(until, token.prev_expires_at)
-        self._checked[key] = (until, ok)
-        return ok
+        self._checked[key] = until
+        return True
 
     # ---------------------------------------------------------------- the decision
     def check(self, route: RouteLike, headers: dict[str, str], source: str) -> Verdict:
         now = self._clock()
         host = route.hostname
-        creds = credentials_from_headers(headers)
-        wait = max(self.limiter.retry_after(k) for k in _limit_keys(source, creds))
-        if wait > 0:
-            source_ip = source.rsplit(":", 1)[0]
-            return self._deny(429, "rate_limited",
-                              f"too many failed credential checks from {source_ip}; retry in {wait:.0f}s",
-                              host, source, None, None)
         app = self._app(host, now)
         if app is None:
             if route.public:
@@ -173,25 +204,31 @@ class Gatekeeper:
             return self._deny(403, "access_denied",
                               f"{host} is not covered by any Access application (create one with "
                               "`hd access app create`, or route it with --public)", host, source, None, None)
+        creds = credentials_from_headers(headers)
         if creds is None or not creds[0] or not creds[1]:
-            return self._fail(401, "missing_credentials",
-                              f"{host} requires a service token: send CF-Access-Client-Id and "
-                              "CF-Access-Client-Secret (hd access tcp --service-token-id/--service-token-secret)",
-                              host, source, app, None, creds[0] if creds else None)
+            message = (f"{host} requires a service token: send CF-Access-Client-Id and "
+                       "CF-Access-Client-Secret (hd access tcp --service-token-id/--service-token-secret)")
+            return self._fail(source_key(source), 401, "missing_credentials", message, message,
+                              host, source, app, None, None)
         client_id, secret = creds
-        token = self._token(client_id, now) if is_client_id(client_id) else None
+        # A client id is not a secret, but an arbitrary header value might be: log only well-formed ids.
+        shown = client_id if is_client_id(client_id) else None
+        token = self._token(client_id, now) if shown is not None else None
         if token is None:
-            return self._fail(401, "invalid_credentials", "unknown service token client id",
-                              host, source, app, None, client_id)
-        if token.revoked_at is not None:
-            return self._fail(401, "token_revoked", f"service token {token.name} was revoked",
-                              host, source, app, token, client_id)
-        if token.expires_at is not None and now >= token.expires_at:
-            return self._fail(401, "token_expired", f"service token {token.name} has expired",
-                              host, source, app, token, client_id)
+            return self._fail(source_key(source), 401, "invalid_credentials", INVALID_CREDENTIALS,
+                              "unknown service token client id" if shown else "malformed service token client id",
+                              host, source, app, None, shown)
+        # The secret first: only its holder may learn that the token was revoked or has expired.
+        key = "id:" + token.client_id
         if not self._secret_ok(token, secret, now):
-            return self._fail(401, "invalid_credentials", f"wrong secret for service token {token.name}",
-                              host, source, app, token, client_id)
+            return self._fail(key, 401, "invalid_credentials", INVALID_CREDENTIALS,
+                              f"wrong secret for service token {token.name}", host, source, app, token, shown)
+        if token.revoked_at is not None:
+            reason = f"service token {token.name} was revoked"
+            return self._fail(key, 401, "token_revoked", reason, reason, host, source, app, token, shown)
+        if token.expires_at is not None and now >= token.expires_at:
+            reason = f"service token {token.name} has expired"
+            return self._fail(key, 401, "token_expired", reason, reason, host, source, app, token, shown)
         if not (app.any_token or token.id in app.token_ids):
             return self._deny(403, "access_denied",
                               f"service token {token.name} is not allowed by Access application {app.name}",
@@ -206,21 +243,27 @@ class Gatekeeper:
         return Verdict(Decision(True), assertion)
 
     def _deny(self, status: int, code: str, reason: str, host: str, source: str, app: Any,
-              token: Any, client_id: str | None = None) -> Verdict:
+              token: Any, client_id: str | None = None, *, logged: str | None = None) -> Verdict:
         self._record("deny", status, host, source, app, token,
-                     client_id if client_id is not None else (token.client_id if token else None), reason)
+                     client_id if client_id is not None else (token.client_id if token else None),
+                     logged or reason)
         return Verdict(Decision(False, status, code, reason))
 
-    def _fail(self, status: int, code: str, reason: str, host: str, source: str, app: Any,
-              token: Any, client_id: str | None) -> Verdict:
-        # Wrong secrets for a real token count against (source, token): one bad config behind a
-        # shared source (the in-process proxy, a NAT) cannot lock out the others. Unknown or
-        # missing ids count against the source itself.
-        key = _limit_keys(source, (client_id or "", ""))[-1] if token is not None else _limit_keys(source, None)[0]
-        self.limiter.failure(key)
-        # A client id is not a secret, but an arbitrary header value might be: log only well-formed ids.
-        shown = client_id if client_id and is_client_id(client_id) else None
-        return self._deny(status, code, reason, host, source, app, token, shown)
+    def _fail(self, key: str, status: int, code: str, message: str, logged: str, host: str, source: str,
+              app: Any, token: Any, client_id: str | None) -> Verdict:
+        """A failed credential check: counted against `key` (the existing client id, or else the
+        source), or answered 429 when that key's failures are over the limit."""
+        limiter = self.limiter if key.startswith("id:") else self.source_limiter
+        wait = limiter.retry_after(key)
+        if wait > 0:
+            what = "this client id" if key.startswith("id:") else "this source"
+            return self._deny(429, "rate_limited",
+                              f"too many failed credential checks; retry in {math.ceil(wait)}s",
+                              host, source, app, token, client_id,
+                              logged=f"too many failed credential checks for {what}; retry in "
+                                     f"{math.ceil(wait)}s ({logged})")
+        limiter.failure(key)
+        return self._deny(status, code, message, host, source, app, token, client_id, logged=logged)
 
     def _record(self, decision: str, status: int, host: str, source: str, app: Any, token: Any,
                 client_id: str | None, reason: str) -> None:

@@ -26,3 +26,31 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempts = 0
+
+
+class ReconnectPolicy:
+    """How long one HA connection waits before its next dial, whatever the transport.
+
+    Every failed attempt counts, on either transport, so `auto` alternating between two dead
+    transports backs off like a fixed protocol does (1 s doubling to 32 s, with jitter). The one
+    exception: when a failure makes `auto` switch transports for the first time since the last
+    successful registration, the other transport is tried at once — a blocked transport should
+    not cost a backoff step. Pure logic: the caller sleeps.
+    """
+
+    def __init__(self, backoff: Backoff) -> None:
+        self.backoff = backoff
+        self._free_switch = True
+
+    def failed(self, switched: bool) -> float:
+        """The delay before the next attempt, after one that failed (`switched`: the failure
+        moved `auto` to the other transport)."""
+        if switched and self._free_switch:
+            self._free_switch = False
+            return 0.0
+        return self.backoff.next_delay()
+
+    def succeeded(self) -> None:
+        """A registration went through: the next outage starts again from the shortest delay."""
+        self.backoff.reset()
+        self._free_switch = True

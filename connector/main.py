@@ -53,6 +53,10 @@ def main(token: str | None, token_file: Path | None, protocol: str, prefer: str,
     """Connect this private network to the edge: carries streams for the tunnel's routes."""
     logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if loglevel != "debug":
+        # aioquic logs every handshake and close at INFO: with the edge down that would be two
+        # more lines per attempt; our own line per attempt says what happened.
+        logging.getLogger("quic").setLevel(logging.WARNING)
     if token and token_file:
         _fail("give either --token or --token-file, not both")
     if token_file is not None:

@@ -1,9 +1,12 @@
 """The connector's edge connections: dial, register, take config, serve streams, reconnect.
 
 Each of the `ha_connections` loops keeps one link to the edge, over the transport the
-`ProtocolSelector` picks (connector/protocol.py). A permanent registration failure (bad
-secret, deleted tunnel) or a certificate that does not match the token's pin is final:
-`FatalError` ends the whole process with a clear message instead of a retry storm.
+`ProtocolSelector` picks (connector/protocol.py), and waits between attempts as its
+`ReconnectPolicy` says (connector/backoff.py): every failed attempt counts, whichever transport
+it was on. A permanent registration failure (bad secret, deleted tunnel) — an error message
+marked permanent, or a link the edge closed with a "registration refused" reason — or a
+certificate that does not match the token's pin is final on either transport: `FatalError`
+ends the whole process with a clear message instead of a retry storm.
 
 A link leaves service by draining, never by being cut: it unregisters (the relay stops
 sending it new streams), its in-flight streams finish, then it closes. That is how a
@@ -21,14 +24,14 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
-import aiohttp
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
 from access.assertion import AssertionRejected, AssertionVerifier, JwksCache
-from connector.backoff import Backoff
+from connector.backoff import Backoff, ReconnectPolicy
 from connector.ingress import EMPTY, IngressConfig, IngressError, apply_tcp_keepalive
+from connector.jwks import fetch_jwks
 from connector.metrics import ConnectorMetrics
 from connector.protocol import ProtocolSelector
 from tunnel.link import Link, StreamInbox, refuse
@@ -48,6 +51,9 @@ WS_DIAL_TIMEOUT = 10.0
 MIGRATE_DRAIN_LIMIT = 3600.0  # a link moved off a transport keeps its streams this long at most
 # A registered link lost with one of these reasons says the transport itself is failing.
 _TRANSPORT_LOSS = ("no packets from the peer", "keepalive ping timeout")
+# A link the edge closed with this in its reason was refused for good (relay/server.py), even
+# if the error message that came before the close was lost with the connection.
+_FINAL_CLOSE = "registration refused"
 
 
 class FatalError(Exception):
@@ -118,10 +124,14 @@ class Supervisor:
         reprobe_interval: float | None = None,
         local_config: IngressConfig | None = None,
         rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.token = token
         self.ha_connections = max(1, ha_connections)
-        kwargs: dict[str, Any] = {"now": time.monotonic()}
+        self._clock = clock
+        self._sleep = sleep  # between dial attempts (tests inject it instead of waiting)
+        kwargs: dict[str, Any] = {"now": clock()}
         if prefer is not None:
             kwargs["prefer"] = prefer
         if reprobe_interval is not None:
@@ -173,23 +183,8 @@ class Supervisor:
         return v
 
     async def _fetch_jwks(self) -> dict[str, Any]:
-        """GET /cdn-cgi/access/certs from the edge, over TLS pinned like the tunnel itself."""
-        pin = bytes.fromhex(self.token.pin.split(":", 1)[1])
-        timeout = aiohttp.ClientTimeout(total=10)
-        errors: list[str] = []
-        for edge in self.token.edge:
-            try:
-                async with aiohttp.ClientSession(timeout=timeout) as http:
-                    async with http.get(f"https://{edge}/cdn-cgi/access/certs", ssl=aiohttp.Fingerprint(pin)) as r:
-                        if r.status != 200:
-                            raise OSError(f"HTTP {r.status}")
-                        doc = await r.json(content_type=None)
-                        if isinstance(doc, dict):
-                            return doc
-                        raise OSError("not a JWKS document")
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
-                errors.append(f"{edge}: {exc or type(exc).__name__}")
-        raise OSError("cannot fetch the edge's signing keys: " + "; ".join(errors))
+        """GET /cdn-cgi/access/certs from the edge, pinned like the tunnel, size- and time-bounded."""
+        return await fetch_jwks(self.token.edge, self.token.pin)
 
     # ------------------------------------------------------------------ process lifetime
     async def run(self) -> None:
@@ -271,42 +266,46 @@ class Supervisor:
 
     # ------------------------------------------------------------------ one HA connection
     async def _connection_loop(self, index: int) -> None:
-        backoff = Backoff(rand=self._rand)
+        policy = ReconnectPolicy(Backoff(rand=self._rand))
         edges = self.token.edge
         attempt = 0
         while not self.shutting_down:
             protocol = self.selector.current
             edge = edges[(index + attempt) % len(edges)]
             attempt += 1
-            retry_now = False
+            switched: str | None = None
+            verb = "failed"  # to connect; "lost" once a link had been up
             try:
-                moved = await self._connect_once(index, protocol, edge, backoff)
+                moved = await self._connect_once(index, protocol, edge, policy)
                 if moved:
                     continue  # re-dial at once over the transport the selector now wants
-                reason = "connection closed"
+                reason, verb = "connection closed", "lost"
             except FatalError as exc:
                 self._die(str(exc))
                 return
             except DialFailed as exc:
                 reason = str(exc)
-                switched = self.selector.failed(protocol, reason, time.monotonic())
-                if switched is not None:
-                    log.warning("%s to %s failed (%s); falling back to %s (will re-probe %s every %.0fs)",
-                                protocol, edge, reason, switched, self.selector.preferred,
-                                self.selector.reprobe_interval)
-                    retry_now = True
-                elif self.selector.current != protocol:
-                    retry_now = True  # another connection already switched
+                switched = self.selector.failed(protocol, reason, self._clock())
             except (OSError, asyncio.TimeoutError, TimeoutError, WebSocketException, MessageError,
                     EOFError, ConnectionResetError) as exc:
-                reason = _describe(exc)
+                reason, verb = _describe(exc), "lost"
             if self.shutting_down:
                 return
             self.metrics.reconnect(self.selector.current)
-            delay = 0.0 if retry_now else backoff.next_delay()
-            log.warning("connection %d to %s over %s lost (%s); reconnecting in %.1fs",
-                        index, edge, protocol, reason, delay)
-            await asyncio.sleep(delay)
+            # Every failed attempt counts, whichever transport it was on (an alternation of two
+            # dead transports must back off like one); one log line per attempt.
+            delay = policy.failed(switched is not None)
+            if switched is None:
+                log.warning("connection %d to %s over %s %s (%s); reconnecting in %.1fs",
+                            index, edge, protocol, verb, reason, delay)
+            elif switched == self.selector.preferred:
+                log.warning("connection %d to %s over %s failed (%s); switching back to %s; reconnecting in %.1fs",
+                            index, edge, protocol, reason, switched, delay)
+            else:
+                log.warning("connection %d to %s over %s failed (%s); falling back to %s (will re-probe %s "
+                            "every %.0fs); reconnecting in %.1fs", index, edge, protocol, reason, switched,
+                            self.selector.preferred, self.selector.reprobe_interval, delay)
+            await self._sleep(delay)
 
     async def _dial(self, protocol: str, edge: str) -> Link:
         host, _, port = edge.rpartition(":")
@@ -324,7 +323,7 @@ class Supervisor:
         except (OSError, asyncio.TimeoutError, TimeoutError, ConnectionError) as exc:
             raise DialFailed(_describe(exc)) from None
 
-    async def _connect_once(self, index: int, protocol: str, edge: str, backoff: Backoff) -> bool:
+    async def _connect_once(self, index: int, protocol: str, edge: str, policy: ReconnectPolicy) -> bool:
         """Dial, register and serve one link until it is lost (raises) or must move to another
         transport (returns True; the old link keeps draining in the background)."""
         link = await self._dial(protocol, edge)
@@ -357,7 +356,7 @@ class Supervisor:
                 raise OSError(f"unexpected registration answer {msg.get('type')!r}")
             if msg.get("remotely_managed") is False:
                 self.orchestrator.ready.set()  # no push is coming: serve the local file (or refuse)
-            backoff.reset()
+            policy.succeeded()
             conn.registered = True
             self._first_registered.set()
             log.info("connection %d registered with %s over %s (connection id %s)", index, edge, protocol,
@@ -392,6 +391,9 @@ class Supervisor:
                 except (asyncio.CancelledError, Exception):
                     pass
         reason = link.close_reason
+        final = _final_refusal(reason)
+        if final is not None:  # e.g. the tunnel was deleted and its error message was lost
+            raise FatalError(f"the edge refused this tunnel: {final}")
         if reason and any(reason.startswith(r) for r in _TRANSPORT_LOSS):
             raise DialFailed(reason)  # the transport went silent: on auto, try the other one
         if reason:
@@ -421,23 +423,23 @@ class Supervisor:
         sel = self.selector
         while not self.shutting_down:
             due = sel.reprobe_at()
-            now = time.monotonic()
+            now = self._clock()
             if due is None or now < due:
-                await asyncio.sleep(min(1.0, due - now) if due is not None else 1.0)
+                await self._sleep(min(1.0, due - now) if due is not None else 1.0)
                 continue
             edge = self.token.edge[0]
             try:
                 probe = await self._dial(sel.preferred, edge)
             except DialFailed as exc:
                 log.info("re-probe: %s to %s still fails (%s); staying on %s", sel.preferred, edge, exc, sel.current)
-                sel.probe_failed(time.monotonic())
+                sel.probe_failed(self._clock())
                 continue
             except FatalError as exc:
                 self._die(str(exc))
                 return
             await probe.close(1000, "probe")
             previous = sel.current
-            sel.recovered(time.monotonic())
+            sel.recovered(self._clock())
             log.warning("re-probe: %s to %s works again; moving connections back from %s",
                         sel.preferred, edge, previous)
             for index in range(self.ha_connections):
@@ -566,13 +568,38 @@ class Supervisor:
 
 
 async def _first_of(coro: Any, runner: asyncio.Task[None], link: Link) -> dict[str, Any]:
-    """Await a control message, but fail at once if the link dies first."""
+    """Await a control message, but fail at once if the link dies first. A link the edge closed
+    as refused for good raises FatalError, whether or not its error message got through."""
     task = asyncio.ensure_future(coro)
     done, _ = await asyncio.wait([task, runner], return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise OSError(link.close_reason or "the edge closed the connection during registration")
+    try:
+        if task in done:
+            return task.result()
+        # The link is gone, but a message that arrived just before its end is still buffered (the
+        # inbox hands out what it holds before reporting the reset): the edge's refusal, typically.
+        return await asyncio.wait_for(task, 1.0)
+    except (EOFError, ConnectionResetError, asyncio.TimeoutError, TimeoutError):
+        # No answer: when the link is ending too, its close reason may say why.
+        if not runner.done():
+            await asyncio.wait([runner], timeout=1.0)
+        final = _final_refusal(link.close_reason)
+        if final is not None:
+            raise FatalError(f"the edge refused this tunnel token: {final}") from None
+        if runner.done():
+            raise OSError(link.close_reason or "the edge closed the connection during registration") from None
+        raise
+
+
+def _final_refusal(close_reason: str) -> str | None:
+    """The edge's message when a link's close reason says it refused this connector for good
+    ("registration refused: <message>", possibly wrapped as "closed by peer (<code> <reason>)")."""
+    at = close_reason.find(_FINAL_CLOSE)
+    if at < 0:
+        return None
+    text = close_reason[at + len(_FINAL_CLOSE):]
+    if close_reason.startswith("closed by peer (") and text.endswith(")"):
+        text = text[:-1]
+    return text.lstrip(":").strip() or _FINAL_CLOSE
 
 
 def _describe(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class ConnectorConnection:
     acked_version: int = -1
     draining: bool = False  # the connector unregistered: no new streams
     streams_total: int = 0
+    runner: asyncio.Task[None] | None = None  # link.run(): done once the link is gone
 
     def info(self) -> dict[str, Any]:
         return {

@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import ssl
 import time
 from pathlib import Path
@@ -48,11 +49,21 @@ REGISTER_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 10.0  # client must send its ConnectRequest within this
 RESPONSE_MARGIN = 5.0  # connector answers within the route's connect timeout + this
 PICK_ATTEMPTS = 3  # connector connections tried for one stream (see _open_upstream)
+# Open streams one client link (`hd access tcp/ssh` session) may hold: each bridged one is an
+# origin socket at the connector, so one session must not be able to open thousands.
+MAX_CLIENT_STREAMS = 1024
+# A refused connector gets its error message, then this long to read it and hang up itself
+# before the relay closes the link (closing at once can drop the message over QUIC).
+REFUSAL_LINGER = 2.0
+# Close reasons that tell a connector its refusal is final even when the error message itself
+# was lost (connector/supervisor.py reads them): "registration refused: <message>".
+REFUSED_CLOSE_REASON = "registration refused"
 
 
 class Relay:
     def __init__(self, store: Store, ssl_context: ssl.SSLContext | None, *, hash_key: bytes | None = None,
-                 issuer: str = "", quic_cert: tuple[Path, Path] | None = None) -> None:
+                 issuer: str = "", quic_cert: tuple[Path, Path] | None = None,
+                 max_client_streams: int = MAX_CLIENT_STREAMS) -> None:
         self.store = store
         self.ssl_context = ssl_context
         self.quic_cert = quic_cert  # (cert, key): also accept connectors over QUIC on the same port
@@ -71,6 +82,8 @@ class Relay:
         self.streams_total = 0
         self.streams_failed = 0
         self.bridges_active = 0
+        self.max_client_streams = max_client_streams
+        self.streams_over_cap = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, host: str, port: int) -> None:
@@ -156,14 +169,14 @@ class Relay:
         self._route_cache.clear()
         for conn in self.registry.connections(tunnel_id):
             self.registry.remove(conn)
+            message = "the tunnel was deleted on the edge"
             try:
                 conn.control.send_message(
-                    {"type": "error", "code": "tunnel_not_found", "permanent": True,
-                     "message": "the tunnel was deleted on the edge"}
+                    {"type": "error", "code": "tunnel_not_found", "permanent": True, "message": message}
                 )
             except MessageError:
                 pass
-            self._spawn(conn.link.close(1000, "tunnel deleted"))
+            self._spawn(self._close_refused(conn.link, conn.control, conn.runner, message))
 
     def access_changed(self) -> None:
         """A token or application changed: forget cached decisions (revocation is immediate)."""
@@ -214,6 +227,7 @@ class Relay:
             "connector_streams": sum(c.link.stream_count for c in conns),
             "client_streams": sum(link.stream_count for link in self._client_links),
             "bridges_active": self.bridges_active,
+            "streams_over_cap": self.streams_over_cap,
             "streams_total": self.streams_total,
             "streams_failed": self.streams_failed,
             "uptime": time.time() - self._started,
@@ -237,7 +251,7 @@ class Relay:
         if proto.request.path == "/tunnel":
             self._accept_connector(link, remote)
         else:
-            link.on_stream = lambda stream: self._spawn(self._client_stream(StreamInbox(stream), remote))
+            link.on_stream = lambda stream: self._client_stream_opened(link, stream, remote)
             self._spawn(self._serve_client(link, remote))
 
     def _on_quic_link(self, link: QuicLink) -> None:
@@ -271,10 +285,12 @@ class Relay:
                 log.warning("connector %s did not register: %s", remote, exc or type(exc).__name__)
                 await link.close(1002, "registration expected")
                 return
-            conn = self._register(link, control, msg, remote)
-            if conn is None:
-                await link.close(1008, "registration refused")
+            outcome = self._register(link, control, msg, remote)
+            if isinstance(outcome, str):
+                await self._close_refused(link, control, runner, outcome)
                 return
+            conn = outcome
+            conn.runner = runner
             self._spawn(self._control_loop(conn, control))
             await runner
         finally:
@@ -291,33 +307,48 @@ class Relay:
             except (asyncio.CancelledError, Exception):
                 pass
 
+    async def _close_refused(self, link: Link, control: StreamInbox, runner: asyncio.Task[None] | None,
+                             message: str) -> None:
+        """End a link whose connector was just sent a final error: FIN the control stream, give the
+        connector REFUSAL_LINGER to read the error and hang up itself, then close with a reason
+        that says the refusal is final (in case the message was lost with the connection)."""
+        if not control.stream.closed:
+            control.stream.write_eof()
+        if runner is not None and not runner.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(runner), REFUSAL_LINGER)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+            except Exception:  # the runner's own failure is the link's end, reported elsewhere
+                pass
+        await link.close(1008, _close_reason(f"{REFUSED_CLOSE_REASON}: {message}"))
+
     def _register(
         self, link: Link, control: StreamInbox, msg: dict[str, Any], remote: str
-    ) -> ConnectorConnection | None:
-        def fail(code: str, message: str, permanent: bool = True) -> None:
+    ) -> ConnectorConnection | str:
+        """A registered connection, or the message of the error sent to the connector."""
+        def fail(code: str, message: str, permanent: bool = True) -> str:
             log.warning("refused connector registration from %s: %s", remote, message)
             control.send_message({"type": "error", "code": code, "message": message, "permanent": permanent})
+            return message
 
         if msg.get("type") != "register":
-            fail("bad_request", "the first control message must be a registration")
-            return None
+            return fail("bad_request", "the first control message must be a registration")
         tunnel_id = msg.get("tunnel_id")
         secret_b64 = msg.get("secret")
         if not isinstance(tunnel_id, str) or not isinstance(secret_b64, str):
-            fail("bad_request", "registration needs tunnel_id and secret")
-            return None
+            return fail("bad_request", "registration needs tunnel_id and secret")
+        if not _PRINTABLE_ID.fullmatch(tunnel_id):  # it is echoed in logs and messages
+            return fail("tunnel_not_found", "the tunnel id in this token is malformed")
         try:
             secret = base64.b64decode(secret_b64, validate=True)
         except ValueError:
-            fail("unauthorized", "the tunnel secret is not valid base64")
-            return None
+            return fail("unauthorized", "the tunnel secret is not valid base64")
         tunnel = self.store.get_tunnel(tunnel_id)
         if tunnel is None or tunnel.id != tunnel_id:
-            fail("tunnel_not_found", f"tunnel {tunnel_id} does not exist (was it deleted?)")
-            return None
+            return fail("tunnel_not_found", f"tunnel {tunnel_id} does not exist (was it deleted?)")
         if not hmac.compare_digest(tunnel.secret, secret):
-            fail("unauthorized", "the tunnel secret is wrong (is the token current?)")
-            return None
+            return fail("unauthorized", "the tunnel secret is wrong (is the token current?)")
         conn = ConnectorConnection(
             tunnel_id=tunnel.id,
             connector_id=str(msg.get("connector_id", ""))[:64],
@@ -470,6 +501,23 @@ class Relay:
             self._route_cache[hostname] = route
             return route
 
+    def _client_stream_opened(self, link: MuxLink, stream: Any, remote: str) -> None:
+        inbox = StreamInbox(stream)
+        # stream_count includes this stream and every one not yet finished on our side.
+        if link.stream_count > self.max_client_streams:
+            self.streams_total += 1
+            self.streams_failed += 1
+            self.streams_over_cap += 1
+            if self.streams_over_cap % 1000 == 1:  # one line per burst, not one per stream
+                log.warning("client %s opened more than %d streams on one link: refusing the excess "
+                            "(%d refused so far)", remote, self.max_client_streams, self.streams_over_cap)
+            refuse(inbox, ConnectResponse.fail(
+                429, "too_many_streams",
+                f"this client session already has {self.max_client_streams} open streams, the most the "
+                "edge allows per session; close some, or open another session").to_dict())
+            return
+        self._spawn(self._client_stream(inbox, remote))
+
     async def _client_stream(self, inbox: StreamInbox, remote: str) -> None:
         self.streams_total += 1
         try:
@@ -501,6 +549,15 @@ class Relay:
         bridge = StreamBridge(inbox.stream, upstream, on_done=done)
         inbox.hand_over(bridge.end_a)
         up.hand_over(bridge.end_b)
+
+
+_PRINTABLE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _close_reason(text: str, limit: int = 120) -> str:
+    """A close reason both transports carry: at most `limit` UTF-8 bytes, one line."""
+    raw = " ".join(text.split()).encode()[:limit]
+    return raw.decode("utf-8", "ignore")
 
 
 class _Refused(Exception):

@@ -183,22 +183,26 @@ def test_rotation_grace_keeps_the_old_secret_until_it_ends(world):
     assert gk.check(Route("db.example"), creds(tok, new_secret), "s:1").decision.allowed
 
 
-def test_failed_checks_are_rate_limited_per_source(world):
+def test_failed_checks_are_rate_limited_per_claimed_id_and_per_source_for_unknown_ids(world):
+    """(Issue 13) A valid token is never refused: failures lock out the id that failed (any
+    source) or, for ids that do not exist, the source — and only for further failures."""
     gk, store, clock, tok, secret, other, other_secret = world
     for _ in range(5):
         assert gk.check(Route("db.example"), creds(tok, "wrong"), "10.0.0.9:1").decision.status == 401
-    d = gk.check(Route("db.example"), creds(tok, secret), "10.0.0.9:2").decision
-    assert (d.status, d.code) == (429, "rate_limited")  # even with the right secret, for now
-    assert gk.check(Route("db.example"), creds(tok, secret), "10.0.0.8:1").decision.allowed  # others unaffected
-    # another token from the same source is not locked out by this token's failures
+    d = gk.check(Route("db.example"), creds(tok, "wrong"), "10.0.0.5:2").decision
+    assert (d.status, d.code) == (429, "rate_limited")  # the hammered id, from anywhere
+    assert gk.check(Route("db.example"), creds(tok, secret), "10.0.0.9:2").decision.allowed  # its holder
     store.apps["db.example"] = replace(store.apps["db.example"], any_token=True)
     gk.invalidate()
-    assert gk.check(Route("db.example"), creds(other, other_secret), "10.0.0.9:4").decision.allowed
-    for _ in range(5):  # but unknown ids spray the source itself
+    for _ in range(5):  # unknown ids spray the source itself
         gk.check(Route("db.example"), creds(replace(tok, client_id=new_client_id()), "x"), "10.0.0.7:1")
-    assert gk.check(Route("db.example"), creds(other, other_secret), "10.0.0.7:2").decision.code == "rate_limited"
+    unknown = creds(replace(tok, client_id=new_client_id()), "x")
+    assert gk.check(Route("db.example"), unknown, "10.0.0.7:2").decision.code == "rate_limited"
+    assert gk.check(Route("db.example"), unknown, "10.0.0.6:1").decision.code == "invalid_credentials"
+    assert gk.check(Route("db.example"), creds(other, other_secret), "10.0.0.7:2").decision.allowed
     clock.t += 61
-    assert gk.check(Route("db.example"), creds(tok, secret), "10.0.0.9:3").decision.allowed
+    assert gk.check(Route("db.example"), creds(tok, "wrong"), "10.0.0.9:3").decision.code == "invalid_credentials"
+    assert gk.check(Route("db.example"), unknown, "10.0.0.7:3").decision.code == "invalid_credentials"
 
 
 def test_every_decision_is_logged_without_secrets(world):
