@@ -17,23 +17,42 @@ aioquic is a sans-I/O core; this module is the thin asyncio layer plus what aioq
 - liveness: UDP has no connection to break. Both ends PING every PING_INTERVAL and declare the
   link dead after SILENCE_LIMIT without a packet, so a SIGKILLed peer is noticed in seconds.
 - batching: writes made during one loop iteration go out in one `transmit()`.
+- graceful close: `QuicLink.close()` waits (at most `linger` seconds) until what was written has
+  been acknowledged, then sends CONNECTION_CLOSE; aioquic's own close drops unsent stream data.
+- handshakes from strangers (`QuicLinkServer`, in place of aioquic's `QuicServer`): the edge
+  answers a first Initial with a stateless Retry (address validation; a token bound to the source
+  address and port), and only a validated Initial may cost a connection, subject to
+  `HandshakeGate` (sans-I/O, time passed in): a token bucket per source address, a global bucket, a
+  cap on connections in handshake and a budget for stateless replies. A handshake not complete
+  within `handshake_timeout` is dropped, so abandoned handshakes hold bounded memory for a bounded time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
 import socket
 import ssl
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.buffer import Buffer
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
 from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.retry import QuicRetryTokenHandler
 from cryptography.hazmat.primitives import serialization
 
 from tunnel.link import HalfCloseStream, Link
@@ -49,7 +68,8 @@ SEND_HIGH = 256 * 1024  # a stream's unsent bytes above this pause its producer
 SEND_LOW = 64 * 1024
 MAX_STREAMS = 4096  # concurrent streams the peer may open (aioquic's default is 128)
 MAX_DATAGRAM = 1452  # Ethernet MTU minus IPv6/UDP headers; aioquic has no PMTU discovery
-HANDSHAKE_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 5.0  # the client's dial timeout, and the server's limit per handshake
+CLOSE_LINGER = 2.0  # close(): at most this long for written data to be acknowledged
 PING_INTERVAL = 1.0
 SILENCE_LIMIT = 6.0
 PACER_MIN_BURST = 0.002  # seconds of sending the pacer may burst (two uvloop clock ticks)
@@ -128,6 +148,169 @@ def _configuration(*, client: bool, server_name: str | None = None) -> QuicConfi
     )
 
 
+# ------------------------------------------------------------------ handshakes from strangers
+
+
+@dataclass(frozen=True)
+class HandshakeLimits:
+    """What a QUIC handshake may cost the edge before the peer has proved anything.
+
+    A server handshake costs ~1.5 ms of CPU on the event loop the database proxies share, and a
+    connection in handshake ~90 KiB until it completes or is dropped (measured with aioquic 1.7).
+    The defaults bound a flood to a few percent of one core and a few MiB, while a connector's
+    burst of HA connections (and an edge restart's reconnections, spread over a few seconds by
+    the clients' retransmissions) still gets through."""
+
+    retry: bool = True  # validate source addresses with a stateless Retry first
+    per_source_rate: float = 4.0  # new handshakes per second per source (IPv4 address, IPv6 /64)
+    per_source_burst: float = 16.0
+    global_rate: float = 50.0  # new handshakes per second, all sources together
+    global_burst: float = 64.0
+    max_pending: int = 64  # connections in handshake at once (the oldest is dropped for a new one)
+    stateless_rate: float = 1000.0  # Retry / version negotiation / INVALID_TOKEN replies per second (~20 us each)
+    stateless_burst: float = 1000.0
+    max_sources: int = 4096  # per-source buckets remembered (least recently used forgotten first)
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+
+class TokenBucket:
+    """`burst` tokens, refilled at `rate` per second of the injected clock."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def ready(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= 1.0
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= self.burst
+
+
+def source_key(host: str) -> str:
+    """The unit a per-source limit counts: an IPv4 address, an IPv6 /64 (one subscriber's
+    prefix: counting single IPv6 addresses would give each attacker 2^64 buckets)."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+class HandshakeGate:
+    """Admission of new QUIC connections and their handshake deadlines (sans-I/O: every call
+    that depends on time takes `now`; handles are the caller's, opaque here).
+
+    `admit(source, now)` is asked once per validated Initial that would create a connection
+    (False: drop the packet). `start(handle, now)` then records the new handshake and returns
+    the handles to drop to make room: the oldest, when `max_pending` are already in progress, so
+    a flood of abandoned handshakes churns through the slots instead of locking out the next
+    real client. `finished(handle)` when a handshake completes or fails; `expired(now)` gives
+    the handshakes past their deadline. `stateless(now)` is asked before each stateless reply."""
+
+    def __init__(self, limits: HandshakeLimits, now: float) -> None:
+        self.limits = limits
+        self._global = TokenBucket(limits.global_rate, limits.global_burst, now)
+        self._stateless = TokenBucket(limits.stateless_rate, limits.stateless_burst, now)
+        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._pending: OrderedDict[Any, float] = OrderedDict()  # handle -> deadline, oldest first
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("admitted", "completed", "source_rate", "global_rate", "evicted", "timeouts",
+             "stateless_sent", "stateless_dropped"), 0)
+
+    def admit(self, source: str, now: float) -> bool:
+        limits = self.limits
+        sources = self._sources
+        bucket = sources.get(source)
+        if bucket is None:
+            bucket = sources[source] = TokenBucket(limits.per_source_rate, limits.per_source_burst, now)
+            while len(sources) > limits.max_sources:
+                sources.popitem(last=False)
+        else:
+            sources.move_to_end(source)
+        # The global bucket is spent only when the source may go: one noisy source must not use
+        # up everyone else's tokens.
+        if not bucket.ready(now):
+            self.counts["source_rate"] += 1
+            return False
+        if not self._global.take(now):
+            self.counts["global_rate"] += 1
+            return False
+        bucket.take(now)
+        self.counts["admitted"] += 1
+        return True
+
+    def start(self, handle: Any, now: float) -> list[Any]:
+        evicted = []
+        while len(self._pending) >= max(1, self.limits.max_pending):
+            evicted.append(self._pending.popitem(last=False)[0])
+        self.counts["evicted"] += len(evicted)
+        self._pending[handle] = now + self.limits.handshake_timeout
+        return evicted
+
+    def finished(self, handle: Any, *, completed: bool) -> None:
+        if self._pending.pop(handle, None) is not None and completed:
+            self.counts["completed"] += 1
+
+    def expired(self, now: float) -> list[Any]:
+        """The handshakes whose deadline has passed (forgotten here)."""
+        out = []
+        pending = self._pending
+        while pending:
+            handle, deadline = next(iter(pending.items()))
+            if deadline > now:
+                break
+            del pending[handle]
+            out.append(handle)
+        self.counts["timeouts"] += len(out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        return next(iter(self._pending.values()), None)
+
+    def stateless(self, now: float) -> bool:
+        if self._stateless.take(now):
+            self.counts["stateless_sent"] += 1
+            return True
+        self.counts["stateless_dropped"] += 1
+        return False
+
+    def forget_idle(self, now: float) -> None:
+        """Drop the buckets that are full again (nothing to remember about those sources)."""
+        for source in [s for s, b in self._sources.items() if b.full(now)]:
+            del self._sources[source]
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def sources(self) -> int:
+        return len(self._sources)
+
+
 class QuicLinkStream(HalfCloseStream):
     __slots__ = ("_link", "_paused")
 
@@ -204,6 +387,7 @@ class QuicLink(Link):
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] = self._loop.create_future()
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None  # close() waiting for the peer's ACKs
         self._kicked = False
         self._peer_bit = 1 if self.client else 0  # stream id % 4 of the bidirectional streams the peer opens
         self._peer_next = self._peer_bit  # lowest peer stream id above every one seen so far
@@ -232,13 +416,53 @@ class QuicLink(Link):
             self._shutdown(f"tunnel connection closed ({self.close_reason})" if self.close_reason
                            else "tunnel connection closed")
 
-    async def close(self, code: int = 0, reason: str = "") -> None:
+    async def close(self, code: int = 0, reason: str = "", *, linger: float = CLOSE_LINGER) -> None:
+        """Close the connection after what was already written reached the peer.
+
+        The link takes no new streams from now on (`is_closed` is True); for at most `linger`
+        seconds it keeps running until the peer has acknowledged every stream byte, FIN and
+        reset written so far (bytes the peer's flow control blocks are not waited for), or the
+        peer closes first; then CONNECTION_CLOSE. `linger=0` closes at once, dropping unsent
+        data, as aioquic does. Returns when the link is closed."""
         if not self.close_reason:
             self.close_reason = reason
         if not self._done.done():
-            self.proto.close(error_code=code, reason_phrase=reason[:120])
-            self._ended(self.close_reason or "closed")
+            self._closed = True
+            if linger > 0 and not self._drained():
+                if self._closing is None:
+                    self._closing = self._loop.create_future()
+                self.kick()
+                await asyncio.wait((self._closing, self._done), timeout=linger,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            if not self._done.done():
+                self.proto.close(error_code=code, reason_phrase=reason[:120])
+                self._ended(self.close_reason or "closed")
         self.proto.hd_release()
+
+    def _drained(self) -> bool:
+        """Has the peer acknowledged everything written that flow control lets us send?"""
+        quic = self.quic
+        # Sent, not yet acknowledged (once declared lost, its frames are pending again, below).
+        # Not `_loss.bytes_in_flight`: aioquic 1.7 leaves the bytes of the handshake's discarded
+        # packet spaces counted there for good.
+        for space in quic._loss.spaces:
+            for packet in space.sent_packets.values():
+                if packet.in_flight:
+                    return False
+        room = quic._remote_max_data - quic._remote_max_data_used
+        for stream in quic._streams.values():
+            sender = stream.sender
+            if sender.reset_pending:
+                return False
+            if sender.buffer_is_empty or sender.is_finished or sender._reset_error_code is not None:
+                continue
+            if sender._pending_eof and not sender._pending:
+                return False  # a lone FIN is never blocked
+            if stream.is_blocked:
+                continue  # over the peer's stream limit: it cannot go
+            if sender.next_offset < min(sender.highest_offset + room, stream.max_stream_data_remote):
+                return False  # sendable (cwnd or pacing holds it for a moment)
+        return True
 
     def abort(self, reason: str = "") -> None:
         self._ended(reason or "aborted")
@@ -406,6 +630,7 @@ class QuicLinkProtocol(QuicConnectionProtocol):
         self.remote_address: tuple[str, int] = ("?", 0)
         self.failure: str = ""
         self.owns_transport = client
+        self.hd_on_handshake: Callable[[QuicLinkProtocol], None] | None = None  # the server's bookkeeping
         self._last_rx = self._loop.time()
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_uid = 0
@@ -467,8 +692,12 @@ class QuicLinkProtocol(QuicConnectionProtocol):
             self._timer = self._loop.call_at(timer_at, self._handle_timer)
         self._timer_at = timer_at
         link = self.link
-        if link is not None and link.paused:
-            link._after_transmit()
+        if link is not None:
+            if link.paused:
+                link._after_transmit()
+            closing = link._closing
+            if closing is not None and not closing.done() and link._drained():
+                closing.set_result(None)
 
     # --- aioquic events
     def quic_event_received(self, event: events.QuicEvent) -> None:
@@ -479,6 +708,8 @@ class QuicLinkProtocol(QuicConnectionProtocol):
                 self._stop_pings()
             return
         if isinstance(event, events.HandshakeCompleted):
+            if self.hd_on_handshake is not None:
+                self.hd_on_handshake(self)
             if event.alpn_protocol != ALPN:
                 self.close(error_code=0x178, reason_phrase="unexpected ALPN")
                 self._fail_handshake(f"the edge did not negotiate ALPN {ALPN}")
@@ -523,6 +754,15 @@ class QuicLinkProtocol(QuicConnectionProtocol):
         self.transmit()
         self._schedule_ping()
 
+    def hd_forget(self, why: str) -> None:
+        """Drop a connection still in handshake: no timer, no more packets, nothing kept alive."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._stop_pings()
+        self._transport = None
+        self._fail_handshake(why)
+
     def hd_release(self) -> None:
         """The link is over: stop timers, and close the UDP socket if it is ours (client)."""
         self._stop_pings()
@@ -530,8 +770,10 @@ class QuicLinkProtocol(QuicConnectionProtocol):
             self._loop.call_later(0.05, self._transport.close)  # let the CONNECTION_CLOSE go out
 
 
-async def dial_quic_link(host: str, port: int, pin: str, *, timeout: float = HANDSHAKE_TIMEOUT) -> QuicLink:
+async def dial_quic_link(host: str, port: int, pin: str, *, timeout: float = HANDSHAKE_TIMEOUT,
+                         local_host: str | None = None) -> QuicLink:
     """QUIC handshake with the edge at host:port (UDP), check the certificate pin; return the link.
+    `local_host`: the source address to send from (default: the system's choice).
 
     Raises QuicHandshakeError (no answer within `timeout`, refused, or rejected), PinMismatch.
     """
@@ -543,7 +785,8 @@ async def dial_quic_link(host: str, port: int, pin: str, *, timeout: float = HAN
     quic = _CreditConnection(configuration=_configuration(client=True, server_name=host))
     quic.hd_init()
     transport, proto = await loop.create_datagram_endpoint(
-        lambda: QuicLinkProtocol(quic, client=True), remote_addr=addr[:2], family=family)
+        lambda: QuicLinkProtocol(quic, client=True), remote_addr=addr[:2], family=family,
+        local_addr=(local_host, 0) if local_host else None)
     try:
         proto.connect(addr[:2])
         try:
@@ -566,20 +809,204 @@ async def dial_quic_link(host: str, port: int, pin: str, *, timeout: float = HAN
     return proto.link
 
 
+try:  # aioquic >= 1.3: the INVALID_TOKEN close it sends itself (private; dropping is the fallback)
+    from aioquic.asyncio.server import _encode_invalid_token_close
+except ImportError:  # pragma: no cover
+    _encode_invalid_token_close = None
+
+
+class QuicLinkServer(asyncio.DatagramProtocol):
+    """The UDP listener: routes datagrams to connections by connection id, and decides which
+    Initial packets may create one (Retry first, then `HandshakeGate`).
+
+    Replaces aioquic's `QuicServer`, whose `datagram_received` creates a connection (and a TLS
+    handshake's worth of CPU and memory) for any 1200-byte Initial from anywhere. The routing is
+    aioquic's: the same connection-id callbacks on the protocol (private attributes of
+    `QuicConnectionProtocol`, tested in tests/unit/test_quic_bounds.py). `clock` is for tests."""
+
+    def __init__(self, configuration: QuicConfiguration, on_open: Callable[[QuicLink], None],
+                 limits: HandshakeLimits, clock: Callable[[], float] | None = None) -> None:
+        self._configuration = configuration
+        self._on_open = on_open
+        self.limits = limits
+        self._loop = asyncio.get_running_loop()
+        self._clock = clock or self._loop.time
+        self.gate = HandshakeGate(limits, self._clock())
+        self._retry = QuicRetryTokenHandler() if limits.retry else None
+        self._protocols: dict[bytes, QuicLinkProtocol] = {}
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._log_at = 0.0
+        self._sweep: asyncio.TimerHandle | None = None
+
+    # --- asyncio
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._sweep = self._loop.call_later(60.0, self._forget_idle)
+
+    def close(self) -> None:
+        """Close every connection and stop listening."""
+        for proto in set(self._protocols.values()):
+            proto.close()
+        self._protocols.clear()
+        for timer in (self._sweep, self._deadline_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:  # type: ignore[override]
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=self._configuration.connection_id_length)
+        except ValueError:
+            return
+        proto = self._protocols.get(header.destination_cid)
+        if proto is not None:
+            proto.datagram_received(data, addr)
+            return
+        # Only a full-size datagram may start anything (RFC 9000 §14.1): every answer below is
+        # smaller than what it answers, so the edge cannot be used to amplify a spoofed flood.
+        if len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+            return
+        now = self._clock()
+        gate = self.gate
+        transport = self._transport
+        assert transport is not None
+        if header.version is not None and header.version not in self._configuration.supported_versions:
+            if header.packet_type != QuicPacketType.VERSION_NEGOTIATION and gate.stateless(now):
+                transport.sendto(encode_quic_version_negotiation(
+                    source_cid=header.destination_cid, destination_cid=header.source_cid,
+                    supported_versions=self._configuration.supported_versions), addr)
+            return
+        if header.packet_type != QuicPacketType.INITIAL:
+            return
+        original_cid: bytes = header.destination_cid
+        retry_cid: bytes | None = None
+        if self._retry is not None:
+            if not header.token:
+                if gate.stateless(now):
+                    retry_cid = os.urandom(8)
+                    token = self._retry.create_token(
+                        address=addr, original_destination_connection_id=header.destination_cid,
+                        retry_source_connection_id=retry_cid, now=now)
+                    transport.sendto(encode_quic_retry(
+                        version=header.version, source_cid=retry_cid, destination_cid=header.source_cid,
+                        original_destination_cid=header.destination_cid, retry_token=token), addr)
+                return
+            try:
+                original_cid = self._retry.validate_token(
+                    address=addr, destination_cid=header.destination_cid, token=header.token, now=now)
+            except ValueError:
+                if _encode_invalid_token_close is not None and gate.stateless(now):
+                    transport.sendto(_encode_invalid_token_close(
+                        version=header.version, source_cid=header.destination_cid,
+                        destination_cid=header.source_cid), addr)
+                return
+            retry_cid = header.destination_cid
+        if not gate.admit(source_key(str(addr[0])), now):
+            # Dropped without a word: the client retransmits its Initial (same token) and is
+            # admitted once the buckets allow, within its own dial timeout.
+            self._log_refusals(now)
+            return
+        quic = _CreditConnection(configuration=self._configuration,
+                                 original_destination_connection_id=original_cid,
+                                 retry_source_connection_id=retry_cid)
+        quic.hd_init()
+        proto = QuicLinkProtocol(quic, client=False, on_open=self._on_open)
+        for old in gate.start(proto, now):
+            self._drop(old, "the edge is busy with other handshakes")
+        proto.connection_made(transport)
+        proto._connection_id_issued_handler = lambda cid: self._protocols.__setitem__(cid, proto)
+        proto._connection_id_retired_handler = lambda cid: self._protocols.pop(cid, None)
+        proto._connection_terminated_handler = lambda: self._terminated(proto)
+        proto.hd_on_handshake = self._handshake_done
+        self._protocols[header.destination_cid] = proto
+        self._protocols[quic.host_cid] = proto
+        self._arm_deadline()
+        proto.datagram_received(data, addr)
+
+    # --- connections
+    def _handshake_done(self, proto: QuicLinkProtocol) -> None:
+        self.gate.finished(proto, completed=True)
+
+    def _terminated(self, proto: QuicLinkProtocol) -> None:
+        for cid in [cid for cid, p in self._protocols.items() if p is proto]:
+            del self._protocols[cid]
+        self.gate.finished(proto, completed=False)
+
+    def _drop(self, proto: QuicLinkProtocol, why: str) -> None:
+        """Give up a handshake (past its deadline, or evicted): say so in one packet, then forget
+        the connection at once (aioquic would keep it, retransmitting its flight, until its 30 s
+        idle timeout)."""
+        proto._connection_terminated_handler = lambda: None
+        for cid in [cid for cid, p in self._protocols.items() if p is proto]:
+            del self._protocols[cid]
+        try:
+            proto.close(error_code=0x2, reason_phrase=why)  # CONNECTION_REFUSED
+        except Exception:  # the connection may be in any handshake state: never let it escape
+            pass
+        proto.hd_forget(why)
+
+    def _arm_deadline(self) -> None:
+        if self._deadline_timer is None:
+            deadline = self.gate.next_deadline()
+            if deadline is not None:
+                self._deadline_timer = self._loop.call_later(max(0.0, deadline - self._clock()), self.expire_due)
+
+    def expire_due(self) -> None:
+        """Drop the handshakes past their deadline (a timer calls this; tests with a fake clock too)."""
+        self._deadline_timer, timer = None, self._deadline_timer
+        if timer is not None:
+            timer.cancel()
+        for proto in self.gate.expired(self._clock()):
+            self._drop(proto, "handshake timeout")
+        self._arm_deadline()
+
+    def _forget_idle(self) -> None:
+        self.gate.forget_idle(self._clock())
+        self._sweep = self._loop.call_later(60.0, self._forget_idle)
+
+    def _log_refusals(self, now: float) -> None:
+        # One line per 10 s at most: a flood must not turn into a flood of log lines.
+        if now >= self._log_at:
+            c = self.gate.counts
+            log.warning("QUIC handshakes refused since start: %d over the per-source rate, %d over the global "
+                        "rate; %d given up (timeout or evicted)", c["source_rate"], c["global_rate"],
+                        c["timeouts"] + c["evicted"])
+            self._log_at = now + 10.0
+
+    # --- introspection
+    @property
+    def in_handshake(self) -> int:
+        return self.gate.pending
+
+    @property
+    def connections(self) -> int:
+        return len(set(self._protocols.values()))
+
+    def stats(self) -> dict[str, int]:
+        return {**self.gate.counts, "in_handshake": self.in_handshake, "connections": self.connections,
+                "sources": self.gate.sources}
+
+
 async def serve_quic_links(host: str, port: int, cert: Path, key: Path,
-                           on_open: Callable[[QuicLink], None]) -> QuicServer:
-    """Listen for connector links on UDP host:port; `on_open` gets each link after its handshake."""
+                           on_open: Callable[[QuicLink], None], *, limits: HandshakeLimits | None = None,
+                           clock: Callable[[], float] | None = None) -> QuicLinkServer:
+    """Listen for connector links on UDP host:port; `on_open` gets each link after its handshake.
+    `limits`: what strangers' handshakes may cost (`HandshakeLimits()` by default); `clock`
+    (tests): the time the limits count in, the loop's clock by default."""
     config = _configuration(client=False)
     config.load_cert_chain(str(cert), str(key))
+    # aioquic logs a WARNING for every protocol error a peer commits: strangers would write the
+    # edge's log at the admission rate. What a connector needs to know reaches it in the close.
+    quic_log = logging.getLogger("quic")
+    if quic_log.level == logging.NOTSET:
+        quic_log.setLevel(logging.ERROR)
+    loop = asyncio.get_running_loop()
+    _, server = await loop.create_datagram_endpoint(
+        lambda: QuicLinkServer(config, on_open, limits or HandshakeLimits(), clock), local_addr=(host, port))
+    return server
 
-    def factory(quic: QuicConnection, **kwargs: Any) -> QuicLinkProtocol:
-        # aioquic's server builds a plain QuicConnection; give it our credit-based windows
-        # before the handshake (the transport parameters carry MAX_STREAMS).
-        quic.__class__ = _CreditConnection
-        quic.hd_init()  # type: ignore[attr-defined]
-        return QuicLinkProtocol(quic, client=False, on_open=on_open)
 
-    return await serve(host, port, configuration=config, create_protocol=factory, retry=False)
-
-
-__all__ = ["ALPN", "QuicHandshakeError", "QuicLink", "QuicLinkStream", "dial_quic_link", "serve_quic_links"]
+__all__ = ["ALPN", "HandshakeGate", "HandshakeLimits", "QuicHandshakeError", "QuicLink", "QuicLinkServer",
+           "QuicLinkStream", "TokenBucket", "dial_quic_link", "serve_quic_links", "source_key"]
