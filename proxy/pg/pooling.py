@@ -331,7 +331,10 @@ class ClientCore:
             if self._barrier or self._blocked:
                 self._queued.extend(queued[i:])  # (a barrier puts its own message first)
                 break
-            self._client_message(kind, raw, obs)
+            try:  # a queued message's fields are read only now: a short one is still the client's error
+                self._client_message(kind, raw, obs)
+            except (ValueError, IndexError, struct.error):
+                raise ClientProtocolError(f"malformed {chr(kind)!r} message: a name or field is cut short") from None
             i += 1
         self._drain_fakes()
         self._maybe_readback()
@@ -1180,8 +1183,9 @@ class ClientCore:
             self._unsynced = True
             if self._since_sync is not None or self._group_done or self._group_clean:
                 self._keep_for_retry(kind, raw, obs)
-        if self._ignoring and (kind in _EXTENDED or kind == 0x51):
-            # The server skips everything up to the next Sync after an error, answering nothing.
+        if self._ignoring and (kind in _EXTENDED or kind == 0x51 or kind == 0x46):
+            # The server skips everything up to the next Sync after an error (a FunctionCall too),
+            # answering nothing.
             for o in _observations((obs,)):
                 o.failed = True
                 self._await_sync.append(o)
@@ -1327,9 +1331,10 @@ class ClientCore:
             what = raw[5:6]
             name = raw[6:-1]
             if what == b"S" and name:
-                # Statements stay prepared on the servers (shared); only the client's name goes.
-                self.statements.pop(name.decode("utf-8", "surrogateescape"), None)
-                expect.append([CLOSE, FAKE, CLOSE_COMPLETE, None, None, None])
+                # Statements stay prepared on the servers (shared); only the client's name goes
+                # (back again if the server skips this group's rest after an error: _fail_until_sync).
+                key = name.decode("utf-8", "surrogateescape")
+                expect.append([CLOSE, FAKE, CLOSE_COMPLETE, None, None, None, (key, self.statements.pop(key, None))])
             else:
                 out += raw
                 expect.append([CLOSE, FORWARD, None, None, None, None])
@@ -1931,6 +1936,8 @@ class ClientCore:
             entry = expect.popleft()
             if entry[0] == PARSE and len(entry) > 6 and entry[6] is not None:
                 entry[6](first)  # a Parse that did not happen (failed, or skipped after the error)
+            elif entry[0] == CLOSE and len(entry) > 6 and entry[6][1] is not None:
+                self.statements.setdefault(*entry[6])  # a Close that did not happen: the name stays
             first = False
             if entry[1] == CAPTURE and entry[0] == QUERY:
                 entry[2](None)  # skipped

@@ -622,7 +622,7 @@ def parse_sasl_mechanisms(data: Buffer) -> list[str]:
 def parse_password(payload: Buffer) -> bytes:
     """PasswordMessage for cleartext/md5 → the password or md5 response, without its NUL."""
     b = _bytes(payload)
-    if b.find(0) != len(b) - 1:
+    if not b or b.find(0) != len(b) - 1:  # exactly one NUL, at the end (b"" has none)
         raise _bad("PasswordMessage")
     return b[:-1]
 

@@ -185,6 +185,8 @@ class ClientSession:
         try:
             self.core.feed_server(data)
             self._pump()
+        except ClientProtocolError as exc:  # a client message that waited for this answer
+            self._fatal("08P01", f"protocol violation: {exc}")
         except Exception as exc:
             self._internal_error(exc)
 
@@ -357,6 +359,8 @@ class ClientSession:
         try:
             self.core.attach(server.state)
             self._pump()
+        except ClientProtocolError as exc:  # a client message that waited for a server
+            self._fatal("08P01", f"protocol violation: {exc}")
         except Exception as exc:
             self._internal_error(exc)
 
