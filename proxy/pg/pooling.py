@@ -1175,7 +1175,7 @@ class ClientCore:
             # A name in use, maybe only by a Parse still outstanding that the server may yet skip.
             self._wait_for_outstanding(kind, raw, obs)
             return
-        if self._unnamed_syncs and not self._group_unnamed and (
+        if self._unnamed_syncs and not self._group_unnamed and expect and (
                 (kind == 0x42 and raw[raw.index(b"\x00", 5) + 1] == 0) or (kind == 0x44 and raw[5:7] == b"S\x00")):
             self._wait_for_outstanding(kind, raw, obs)  # a Bind/Describe of the unnamed statement
             return
@@ -1749,6 +1749,8 @@ class ClientCore:
                     # COPY started by an Execute: the server ignores Syncs until CopyDone/CopyFail,
                     # including any the client already sent after the Execute (pg8000 does).
                     later = [e for e in list(expect)[1:] if e[0] != SYNC]
+                    # (a dropped Sync's group that defined the unnamed statement is over too)
+                    self._unnamed_syncs -= sum(1 for e in list(expect)[1:] if e[0] == SYNC and e[3])
                     expect.clear()
                     expect.append(head)
                     expect.extend(later)

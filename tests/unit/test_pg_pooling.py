@@ -364,3 +364,38 @@ def test_extended_copy_in_syncs_sent_during_copy_are_not_expected(core):
     core.feed_client(message(b"d", b"1\n") + message(b"c", b"") + SYNC)
     core.feed_server(done("COPY 1") + rfq())
     assert not core.expect and core.can_release
+
+
+def test_a_copy_in_started_by_an_execute_leaves_no_unnamed_statement_pending():
+    """pg8000's COPY FROM STDIN: Bind, Flush, Execute, Flush, Sync in one write, the Sync ignored
+    by the server until CopyDone. That dropped Sync ended a group that defined the unnamed
+    statement; counting it as still pending made the next Describe of the unnamed statement wait
+    for an answer that never comes (the client hung)."""
+    flush = message(b"H", b"")
+    c = ClientCore(StatementRegistry())
+    server = ServerState()
+    c.feed_client(parse("", "copy t from stdin") + flush + SYNC)
+    c.attach(server)
+    take(c.to_server)
+    c.feed_server(PARSE_OK + rfq())
+    take(c.to_client)
+    assert c.can_release
+    c.detach()
+    c.feed_client(bind("") + flush + EXECUTE + flush + SYNC)
+    c.attach(ServerState())  # another server: the unnamed statement is prepared there first
+    assert take(c.to_server).startswith(b"P")
+    c.feed_server(PARSE_OK)
+    c.feed_server(BIND_OK + message(b"G", b"\x00\x00\x00"))  # CopyInResponse: the Sync is ignored
+    c.feed_client(message(b"d", b"1\n") + message(b"c", b"") + SYNC)
+    take(c.to_server)
+    c.feed_server(done("COPY 1") + rfq())
+    assert not c.expect and c.can_release
+    c.detach()
+    take(c.to_client)
+    c.feed_client(parse("", "copy (select 1) to stdout") + flush + SYNC)
+    c.attach(ServerState())
+    take(c.to_server)
+    c.feed_server(PARSE_OK + rfq())
+    take(c.to_client)
+    c.feed_client(describe(b"S", "") + flush + SYNC)
+    assert take(c.to_server).startswith(b"D")  # sent, not held behind a group long finished
