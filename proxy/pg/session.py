@@ -21,6 +21,10 @@ from proxy.pool import Pool, PoolError, ServerConn
 log = logging.getLogger("proxy.session")
 
 CLIENT_HIGH_WATER = 1024 * 1024  # bytes queued towards the client before we stop reading the server
+# Requests sent to the server and not answered yet, per session, before the client is no longer
+# read (a client pipelining without reading would otherwise have the edge track millions); reading
+# goes on below half of it. Well above any driver's pipeline depth between flushes.
+MAX_OUTSTANDING = 8192
 DRAIN_TIMEOUT = 30.0  # a vanished client's server: how long the origin may take to answer the cancel
 
 
@@ -255,6 +259,11 @@ class ClientSession:
             self._continue()
         elif "backlog" in self._pauses:
             self._unpause("backlog")
+        outstanding = len(core.expect)
+        if outstanding > MAX_OUTSTANDING:
+            self._pause("outstanding")
+        elif outstanding <= MAX_OUTSTANDING // 2 and "outstanding" in self._pauses:
+            self._unpause("outstanding")
         if self.server is not None and core.can_release:
             server, self.server = self.server, None
             core.detach()

@@ -185,6 +185,36 @@ async def test_a_client_that_never_reads_is_not_read_either(stack):
     still_served(url)
 
 
+async def test_a_client_pipelining_uncached_queries_without_reading_is_not_read_either(stack):
+    """400,000 pipelined queries that go to the origin, never read: the edge stops reading the client
+    once it has a bounded number of requests outstanding (before, every one in flight was kept:
+    ~130 MiB for two such clients, and the event loop stalled other clients for seconds)."""
+    pg, edge, url = stack
+    before = rss_mib(edge.pid)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(proto.startup_message({"user": url.username, "database": "app"}))
+        conn = PgWire(reader, writer)
+        await conn._authenticate(url.username, url.password, asyncio.get_running_loop().time() + 20)
+        await conn.read_until(lambda m: m.type == "Z", 20)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        batch = proto.query("select 1, random()") * 2000  # volatile: every one goes to the origin
+        sent = 0
+        for _ in range(200):
+            writer.write(batch)
+            sent += 2000
+            try:
+                await asyncio.wait_for(writer.drain(), 5.0)
+            except asyncio.TimeoutError:
+                break  # the edge stopped reading us: good
+        grown = rss_mib(edge.pid) - before
+        assert grown < 48, f"{sent} pipelined queries, never read: the edge grew by {grown:.0f} MiB"
+    finally:
+        writer.transport.abort()
+    still_served(url)
+
+
 # ----------------------------------------------------------------------------- MySQL, before login
 
 
