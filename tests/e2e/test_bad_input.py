@@ -48,7 +48,7 @@ def _expect_refused(fwd: AccessTcpProc, text: str, *, within: float = 10.0) -> f
         s.settimeout(within + 5)
         assert s.recv(100) == b""
     elapsed = time.monotonic() - start
-    poll_until(lambda: text in fwd.log_text(), 5, what=f"{text!r} in the access client's log",
+    poll_until(lambda: text in fwd.log_text(), 30, what=f"{text!r} in the access client's log",
                on_timeout=lambda: fwd.log_text()[-2000:])
     return elapsed
 
@@ -128,14 +128,14 @@ def test_stream_errors_are_clear_bounded_and_leak_nothing(edge):
         for host, text in cases:
             fwd = AccessTcpProc(edge, host, name=f"access-{host.split('.')[0]}").start()
             clients.append(fwd)
-            assert _expect_refused(fwd, text) < 5
+            assert _expect_refused(fwd, text) < 12  # refused, not hung (generous for a busy box)
             _echo_ok(healthy.address)  # everyone else is still served
 
         # An origin that never answers: refused after the route's 1 s connect timeout, not hung.
         fwd = AccessTcpProc(edge, "hole.internal.example", name="access-hole").start()
         clients.append(fwd)
         elapsed = _expect_refused(fwd, "504 origin_timeout", within=10)
-        assert 0.9 < elapsed < 6, elapsed
+        assert 0.9 < elapsed < 12, elapsed  # the route's 1 s, not the 15 s default (generous for a busy box)
         assert "did not accept the connection within 1s" in fwd.log_text()
         _echo_ok(healthy.address)
 

@@ -22,7 +22,7 @@ from tests.e2e.test_tunnel_e2e import make_tunnel
 from tests.harness.edge import AccessTcpProc, ConnectorProc, EdgeProc
 from tests.harness.firewall import Firewall, token_via
 from tests.harness.origins import EchoServer, SinkServer, deterministic_chunks, expected_sha256, in_thread
-from tests.harness.procs import free_port, poll_until
+from tests.harness.procs import async_poll_until, free_port, poll_until
 
 
 def protocols(edge: EdgeProc, tunnel: str, *, draining: bool = False) -> list[str]:
@@ -85,17 +85,19 @@ async def test_auto_falls_back_when_the_preferred_transport_is_blocked_and_moves
         conn = ConnectorProc(edge, token_via(t["token"], fw.port), tunnel=t["id"], extra_args=[
             "--protocol", "auto", "--prefer", prefer, "--reprobe-interval", "3s", "--ha-connections", "2"])
         conn.start(min_connections=0)
-        # Up on the other transport within 10 s of starting.
-        await asyncio.to_thread(poll_until, lambda: other in protocols(edge, t["id"]), 10,
+        # Up on the other transport soon after starting: the switch is tried at once (the exact
+        # schedule is checked with an injected clock in tests/unit/test_connector_backoff.py);
+        # the bound here only tells a prompt fallback from a hang, generously for a busy box.
+        await asyncio.to_thread(poll_until, lambda: other in protocols(edge, t["id"]), 30,
                                 what=f"a connection over {other} while {block} is blocked")
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 30
         log = conn.log_text()
         assert f"falling back to {other}" in log, log
         with AccessTcpProc(edge, "echo.internal.example").start() as fwd:
             inflight = await LongEcho(fwd.address).open()  # carried by a fallback connection
             setattr(fw, f"block_{block}", False)
             # Re-probe every 3 s: both connections move back to the preferred transport...
-            await asyncio.to_thread(poll_until, lambda: protocols(edge, t["id"]) == [prefer, prefer], 20,
+            await asyncio.to_thread(poll_until, lambda: protocols(edge, t["id"]) == [prefer, prefer], 60,
                                     what=f"both connections back on {prefer}")
             assert "works again; moving connections back" in conn.log_text()
             # ... without dropping the stream that was in flight on the old one, which drains.
@@ -103,7 +105,7 @@ async def test_auto_falls_back_when_the_preferred_transport_is_blocked_and_moves
             for _ in range(3):
                 await inflight.check()
             inflight.close()
-            await asyncio.to_thread(poll_until, lambda: protocols(edge, t["id"], draining=True) == [], 10,
+            await asyncio.to_thread(poll_until, lambda: protocols(edge, t["id"], draining=True) == [], 60,
                                     what=f"the drained {other} connection to close")
             await echo_once(fwd.address, b"new stream after the move")
         assert conn.proc.alive
@@ -153,14 +155,15 @@ async def test_sigkill_of_one_replica_fails_only_its_streams(edge, protocol):
                     await asyncio.sleep(0.02)
 
             workers = [asyncio.create_task(steady(w)) for w in range(4)]
-            await asyncio.sleep(1.5)
+            # counts, not a fixed sleep: a busy box may echo slower
+            await async_poll_until(lambda: stats["ok"] > 10, 60, what="load running")
             before = stats["ok"]
-            assert before > 10, stats
             killed_at.append(time.monotonic())
             a.proc.kill()
             await asyncio.sleep(8 if protocol == "quic" else 3)  # QUIC: the relay notices silence
+            await async_poll_until(lambda: stats["ok"] > before, 60, what="echoes after the kill")
             after_kill = stats["ok"]
-            await asyncio.sleep(2)
+            await async_poll_until(lambda: stats["ok"] > after_kill, 60, what="echoes later still")
             stop.set()
             await asyncio.wait_for(asyncio.gather(*workers), 30)
             # New connections kept working through replica B ...
@@ -211,7 +214,7 @@ async def test_sigterm_lets_an_inflight_transfer_finish_then_exits(edge):
             await asyncio.wait_for(reader.read(), 30)  # the sink half-closes after counting
             writer.close()
             assert signalled is not None and time.monotonic() - signalled > 1.0
-            result = await asyncio.to_thread(poll_until, lambda: sink.results[-1] if sink.results else None, 10,
+            result = await asyncio.to_thread(poll_until, lambda: sink.results[-1] if sink.results else None, 60,
                                              what="the sink to count the transfer")
             assert result.count == total and result.sha256 == expected_sha256(total, seed=7)
             code = await asyncio.to_thread(conn.proc.popen.wait, 25)
@@ -220,7 +223,7 @@ async def test_sigterm_lets_an_inflight_transfer_finish_then_exits(edge):
             assert "draining 1 in-flight stream(s)" in log and "all streams finished" in log, log
             # Nothing is left registered, and a new connection is refused cleanly, not hung.
             assert edge.tunnel_connections(t["id"]) == 0
-        assert time.monotonic() - began < 30
+        assert time.monotonic() - began < 90  # hang guard (the transfer itself is ~3 s)
 
 
 async def test_second_signal_exits_at_once(edge):
@@ -230,11 +233,11 @@ async def test_second_signal_exits_at_once(edge):
         with AccessTcpProc(edge, "echo.internal.example").start() as fwd:
             held = await LongEcho(fwd.address).open()  # would keep the drain waiting 60 s
             conn.proc.popen.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(conn.proc.wait_for_log, "draining 1 in-flight", 10)
+            await asyncio.to_thread(conn.proc.wait_for_log, "draining 1 in-flight", 60)
             t0 = time.monotonic()
             conn.proc.popen.send_signal(signal.SIGINT)
-            code = await asyncio.to_thread(conn.proc.popen.wait, 10)
-            assert time.monotonic() - t0 < 5
+            code = await asyncio.to_thread(conn.proc.popen.wait, 40)
+            assert time.monotonic() - t0 < 30  # at once, not after the 60 s grace (generous for a busy box)
             assert code == 1
             assert "exiting now" in conn.log_text()
             held.close()

@@ -79,7 +79,7 @@ def test_a_second_edge_on_the_same_state_dir_exits_at_once_and_touches_nothing(t
             f"another edge (pid {first.pid}) is using this state dir ({state}); stop it first, or give this"
             " one its own --state-dir"), second.stderr
         assert "Traceback" not in second.stderr and second.stdout == ""
-        assert took < 10, f"the second edge took {took:.1f}s to give up"
+        assert took < 25, f"the second edge took {took:.1f}s to give up"  # not waiting for the lock (generous)
         assert snapshot(state) == before  # edge.json and everything else untouched
         assert first.proc.alive()
         assert first.hd("tunnel", "list") == []  # the CLI still finds the running edge
@@ -163,7 +163,7 @@ def test_connections_with_unfinished_headers_are_closed(edge) -> None:
                     return
 
         threading.Thread(target=trickle, daemon=True).start()
-        opened = poll(lambda: (n := fd_count(pid)) >= base + ATTACKERS and n, 10, "the edge to accept them all")
+        opened = poll(lambda: (n := fd_count(pid)) >= base + ATTACKERS and n, 60, "the edge to accept them all")
         started = time.monotonic()
         after = poll(lambda: (n := fd_count(pid)) <= base + 2 and n, HEADER_TIMEOUT + 20,
                      f"the edge to close {ATTACKERS + 1} connections without a complete request head")

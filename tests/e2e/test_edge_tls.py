@@ -221,10 +221,10 @@ def test_a_plaintext_cancel_request_still_cancels_a_tls_session(stack) -> None:
         started = time.monotonic()
         try:
             with pytest.raises(psycopg.errors.QueryCanceled):
-                conn.execute("select pg_sleep(20)")
+                conn.execute("select pg_sleep(120)")
         finally:
             timer.cancel()
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 60  # cancelled, not run to its end (generous for a busy box)
         assert conn.execute("select 2").fetchone() == (2,)
 
 

@@ -355,7 +355,7 @@ def test_the_greeting_presents_the_origins_version(stack):
         p.close()
 
 
-def _sleeper(stack: MySQLProxyStack, cfg: dict, result: dict, sql: str = "SELECT SLEEP(30)") -> tuple[pymysql.Connection, threading.Thread]:
+def _sleeper(stack: MySQLProxyStack, cfg: dict, result: dict, sql: str = "SELECT SLEEP(120)") -> tuple[pymysql.Connection, threading.Thread]:
     c = stack.connect(cfg, autocommit=True)
 
     def run() -> None:
@@ -387,7 +387,7 @@ def test_kill_query_reaches_the_origin_connection_the_session_holds(stack, how):
     victim, thread = _sleeper(stack, cfg, result)
     killer = stack.connect(cfg, autocommit=True)
     try:
-        poll_until(lambda: len(_sleeping(stack)) == 1, 10, what="the SLEEP to run at the origin")
+        poll_until(lambda: len(_sleeping(stack)) == 1, 60, what="the SLEEP to run at the origin")
         origin_thread = _sleeping(stack)[0]["id"]
         kcur = killer.cursor()
         if how == "greeting-id":
@@ -396,9 +396,9 @@ def test_kill_query_reaches_the_origin_connection_the_session_holds(stack, how):
             kcur.execute(f"KILL QUERY {origin_thread}")  # what CONNECTION_ID() showed the victim
         else:
             killer.kill(victim.thread_id())  # COM_PROCESS_KILL: kills the connection
-        thread.join(20)
+        thread.join(90)
         assert not thread.is_alive()
-        assert result["seconds"] < 20, result
+        assert result["seconds"] < 60, result  # stopped, not run to its 120 s end (generous for a busy box)
         if how == "com-process-kill":
             assert "error" in result, result
         else:
@@ -408,7 +408,7 @@ def test_kill_query_reaches_the_origin_connection_the_session_holds(stack, how):
             with victim.cursor() as cur:
                 cur.execute("SELECT 'alive'")
                 assert cur.fetchone() == ("alive",)
-        poll_until(lambda: not _sleeping(stack), 10, what="no SLEEP at the origin")
+        poll_until(lambda: not _sleeping(stack), 60, what="no SLEEP at the origin")
         # an id the proxy does not know: as MariaDB says it
         with pytest.raises(pymysql.err.MySQLError) as err:
             kcur.execute("KILL QUERY 999999")
@@ -435,12 +435,12 @@ def test_ctrl_c_in_the_mariadb_cli_kills_the_query(stack):
                           "--skip-ssl", a["database"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
-        p.stdin.write("SELECT SLEEP(30);\n")
+        p.stdin.write("SELECT SLEEP(120);\n")
         p.stdin.flush()
-        poll_until(lambda: len(_sleeping(stack)) == 1, 10, what="the CLI's SLEEP at the origin")
+        poll_until(lambda: len(_sleeping(stack)) == 1, 60, what="the CLI's SLEEP at the origin")
         p.send_signal(signal.SIGINT)
-        poll_until(lambda: not _sleeping(stack), 10, what="the SLEEP to be killed")
-        out, err = p.communicate(input="", timeout=20)
+        poll_until(lambda: not _sleeping(stack), 60, what="the SLEEP to be killed")  # well before its 120 s end
+        out, err = p.communicate(input="", timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
@@ -491,7 +491,7 @@ def _drop(c: pymysql.Connection) -> None:
 
 
 def test_clients_that_drop_their_socket_mid_statement_do_not_exceed_the_limit(stack):
-    """31 clients, one after the other, start `SELECT SLEEP(30)` through a config limited to 5 and
+    """31 clients, one after the other, start `SELECT SLEEP(120)` through a config limited to 5 and
     drop their socket once it runs at the origin. Each statement is killed at the origin, and its
     connection counts against the limit until the origin let it go: never more than 5 (+1 for the
     kill) sessions of the origin user. Before: the proxy forgot each connection at once and opened
@@ -502,17 +502,17 @@ def test_clients_that_drop_their_socket_mid_statement_do_not_exceed_the_limit(st
         for i in range(31):
             c = stack.connect(cfg, autocommit=True)
             tag = f"/* hd-vanish-{i} */"
-            c._execute_command(3, f"SELECT SLEEP(30) {tag}")  # noqa: SLF001 - sent, reply never read
-            poll_until(lambda: any(tag in (s["info"] or "") for s in stack.origin_sessions()), 15,
+            c._execute_command(3, f"SELECT SLEEP(120) {tag}")  # noqa: SLF001 - sent, reply never read
+            poll_until(lambda: any(tag in (s["info"] or "") for s in stack.origin_sessions()), 60,
                        what=f"client {i}'s SLEEP to run at the origin")
             _drop(c)
-        poll_until(lambda: not _sleeping(stack), 30, what="no SLEEP left at the origin")
+        poll_until(lambda: not _sleeping(stack), 60, what="no SLEEP left at the origin")  # before their 120 s end
     assert peak.n - baseline <= 5 + 1, (peak.n, baseline)
     assert len(stack.origin_sessions()) - baseline <= 5
 
 
 def test_a_burst_of_vanishing_clients_is_killed_and_drained(stack):
-    """31 clients send `SELECT SLEEP(30)` at once against a limit of 5 (26 wait for a connection)
+    """31 clients send `SELECT SLEEP(120)` at once against a limit of 5 (26 wait for a connection)
     and all drop their sockets: the 5 running statements are killed, the 26 waiting ones never
     reach the origin, and the limit holds throughout."""
     cfg = stack.config("iso-burst", limit=5)
@@ -521,12 +521,12 @@ def test_a_burst_of_vanishing_clients_is_killed_and_drained(stack):
         socks = []
         for _ in range(31):
             c = stack.connect(cfg, autocommit=True)
-            c._execute_command(3, "SELECT SLEEP(30)")  # noqa: SLF001
+            c._execute_command(3, "SELECT SLEEP(120)")  # noqa: SLF001
             socks.append(c)
-        poll_until(lambda: len(_sleeping(stack)) >= 5, 15, what="five SLEEPs at the origin")
+        poll_until(lambda: len(_sleeping(stack)) >= 5, 60, what="five SLEEPs at the origin")
         for c in socks:
             _drop(c)
-        poll_until(lambda: not _sleeping(stack), 30, what="no SLEEP left at the origin")
+        poll_until(lambda: not _sleeping(stack), 60, what="no SLEEP left at the origin")  # before their 120 s end
     assert peak.n - baseline <= 5 + 1, (peak.n, baseline)
     # and the config still works
     c = stack.connect(cfg, autocommit=True)

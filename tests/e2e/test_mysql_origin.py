@@ -285,12 +285,12 @@ async def test_unknown_database(db):
 
 async def test_nothing_listening(refusing_port):
     spec = OriginSpec(host="127.0.0.1", port=refusing_port.port, database="app", user="app", password="x",
-                      sslmode="disable", connect_timeout=5)
+                      sslmode="disable", connect_timeout=120)
     t0 = time.monotonic()
     with pytest.raises(OriginError) as ei:
         await connect_mysql_origin(spec, DirectDialer())
     assert ei.value.code == CONNECTION_REFUSED
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 60  # refused at once, not left to wait out connect_timeout
 
 
 async def test_silent_server_times_out(black_hole):
@@ -301,7 +301,8 @@ async def test_silent_server_times_out(black_hole):
     with pytest.raises(OriginError) as ei:
         await connect_mysql_origin(spec, DirectDialer())
     assert ei.value.code == CANNOT_CONNECT and "1.5s" in ei.value.message
-    assert time.monotonic() - t0 < 4
+    elapsed = time.monotonic() - t0
+    assert elapsed < 15, elapsed  # the 1.5 s connect_timeout, not hung (generous for a busy box)
 
 
 async def test_silent_accepting_server_times_out():

@@ -85,7 +85,7 @@ GROUP = LIMIT  # together they hold every server connection of the pool
 WHILE_CONNECTED = 10  # of them while A is still connected (idle), the rest after it left
 GROUP_WAIT = 20.0  # for the clients of a group to hold their servers together
 SCRIPT_TIMEOUT = 60.0
-LEAVE_TIMEOUT = 15.0  # for the origin backend of a killed client to leave its transaction
+LEAVE_TIMEOUT = 60.0  # for the origin backend of a killed client to leave its transaction (hang guard)
 
 # ------------------------------------------------------------------------------ the SQL every driver runs
 

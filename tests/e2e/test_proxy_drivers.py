@@ -16,7 +16,7 @@ scenario (`CHECKS`):
                  extended protocol and inside a transaction (then 25P02); the connection stays usable
     large        a ~10 MB result
     copy         COPY ... FROM STDIN (1000 rows) and COPY ... TO STDOUT
-    cancel       `select pg_sleep(30)` cancelled after 1 s: 57014, well under 10 s, connection usable
+    cancel       `select pg_sleep(120)` cancelled after 1 s: 57014, well under 25 s, connection usable
 
 Drivers: psycopg 3 (prepare_threshold=0), asyncpg, pg8000 (native API), SQLAlchemy 2 on
 psycopg, node-postgres and Postgres.js (run with `node` from tests/node, a bounded subprocess each).
@@ -249,7 +249,7 @@ class Psycopg:
             timer = threading.Timer(CANCEL_AFTER, c.cancel_safe)
             timer.start()
             try:
-                c.execute("select pg_sleep(30)")
+                c.execute("select pg_sleep(120)")
                 code = None
             except psycopg.Error as e:
                 code = e.sqlstate
@@ -391,7 +391,7 @@ class Asyncpg:
         try:
             started = time.monotonic()
             try:
-                await c.fetch("select pg_sleep(30)", timeout=CANCEL_AFTER)
+                await c.fetch("select pg_sleep(120)", timeout=CANCEL_AFTER)
                 code = None
             except asyncio.TimeoutError:
                 code = "client-timeout"
@@ -534,7 +534,7 @@ class Pg8000:
             timer = threading.Timer(CANCEL_AFTER, _send_cancel, (self.kwargs["host"], self.kwargs["port"], key))
             timer.start()
             try:
-                code = self._state(lambda: c.run("select pg_sleep(30)"))
+                code = self._state(lambda: c.run("select pg_sleep(120)"))
             finally:
                 timer.cancel()
             seconds = time.monotonic() - started
@@ -701,7 +701,7 @@ class SqlAlchemy:
             timer = threading.Timer(CANCEL_AFTER, raw.cancel_safe)
             timer.start()
             try:
-                c.execute(text("select pg_sleep(30)"))
+                c.execute(text("select pg_sleep(120)"))
                 code = None
             except DBAPIError as e:
                 code = e.orig.sqlstate
@@ -820,7 +820,7 @@ def check_copy(r, stack):
 
 def check_cancel(r, stack):
     assert r["after"] == 1
-    assert CANCEL_AFTER <= r["seconds"] < 10, r
+    assert CANCEL_AFTER <= r["seconds"] < 25, r  # cancelled, not run to its end (the node drivers sleep 30 s)
     if r["code"] != "client-timeout":  # asyncpg swallows the 57014 it provoked; checked at the origin below
         assert r["code"] == "57014", r
 

@@ -25,6 +25,7 @@ import pytest
 
 from tests.harness.edge import ConnectorProc, EdgeProc
 from tests.harness.pg import PgCluster
+from tests.harness.procs import async_poll_until
 
 USER, PASSWORD, DB = "app", "load-pw-5e2a", "app"
 LIMIT = 10
@@ -215,12 +216,16 @@ async def test_origin_restart_mid_load(edge, origin):
 
     tasks = [asyncio.create_task(client(i)) for i in range(20)]
     try:
-        await asyncio.sleep(1.0)  # load is running
-        assert any(o.ok for o in log.ops), "no query succeeded before the restart"
+        # load is running: counts, not a fixed sleep (a busy box may be slow to start)
+        await async_poll_until(lambda: any(o.ok for o in log.ops), 60, what="a query succeeding before the restart")
         restart_began = time.monotonic()
         await asyncio.wait_for(asyncio.to_thread(origin.restart), 60)
         restart_done = time.monotonic()
-        await asyncio.sleep(2.0)  # load after the restart
+        await asyncio.sleep(2.0)  # load after the restart ...
+        # ... and at least 20 successes among what was issued after it (counts, not the clock)
+        await async_poll_until(lambda: sum(1 for o in log.ops if o.started >= restart_done and o.ended and o.ok) >= 20
+                               or any(o.started >= restart_done and o.ended and not o.ok for o in log.ops),
+                               60, what="load after the restart")
     finally:
         stop.set()
         await bounded(asyncio.gather(*tasks, return_exceptions=True), OP_TIMEOUT + 5)

@@ -70,7 +70,7 @@ async def stack(tmp_path):
         await st.close()
 
 
-async def eventually(predicate: Any, timeout: float = 10.0) -> None:
+async def eventually(predicate: Any, timeout: float = 60.0) -> None:  # hang guard
     """Poll (without blocking the loop the proxy runs in) until `predicate()` holds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -357,7 +357,7 @@ async def test_a_waiter_outlives_the_client_it_waited_for(origin, stack):
         await eventually(lambda: any(f.callbacks for f in ns.fills.values()))  # B waits on it
         a.pgconn.finish()  # A's client goes away without a word
         task_a.cancel()
-        cur = await asyncio.wait_for(task_b, 10)
+        cur = await asyncio.wait_for(task_b, 60)
         assert await cur.fetchone() == (1,)
     finally:
         await b.close()

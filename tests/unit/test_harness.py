@@ -108,21 +108,24 @@ def test_black_hole_connect_times_out(black_hole):
         s.connect(("127.0.0.1", black_hole.port))
     elapsed = time.monotonic() - t0
     s.close()
-    assert 0.9 <= elapsed < 3.0, elapsed
+    assert elapsed >= 0.9, elapsed  # waited out the timeout: no refusal, no answer
+    assert elapsed < 30.0, elapsed  # hang guard only
 
 
 async def test_black_hole_asyncio_connect_times_out(black_hole):
     t0 = time.monotonic()
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.open_connection(black_hole.host, black_hole.port), 1.0)
-    assert 0.9 <= time.monotonic() - t0 < 3.0
+    elapsed = time.monotonic() - t0
+    assert elapsed >= 0.9, elapsed  # waited out the timeout: no refusal, no answer
+    assert elapsed < 30.0, elapsed  # hang guard only
 
 
 def test_refusing_port_refuses_at_once(refusing_port):
     t0 = time.monotonic()
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", refusing_port.port), timeout=5)
-    assert time.monotonic() - t0 < 0.5
+        socket.create_connection(("127.0.0.1", refusing_port.port), timeout=120)
+    assert time.monotonic() - t0 < 60  # refused, not left to wait out its 120 s timeout
 
 
 # --- origins ------------------------------------------------------------------------------------
@@ -216,15 +219,15 @@ def test_proc_stop_escalates_to_sigkill(tmp_path):
     p.wait_for_log("ready", timeout=10)
     t0 = time.monotonic()
     assert p.stop(timeout=0.5) == -signal.SIGKILL
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # hang guard: SIGKILL followed the ignored SIGTERM
 
 
 def test_proc_wait_fails_fast_when_the_process_exits(tmp_path):
     p = Proc([sys.executable, "-c", "import sys; print('bye'); sys.exit(3)"], name="quitter", log_dir=tmp_path)
     t0 = time.monotonic()
     with pytest.raises(ProcExited, match="exited with 3"):
-        p.wait_for_log("never printed", timeout=20)
-    assert time.monotonic() - t0 < 10
+        p.wait_for_log("never printed", timeout=120)
+    assert time.monotonic() - t0 < 60  # noticed the exit, did not wait out its 120 s timeout
     with pytest.raises(WaitTimeout):
         poll_until(lambda: False, 0.1)
 

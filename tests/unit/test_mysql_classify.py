@@ -368,9 +368,10 @@ def test_speed() -> None:
         "SELECT NOW()",
     ]
     n = 300
-    t0 = time.perf_counter()
+    # CPU time of this thread, not wall-clock time: a busy machine preempting us does not count
+    t0 = time.thread_time()
     for _ in range(n):
         for q in queries:
             classify(q)
-    per = (time.perf_counter() - t0) / (n * len(queries)) * 1e6
+    per = (time.thread_time() - t0) / (n * len(queries)) * 1e6
     assert per < 500, f"{per:.1f} µs per classify()"

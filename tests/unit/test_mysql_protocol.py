@@ -244,6 +244,7 @@ def test_lenenc_edge_cases():
         p.read_nul_str(b"abc")
 
 
+@settings(deadline=None)  # no per-example wall-clock deadline: a busy box is slow, not wrong
 @given(st.integers(0, 2**64 - 1), st.binary(max_size=300))
 def test_lenenc_round_trip(n, s):
     wire = p.lenenc_int(n) + p.lenenc_str(s)
@@ -386,6 +387,7 @@ def test_handshake_build_shape_and_errors():
             p.parse_handshake_v10(payload[:cut])
 
 
+@settings(deadline=None)  # no per-example wall-clock deadline: a busy box is slow, not wrong
 @given(st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=40),
        st.integers(0, 2**32 - 1), st.binary(min_size=20, max_size=20).filter(lambda b: not b.endswith(b"\0")),
        st.integers(0, 2**32 - 1), st.integers(0, 255), st.integers(0, 0xFFFF), st.integers(0, 2**16 - 1))
@@ -544,6 +546,7 @@ def test_com_query_refuses_invalid_utf8():
 _TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)  # encodable as UTF-8
 
 
+@settings(deadline=None)  # no per-example wall-clock deadline: a busy box is slow, not wrong
 @given(_TEXT, st.lists(st.tuples(_TEXT, st.one_of(st.none(), st.binary(max_size=300))), max_size=9))
 def test_com_query_round_trip(sql, attrs):
     q = p.ComQuery(sql, tuple(p.QueryAttribute(n, v) for n, v in attrs))

@@ -162,7 +162,8 @@ async def test_black_hole_is_2010_within_the_timeout(black_hole):
     e = await origin_error(connect_origin(spec, DirectDialer()))
     elapsed = time.monotonic() - t0
     assert e.code == 2010 and "within 1s" in e.message
-    assert 0.9 <= elapsed < 1.6
+    assert elapsed >= 0.9, elapsed
+    assert elapsed < 10, elapsed  # the 1 s connect_timeout, not the 15 s default (generous for a busy box)
 
 
 async def test_server_silent_after_connect_is_2010():
@@ -174,7 +175,8 @@ async def test_server_silent_after_connect_is_2010():
         spec = OriginSpec(host="127.0.0.1", port=port, database="d", user="u", connect_timeout=0.5)
         t0 = time.monotonic()
         e = await origin_error(connect_origin(spec, DirectDialer()))
-        assert e.code == 2010 and "SSLRequest" in e.message and time.monotonic() - t0 < 1.2
+        assert e.code == 2010 and "SSLRequest" in e.message
+        assert time.monotonic() - t0 < 10  # the 0.5 s connect_timeout, not the 15 s default
     finally:
         for w in writers:
             w.close()
@@ -230,7 +232,7 @@ async def test_probe_runs_the_empty_query_and_reports(pg):
     assert e.code == 2016 and e.sqlstate == "22012" and "division by zero" in e.message
 
 
-async def _running(cluster: PgCluster, pid: int, timeout: float = 5.0) -> None:
+async def _running(cluster: PgCluster, pid: int, timeout: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     sql = "select 1 from pg_stat_activity where pid = %s and state = 'active' and query like 'select pg_sleep%%'"
@@ -249,7 +251,7 @@ async def _cancel_and_check(cluster: PgCluster, spec: OriginSpec, dialer) -> Non
         t0 = time.monotonic()
         await cancel_request(spec, dialer, conn.pid, conn.secret_key)
         fields = None
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(60):  # hang guard
             while True:
                 kind, body = await reader.read_message()
                 if kind == proto.B.ERROR_RESPONSE:
@@ -257,7 +259,7 @@ async def _cancel_and_check(cluster: PgCluster, spec: OriginSpec, dialer) -> Non
                 elif kind == proto.B.READY_FOR_QUERY:
                     break
         assert fields is not None and fields["C"] == "57014", fields
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 25  # cancelled, not pg_sleep(30) run to its end
         reader.release()
     finally:
         conn.terminate()

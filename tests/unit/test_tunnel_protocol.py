@@ -8,7 +8,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connector.backoff import Backoff
@@ -37,6 +37,7 @@ def test_messages_split_across_arbitrary_chunks_and_keep_the_rest():
         assert r2.rest() == b"raw bytes"
 
 
+@settings(deadline=None)  # no per-example wall-clock deadline: a busy box is slow, not wrong
 @given(st.lists(st.dictionaries(st.text(max_size=5), st.integers(), max_size=3), max_size=5), st.data())
 def test_messages_roundtrip_any_chunking(messages, data):
     wire = b"".join(encode(m) for m in messages)
