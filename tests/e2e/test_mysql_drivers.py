@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pymysql
 import pytest
@@ -46,11 +46,20 @@ class Stack:
     def dsn(self) -> str:
         return self.config["connection_string"]
 
+    @property
+    def ca(self) -> str:
+        """The CA file the connection string names (ssl-ca): what applications verify the edge with."""
+        return parse_qs(urlsplit(self.dsn).query)["ssl-ca"][0]
+
     def connect(self, **kw) -> pymysql.connections.Connection:
+        """PyMySQL as the README says: verified against the edge's CA, host name included (a test
+        that means plaintext says ssl_disabled=True)."""
         u = urlsplit(self.dsn)
         args = dict(host=u.hostname, port=u.port, user=unquote(u.username or ""),
                     password=unquote(u.password or ""), database=u.path.lstrip("/"), connect_timeout=10,
                     read_timeout=60, write_timeout=60)
+        if "ssl_disabled" not in kw and "ssl" not in kw:
+            args.update(ssl_ca=self.ca, ssl_verify_cert=True, ssl_verify_identity=True)
         args.update(kw)
         return pymysql.connect(**args)
 
@@ -88,7 +97,7 @@ def stack(tmp_path_factory):
 # ------------------------------------------------------------------------------------ PyMySQL
 
 def test_pymysql_queries_transactions_errors_and_large_results(stack):
-    c = stack.connect(ssl_disabled=True)
+    c = stack.connect()  # TLS, the edge verified
     try:
         cur = c.cursor()
         cur.execute("SELECT 1 + 1, %s, %s", (42, "it's \"quoted\""))
@@ -114,12 +123,12 @@ def test_pymysql_queries_transactions_errors_and_large_results(stack):
         c.close()
 
 
-def test_pymysql_over_tls_to_the_proxy(stack):
-    c = stack.connect(ssl={"check_hostname": False, "verify_mode": 0})
+def test_pymysql_in_plaintext_on_loopback(stack):
+    c = stack.connect(ssl_disabled=True)  # allowed on a loopback listener (hd edge --client-tls allow)
     try:
         cur = c.cursor()
-        cur.execute("SELECT 'over tls'")
-        assert cur.fetchone() == ("over tls",)
+        cur.execute("SELECT 'plaintext'")
+        assert cur.fetchone() == ("plaintext",)
     finally:
         c.close()
 
@@ -176,7 +185,8 @@ def test_mariadb_command_line_client(stack):
     assert cli, "the mariadb client is needed"
     u = urlsplit(stack.dsn)
     base = [cli, "-h", u.hostname, "-P", str(u.port), "-u", unquote(u.username or ""),
-            f"--password={unquote(u.password or '')}", "--skip-ssl", "--batch", "--skip-column-names",
+            f"--password={unquote(u.password or '')}", f"--ssl-ca={stack.ca}", "--ssl-verify-server-cert",
+            "--batch", "--skip-column-names",
             u.path.lstrip("/")]
     r = subprocess.run(base + ["-e", "SELECT 6 * 7"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

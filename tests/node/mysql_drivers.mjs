@@ -1,6 +1,8 @@
 // mysql2 through the hd MySQL proxy: the scenarios of tests/e2e/test_mysql_drivers.py, one JSON
 // document on stdout.   node mysql_drivers.mjs MYSQL_URL [TABLE]
-// The proxy's certificate is self-signed: TLS is used when offered, without verification.
+// TLS with the edge verified: the CA file is the connection string's ssl-ca (chain and host name
+// checked; rejectUnauthorized stays true).
+import fs from 'node:fs'
 import mysql from 'mysql2/promise'
 
 const url = new URL(process.argv[2])
@@ -12,7 +14,7 @@ const options = {
   password: decodeURIComponent(url.password),
   database: decodeURIComponent(url.pathname.slice(1)) || undefined,
   connectTimeout: 10000,
-  ssl: { rejectUnauthorized: false }
+  ssl: { ca: fs.readFileSync(url.searchParams.get('ssl-ca')) }
 }
 
 async function attempt (fn) {
