@@ -42,7 +42,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import DB, HOST, RESULTS_DIR, log, machine_info, now_iso, source_digest  # noqa: E402
-from bench.quic_flood import FloodBench, cpu_s, probe, rss_mib  # noqa: E402
+from bench.quic_flood import FloodBench, probe, rss_mib  # noqa: E402
+from bench.quic_flood import measure as quic_flood_measure  # noqa: E402
 
 GSSENC = struct.pack("!ii", 8, 80877104)
 CHUNK = b"\0" * 65536
@@ -126,16 +127,8 @@ def attack_main(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ the bench
 def measure(conn: Any, edge_pid: int, seconds: float) -> dict[str, Any]:
-    from bench.common import percentile
-
-    c0, w0 = cpu_s(edge_pid), time.monotonic()
-    lat = probe(conn, seconds)
-    c1, w1 = cpu_s(edge_pid), time.monotonic()
-    ms = [x * 1000 for x in lat]
-    return {"requests": len(ms), "rps": round(len(ms) / (w1 - w0)),
-            "p50_ms": round(percentile(ms, 50), 3), "p99_ms": round(percentile(ms, 99), 3),
-            "max_ms": round(max(ms), 1), "edge_cpu_pct": round(100 * (c1 - c0) / (w1 - w0), 1),
-            "edge_rss_mib": rss_mib(edge_pid)}
+    """bench.quic_flood's measurement (client latency, edge CPU) and the edge's RSS at its end."""
+    return {**quic_flood_measure(conn, edge_pid, seconds), "edge_rss_mib": rss_mib(edge_pid)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -56,14 +56,11 @@ from bench.common import (  # noqa: E402
     source_digest,
 )
 from bench.tunnel_bench import proc_cpu  # noqa: E402
+from tests.harness.procstat import rss_mib as _rss_mib  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError("no VmRSS")
+    return round(_rss_mib(pid), 1)
 
 
 def cpu_s(pid: int) -> float:

@@ -7,22 +7,15 @@ in 20 s. The thresholds are far from both behaviours, so a loaded machine cannot
 
 from __future__ import annotations
 
-import os
 import time
 
 from tests.harness.edge import count_connections
 from tests.harness.procs import Proc, connector_argv, free_port, poll_until
+from tests.harness.procstat import cpu_seconds
 
 WINDOW = 20.0
 MAX_LINES = 25  # expected ~13: 6-7 attempts of connection 0, then 2 of each other connection
 MAX_CPU = 1.5  # seconds of CPU in the window; waiting should cost next to nothing
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_auto_with_the_edge_down_backs_off_quietly_then_connects(edge_factory):

@@ -30,12 +30,9 @@ import pytest
 from control.api import HEADER_TIMEOUT, MAX_BODY, MAX_JSON_DEPTH
 from tests.harness.edge import EdgeProc
 from tests.harness.procs import hd_argv
+from tests.harness.procstat import fd_count
 
 ATTACKERS = 300
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def poll(predicate, timeout: float, what: str, interval: float = 0.05):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import ssl
 import subprocess
 import threading
 import time
@@ -39,6 +38,7 @@ from control.certs import issue_server_cert, make_ca
 from tests.harness.edge import EdgeProc
 from tests.harness.mariadb import MariaDbServer
 from tests.harness.pg import PgCluster
+from tests.harness.pgwire import served_certificate
 from tunnel.tls import cert_pin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,7 +261,7 @@ def test_the_operators_certificate_serves_the_listeners(stack, tmp_path) -> None
             assert conn.execute("select 1").fetchone() == (1,) and conn.pgconn.ssl_in_use
         # the listener presents the operator's certificate, the relay its own pinned one
         host, port = urlsplit(url).hostname, urlsplit(url).port
-        assert _postgres_peer_cert(host, port) == cert.public_bytes(serialization.Encoding.DER)
+        assert served_certificate(host, port) == cert.public_bytes(serialization.Encoding.DER)
         assert edge.info["cert_pin"] == cert_pin(state / "edge-cert.pem")
         assert edge.hd("edge", "ca") == {"pem": (ops / "ca.pem").read_text(), "path": str(ops / "ca.pem")}
         # the edge's own CA stays in the state dir, unused by the listeners
@@ -272,16 +272,3 @@ def test_the_operators_certificate_serves_the_listeners(stack, tmp_path) -> None
     finally:
         edge.cleanup()
 
-
-def _postgres_peer_cert(host: str, port: int) -> bytes:
-    """The certificate the Postgres listener presents (SSLRequest, then a TLS handshake)."""
-    import socket
-    import struct
-
-    with socket.create_connection((host, port), timeout=10) as raw:
-        raw.sendall(struct.pack("!II", 8, 80877103))
-        assert raw.recv(1) == b"S"
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        with ctx.wrap_socket(raw, server_hostname=host) as tls:
-            return tls.getpeercert(binary_form=True)

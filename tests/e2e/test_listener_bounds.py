@@ -20,16 +20,9 @@ from tests.harness.mysql_proxy import MySQLProxyStack
 from tests.harness.pg import PgCluster
 from tests.harness.pgwire import PgWire
 from tests.harness.procs import poll_until
+from tests.harness.procstat import rss_mib
 
 MiB = 1 << 20
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,11 @@ from tests.e2e.test_tunnel_e2e import make_tunnel
 from tests.harness.edge import ConnectorProc, EdgeProc
 from tests.harness.origins import EchoServer, in_thread
 from tests.harness.procs import poll_until
+from tests.harness.procstat import rss_mib
 from tests.harness.quicflood import abandon_handshakes, handshake_loop, loopback_sources
 from tunnel.quiclink import HandshakeLimits
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def udp_port(edge: EdgeProc) -> int:

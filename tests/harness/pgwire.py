@@ -22,6 +22,7 @@ the next Sync), so a reader knows when an answer is complete without waiting for
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import struct
 from collections import deque
@@ -165,6 +166,18 @@ def _insecure_tls() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def served_certificate(host: str, port: int, timeout: float = 10.0) -> bytes:
+    """The DER certificate a Postgres listener presents after an SSLRequest (read, not verified:
+    the tests compare it with the one they expect)."""
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        raw.sendall(struct.pack("!II", 8, 80877103))
+        assert raw.recv(1) == b"S"
+        with _insecure_tls().wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
 
 
 @dataclass

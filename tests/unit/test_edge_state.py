@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import ssl
-import struct
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cli.main import run
 from control.certs import handshake_check, issue_server_cert, load_edge_tls, make_ca
 from control.edge import EdgeError, client_tls_required, run_edge
+from tests.harness.pgwire import served_certificate
 from tests.unit.test_cli import FakeRelay
 from tunnel.tls import server_ssl_context
 
@@ -31,17 +29,7 @@ def _write_operator(d: Path, ca, ca_key, names=("localhost", "127.0.0.1")) -> tu
 
 
 async def _served_der(host: str, port: int) -> bytes:
-    """The certificate the Postgres listener presents after an SSLRequest."""
-    def grab() -> bytes:
-        with socket.create_connection((host, port), timeout=5) as raw:
-            raw.sendall(struct.pack("!II", 8, 80877103))
-            assert raw.recv(1) == b"S"
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            with ctx.wrap_socket(raw, server_hostname=host) as tls:
-                return tls.getpeercert(binary_form=True)
-    return await asyncio.to_thread(grab)
-
+    return await asyncio.to_thread(served_certificate, host, port, 5.0)
 
 class Running:
     """run_edge as a task; `info` once ready."""
